@@ -1,0 +1,30 @@
+//! The operator's commands: `submit` and `dlq`. Each is a short-lived client of
+//! the same Redis the workers use.
+
+pub mod dlq;
+pub mod submit;
+
+/// A command's failure: the message and the exit code (1 = the operation or
+/// the job failed, 2 = the input was wrong).
+#[derive(Debug)]
+pub struct Exit(pub i32, pub String);
+
+impl From<redis::RedisError> for Exit {
+    fn from(e: redis::RedisError) -> Self {
+        Exit(1, format!("Redis: {e}"))
+    }
+}
+
+pub fn connect(settings: &crate::config::Settings) -> Result<redis::Connection, Exit> {
+    crate::redis_conn::connect(
+        &settings.redis_url,
+        settings.redis_timeout,
+        settings.redis_timeout,
+    )
+    .map_err(|e| {
+        Exit(
+            1,
+            format!("cannot reach Redis at {}: {e}", settings.redis_url),
+        )
+    })
+}

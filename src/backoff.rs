@@ -1,0 +1,94 @@
+//! The one backoff helper: full-jitter exponential backoff, and the small
+//! random source it needs (no `rand` crate: jitter needs spread, not secrecy).
+
+use std::cell::Cell;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// `attempt` 0 waits up to `base`; each attempt doubles the ceiling up to `cap`;
+/// the wait is uniform in `[0, ceiling]` ("full jitter").
+pub fn full_jitter(attempt: u32, base: Duration, cap: Duration) -> Duration {
+    let ceiling = base.saturating_mul(1u32 << attempt.min(20)).min(cap);
+    ceiling.mul_f64(random_unit())
+}
+
+/// A backoff sequence for one outage: call `next()` after each failure,
+/// `reset()` after a success.
+#[derive(Debug, Clone)]
+pub struct Backoff {
+    base: Duration,
+    cap: Duration,
+    attempt: u32,
+}
+
+impl Backoff {
+    pub fn new(base: Duration, cap: Duration) -> Self {
+        Backoff {
+            base,
+            cap,
+            attempt: 0,
+        }
+    }
+
+    pub fn next_delay(&mut self) -> Duration {
+        let d = full_jitter(self.attempt, self.base, self.cap);
+        self.attempt = self.attempt.saturating_add(1);
+        d
+    }
+
+    pub fn reset(&mut self) {
+        self.attempt = 0;
+    }
+}
+
+/// A uniform number in [0, 1) from a per-thread xorshift64* generator.
+pub fn random_unit() -> f64 {
+    (random_u64() >> 11) as f64 / (1u64 << 53) as f64
+}
+
+pub fn random_u64() -> u64 {
+    thread_local! {
+        static STATE: Cell<u64> = Cell::new(seed());
+    }
+    STATE.with(|s| {
+        let mut x = s.get();
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        s.set(x);
+        x.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    })
+}
+
+fn seed() -> u64 {
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(1);
+    let local = 0u8;
+    let addr = &local as *const u8 as u64;
+    (nanos ^ (u64::from(std::process::id()) << 32) ^ addr.rotate_left(17)) | 1
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn jitter_stays_under_the_growing_ceiling() {
+        let base = Duration::from_millis(100);
+        let cap = Duration::from_secs(1);
+        for attempt in 0..10 {
+            let ceiling = (base * 2u32.pow(attempt)).min(cap);
+            for _ in 0..100 {
+                assert!(full_jitter(attempt, base, cap) <= ceiling);
+            }
+        }
+    }
+
+    #[test]
+    fn random_unit_is_in_range_and_spread() {
+        let xs: Vec<f64> = (0..1000).map(|_| random_unit()).collect();
+        assert!(xs.iter().all(|x| (0.0..1.0).contains(x)));
+        assert!(xs.iter().any(|&x| x < 0.1) && xs.iter().any(|&x| x > 0.9));
+    }
+}

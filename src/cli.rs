@@ -1,0 +1,327 @@
+//! The command line: lexopt parsing into a [`Command`] plus [`Settings`]
+//! (defaults < config file < environment < flags), and the help texts.
+
+use crate::config::{self, Settings, SETTINGS};
+use lexopt::prelude::*;
+use std::ffi::OsString;
+use std::path::PathBuf;
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Command {
+    Work,
+    RunJob {
+        job: Option<String>,
+    },
+    Submit(Submit),
+    Dlq(Dlq),
+    Version,
+    /// Print this help text and exit 0.
+    Help(String),
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Submit {
+    pub kind: String,
+    pub payload: String,
+    pub job_id: Option<String>,
+    pub ray_id: Option<String>,
+    pub node: Option<String>,
+    pub follow: bool,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Dlq {
+    List { count: usize },
+    Show(String),
+    Replay(Option<String>),
+    Purge,
+}
+
+#[derive(Debug)]
+pub struct Cli {
+    pub command: Command,
+    pub settings: Settings,
+}
+
+pub fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Cli, String> {
+    let mut p = lexopt::Parser::from_args(args);
+    let mut name = None;
+    let mut positional: Vec<String> = Vec::new();
+    let mut flags: Vec<(String, String)> = Vec::new();
+    let mut queues: Vec<String> = Vec::new();
+    let mut config_path: Option<PathBuf> = None;
+    let mut submit = Submit {
+        kind: String::new(),
+        payload: "{}".into(),
+        job_id: None,
+        ray_id: None,
+        node: None,
+        follow: false,
+    };
+    let mut all = false;
+    let mut count = 20usize;
+    let mut help = false;
+
+    while let Some(arg) = p.next().map_err(|e| e.to_string())? {
+        match arg {
+            Short('h') | Long("help") => help = true,
+            Short('V') | Long("version") if name.is_none() => name = Some("version".to_string()),
+            Long("config") => config_path = Some(p.value().map_err(|e| e.to_string())?.into()),
+            Long("queue") => queues.push(text(p.value())?),
+            Long(f) if SETTINGS.iter().any(|(n, _)| *n == f) => {
+                let f = f.to_owned();
+                flags.push((f, text(p.value())?));
+            }
+            Long("type") if name.as_deref() == Some("submit") => submit.kind = text(p.value())?,
+            Long("payload") if name.as_deref() == Some("submit") => {
+                submit.payload = text(p.value())?
+            }
+            Long("job-id") if name.as_deref() == Some("submit") => {
+                submit.job_id = Some(text(p.value())?)
+            }
+            Long("ray-id") if name.as_deref() == Some("submit") => {
+                submit.ray_id = Some(text(p.value())?)
+            }
+            Long("node") if name.as_deref() == Some("submit") => {
+                submit.node = Some(text(p.value())?)
+            }
+            Long("follow") | Short('f') if name.as_deref() == Some("submit") => {
+                submit.follow = true
+            }
+            Long("all") if name.as_deref() == Some("dlq") => all = true,
+            Long("count") if name.as_deref() == Some("dlq") => {
+                count = text(p.value())?
+                    .parse()
+                    .map_err(|_| "--count takes a whole number".to_string())?
+            }
+            Value(v) if name.is_none() => {
+                name = Some(v.into_string().map_err(|_| "invalid command name")?)
+            }
+            Value(v) => positional.push(v.into_string().map_err(|_| "arguments must be UTF-8")?),
+            other => {
+                let cmd = name.as_deref().unwrap_or("");
+                return Err(
+                    format!("{} (see 'citadel {cmd} --help')", other.unexpected())
+                        .replace("  ", " "),
+                );
+            }
+        }
+    }
+
+    let name = name.unwrap_or_else(|| "help".into());
+    if help || name == "help" {
+        let topic = if name == "help" {
+            positional.first().cloned().unwrap_or_default()
+        } else {
+            name
+        };
+        return Ok(Cli {
+            command: Command::Help(help_text(&topic)?),
+            settings: Settings::default(),
+        });
+    }
+
+    let mut settings = Settings::load(config_path.as_deref())?;
+    if !queues.is_empty() {
+        flags.push(("queue".into(), queues.join(",")));
+    }
+    for (f, v) in &flags {
+        settings.set(f, v).map_err(|e| format!("--{f}: {e}"))?;
+    }
+
+    let extra = |n: usize| -> Result<(), String> {
+        match positional.get(n) {
+            Some(v) => Err(format!(
+                "unexpected argument '{v}' (see 'citadel {name} --help')"
+            )),
+            None => Ok(()),
+        }
+    };
+    let command = match name.as_str() {
+        "work" => {
+            extra(0)?;
+            Command::Work
+        }
+        "run-job" => {
+            extra(1)?;
+            Command::RunJob {
+                job: positional.first().cloned().filter(|j| j != "-"),
+            }
+        }
+        "submit" => {
+            extra(0)?;
+            if submit.kind.is_empty() {
+                return Err("submit needs --type (e.g. --type echo)".into());
+            }
+            Command::Submit(submit)
+        }
+        "dlq" => {
+            let sub = positional.first().map(String::as_str).unwrap_or("");
+            let id = positional.get(1).cloned();
+            let d = match (sub, id, all) {
+                ("list", None, false) => Dlq::List { count },
+                ("show", Some(id), false) => Dlq::Show(id),
+                ("replay", Some(id), false) => Dlq::Replay(Some(id)),
+                ("replay", None, true) => Dlq::Replay(None),
+                ("purge", None, false) => Dlq::Purge,
+                ("show", None, _) => return Err("dlq show needs a dead letter's ID".into()),
+                ("replay", _, _) => {
+                    return Err("dlq replay needs a dead letter's ID, or --all".into())
+                }
+                _ => return Err(
+                    "dlq needs list, show ID, replay ID|--all or purge (see 'citadel dlq --help')"
+                        .into(),
+                ),
+            };
+            extra(2)?;
+            Command::Dlq(d)
+        }
+        "version" => Command::Version,
+        other => return Err(format!("unknown command '{other}' (see 'citadel --help')")),
+    };
+    Ok(Cli { command, settings })
+}
+
+fn text(v: Result<OsString, lexopt::Error>) -> Result<String, String> {
+    v.map_err(|e| e.to_string())?
+        .into_string()
+        .map_err(|_| "flag values must be UTF-8".to_string())
+}
+
+fn settings_help() -> String {
+    let mut out = String::from(
+        "\nSettings (flag / environment variable; also keys of the JSON config file):\n\
+         \x20 --config PATH             config file [CITADEL_CONFIG, else /etc/citadel/config.json]\n",
+    );
+    for (name, help) in SETTINGS {
+        out.push_str(&format!(
+            "  --{name:<22} {help}\n  {:<24} ${}\n",
+            "",
+            config::env_name(name)
+        ));
+    }
+    out.push_str("\nDurations are written 500ms, 30s, 2m or 1h.\n");
+    out
+}
+
+pub fn help_text(topic: &str) -> Result<String, String> {
+    let body = match topic {
+        "" => "citadel — a node agent that runs jobs from Redis Streams\n\n\
+               Usage: citadel <command> [flags]\n\n\
+               Commands:\n\
+               \x20 work       run jobs from Redis Streams until SIGTERM/SIGINT\n\
+               \x20 run-job    run one job locally through the same handlers (no Redis)\n\
+               \x20 submit     enqueue a job; --follow prints its output as it streams\n\
+               \x20 dlq        list, show, replay or purge dead letters\n\
+               \x20 version    print the version\n\n\
+               'citadel <command> --help' describes a command and its flags.\n"
+            .to_string(),
+        "work" => format!(
+            "citadel work — run jobs from Redis Streams\n\n\
+             Usage: citadel work [flags]\n\n\
+             Reads the queues and this node's own stream (jobs:v1:node:{{name}}) with a\n\
+             consumer group; runs up to --concurrency jobs at once; publishes events on\n\
+             stream:v1:{{jobId}}, writes job:{{jobId}}:status, dead-letters failures to\n\
+             dlq:v1:<queue>. At-least-once: entries are acknowledged only after their\n\
+             outcome is written. SIGTERM/SIGINT: stop reading at once, finish in-flight jobs\n\
+             within --shutdown-grace, exit 0; a second signal stops at once and leaves\n\
+             unfinished jobs pending for another worker.\n{}",
+            settings_help()
+        ),
+        "run-job" => "citadel run-job — run one job here, without Redis\n\n\
+                      Usage: citadel run-job '<job JSON>'   (or the JSON on stdin, or '-')\n\n\
+                      The job is {\"type\": \"echo\", \"payload\": {...}, \"id\": \"optional\"}. Chunks are\n\
+                      printed to stdout as they stream, then the result JSON on its own line.\n\
+                      Exit 0 on success, 1 when the job fails or is cancelled, 2 on bad input.\n"
+            .to_string(),
+        "submit" => format!(
+            "citadel submit — enqueue a job on the first --queue (or a node's stream)\n\n\
+             Usage: citadel submit --type TYPE [--payload JSON] [--job-id ID] [--ray-id ID]\n\
+             \x20                     [--node NAME] [--follow]\n\n\
+             \x20 --type TYPE      job type (echo, …)\n\
+             \x20 --payload JSON   the payload object [{{}}]\n\
+             \x20 --job-id ID      job id [generated]\n\
+             \x20 --ray-id ID      tracing id echoed in every event\n\
+             \x20 --node NAME      send to jobs:v1:node:NAME instead of the queue\n\
+             \x20 -f, --follow     subscribe to the job's events first, print chunks as they\n\
+             \x20                  arrive and the result at the end; exit 0 on end, 1 on\n\
+             \x20                  error or cancelled\n\n\
+             Without --follow it prints the job id.\n{}",
+            settings_help()
+        ),
+        "dlq" => format!(
+            "citadel dlq — the dead-letter streams of the configured queues\n\n\
+             Usage: citadel dlq list [--count N]    newest first, one line each [20]\n\
+             \x20      citadel dlq show ID           every field of one dead letter\n\
+             \x20      citadel dlq replay ID|--all   put the job back on its original queue\n\
+             \x20      citadel dlq purge             delete every dead letter\n\n\
+             Dead letters live in dlq:v1:<queue without jobs:v1:>, one per --queue and one\n\
+             for this node's own stream.\n{}",
+            settings_help()
+        ),
+        "version" => "citadel version — print the version\n".to_string(),
+        other => return Err(format!("no help for unknown command '{other}'")),
+    };
+    Ok(body)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse_args(args: &[&str]) -> Result<Cli, String> {
+        parse(args.iter().map(OsString::from))
+    }
+
+    #[test]
+    fn flags_override_and_queue_repeats() {
+        let cli = parse_args(&[
+            "work",
+            "--queue",
+            "jobs:v1:a",
+            "--queue=jobs:v1:b",
+            "--claim-idle",
+            "2s",
+        ])
+        .unwrap();
+        assert_eq!(cli.command, Command::Work);
+        assert_eq!(cli.settings.queues, ["jobs:v1:a", "jobs:v1:b"]);
+        assert_eq!(cli.settings.claim_idle, std::time::Duration::from_secs(2));
+    }
+
+    #[test]
+    fn bad_input_says_what_is_wrong() {
+        assert!(parse_args(&["work", "--bogus"])
+            .unwrap_err()
+            .contains("--bogus"));
+        assert!(parse_args(&["work", "--concurrency", "x"])
+            .unwrap_err()
+            .contains("--concurrency"));
+        assert!(parse_args(&["fly"])
+            .unwrap_err()
+            .contains("unknown command"));
+        assert!(parse_args(&["submit"]).unwrap_err().contains("--type"));
+        assert!(parse_args(&["dlq", "replay"])
+            .unwrap_err()
+            .contains("--all"));
+        assert!(parse_args(&["work", "--redis-url", "nope"])
+            .unwrap_err()
+            .contains("invalid Redis URL"));
+    }
+
+    #[test]
+    fn every_command_has_help() {
+        for topic in ["", "work", "run-job", "submit", "dlq", "version"] {
+            assert!(help_text(topic).is_ok());
+        }
+        assert!(
+            matches!(parse_args(&["dlq", "--help"]).unwrap().command, Command::Help(t) if t.contains("replay"))
+        );
+        assert!(matches!(
+            parse_args(&["dlq", "list", "--count", "5"])
+                .unwrap()
+                .command,
+            Command::Dlq(Dlq::List { count: 5 })
+        ));
+    }
+}

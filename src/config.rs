@@ -1,0 +1,374 @@
+//! Settings: defaults < config file < `CITADEL_*` environment < flags.
+//!
+//! Every setting has one name (`claim-idle`), used as the flag (`--claim-idle`),
+//! the environment variable (`CITADEL_CLAIM_IDLE`) and the config-file key
+//! (`claim_idle` or `claim-idle`). [`Settings::set`] is the one place that
+//! parses a value, whichever layer it came from.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// (name, help) of every setting, in the order `--help` shows them.
+pub const SETTINGS: &[(&str, &str)] = &[
+    (
+        "redis-url",
+        "Redis URL (redis:// or rediss://) [redis://127.0.0.1:6379]",
+    ),
+    (
+        "queue",
+        "job stream to read; repeat, or comma-separate, for several [jobs:v1:gpu-general]",
+    ),
+    ("group", "consumer group [workers]"),
+    ("consumer", "consumer name, stable per node [the node name]"),
+    (
+        "node-name",
+        "this node's name: the consumer default and jobs:v1:node:{name} [hostname]",
+    ),
+    ("concurrency", "handler threads = jobs run at once [4]"),
+    (
+        "claim-idle",
+        "an entry idle this long belongs to a dead worker and is reclaimed [30s]",
+    ),
+    (
+        "max-deliveries",
+        "an entry delivered more often than this is dead-lettered [5]",
+    ),
+    (
+        "max-retries",
+        "in-process retries of a retryable error before the job fails [3]",
+    ),
+    (
+        "retry-base",
+        "first retry backoff ceiling, doubling per retry [500ms]",
+    ),
+    ("retry-cap", "largest retry backoff [30s]"),
+    (
+        "shutdown-grace",
+        "on SIGTERM/SIGINT, how long in-flight jobs may take to finish [25s]",
+    ),
+    ("block", "longest single XREADGROUP BLOCK [5s]"),
+    (
+        "cancel-poll",
+        "how often running jobs' cancel keys are checked (at most 1s) [500ms]",
+    ),
+    ("status-ttl", "lifetime of job:{id}:status hashes [24h]"),
+    (
+        "dlq-maxlen",
+        "approximate cap of each dead-letter stream [10000]",
+    ),
+    (
+        "max-job-size",
+        "largest stream entry accepted, in bytes [1048576]",
+    ),
+    ("redis-timeout", "Redis connect and command timeout [5s]"),
+];
+
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub redis_url: String,
+    pub queues: Vec<String>,
+    pub group: String,
+    pub consumer: Option<String>,
+    pub node_name: String,
+    pub concurrency: usize,
+    pub claim_idle: Duration,
+    pub max_deliveries: u64,
+    pub max_retries: u32,
+    pub retry_base: Duration,
+    pub retry_cap: Duration,
+    pub shutdown_grace: Duration,
+    pub block: Duration,
+    pub cancel_poll: Duration,
+    pub status_ttl: Duration,
+    pub dlq_maxlen: u64,
+    pub max_job_size: usize,
+    pub redis_timeout: Duration,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            redis_url: "redis://127.0.0.1:6379".into(),
+            queues: vec!["jobs:v1:gpu-general".into()],
+            group: "workers".into(),
+            consumer: None,
+            node_name: hostname(),
+            concurrency: 4,
+            claim_idle: Duration::from_secs(30),
+            max_deliveries: 5,
+            max_retries: 3,
+            retry_base: Duration::from_millis(500),
+            retry_cap: Duration::from_secs(30),
+            shutdown_grace: Duration::from_secs(25),
+            block: Duration::from_secs(5),
+            cancel_poll: Duration::from_millis(500),
+            status_ttl: Duration::from_secs(24 * 3600),
+            dlq_maxlen: 10_000,
+            max_job_size: 1 << 20,
+            redis_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+impl Settings {
+    /// Defaults, then the config file, then `CITADEL_*` variables. Flags are
+    /// applied by the caller with [`Settings::set`] afterwards.
+    pub fn load(config_flag: Option<&Path>) -> Result<Settings, String> {
+        let mut s = Settings::default();
+        let (path, must_exist) = match config_flag {
+            Some(p) => (p.to_path_buf(), true),
+            None => match std::env::var_os("CITADEL_CONFIG") {
+                Some(p) if !p.is_empty() => (PathBuf::from(p), true),
+                _ => (PathBuf::from("/etc/citadel/config.json"), false),
+            },
+        };
+        match std::fs::read_to_string(&path) {
+            Ok(text) => s
+                .apply_file(&text)
+                .map_err(|e| format!("{}: {e}", path.display()))?,
+            Err(e) if must_exist || e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(format!("cannot read config file {}: {e}", path.display()))
+            }
+            Err(_) => {}
+        }
+        for (name, _) in SETTINGS {
+            let var = env_name(name);
+            if let Ok(v) = std::env::var(&var) {
+                s.set(name, &v).map_err(|e| format!("{var}: {e}"))?;
+            }
+        }
+        Ok(s)
+    }
+
+    /// A config file is one JSON object of settings. Keys this agent does not
+    /// know (credentials stored by provisioning, say) are left for others.
+    fn apply_file(&mut self, text: &str) -> Result<(), String> {
+        if text.trim().is_empty() {
+            return Ok(());
+        }
+        let obj: serde_json::Map<String, serde_json::Value> =
+            serde_json::from_str(text).map_err(|e| format!("not a JSON object: {e}"))?;
+        for (key, value) in obj {
+            let name = key.replace('_', "-");
+            if !SETTINGS.iter().any(|(n, _)| *n == name) {
+                continue;
+            }
+            let text = match value {
+                serde_json::Value::String(s) => s,
+                serde_json::Value::Array(items) => items
+                    .iter()
+                    .map(|v| {
+                        v.as_str()
+                            .map(str::to_owned)
+                            .unwrap_or_else(|| v.to_string())
+                    })
+                    .collect::<Vec<_>>()
+                    .join(","),
+                other => other.to_string(),
+            };
+            self.set(&name, &text).map_err(|e| format!("{key}: {e}"))?;
+        }
+        Ok(())
+    }
+
+    /// Set one setting from its text form; the error says what is accepted.
+    pub fn set(&mut self, name: &str, value: &str) -> Result<(), String> {
+        let v = value.trim();
+        match name {
+            "redis-url" => {
+                redis::Client::open(v).map_err(|e| format!("invalid Redis URL '{v}': {e}"))?;
+                self.redis_url = v.to_owned();
+            }
+            "queue" => {
+                let queues: Vec<String> = v
+                    .split(',')
+                    .map(str::trim)
+                    .filter(|q| !q.is_empty())
+                    .map(str::to_owned)
+                    .collect();
+                if queues.is_empty() {
+                    return Err("at least one queue is needed".into());
+                }
+                self.queues = queues;
+            }
+            "group" => self.group = non_empty(v)?,
+            "consumer" => self.consumer = Some(non_empty(v)?),
+            "node-name" => self.node_name = non_empty(v)?,
+            "concurrency" => {
+                self.concurrency = number(v)?;
+                if self.concurrency == 0 || self.concurrency > 4096 {
+                    return Err(format!("'{v}' is not between 1 and 4096"));
+                }
+            }
+            "claim-idle" => self.claim_idle = positive(parse_duration(v)?)?,
+            "max-deliveries" => self.max_deliveries = number(v)?,
+            "max-retries" => self.max_retries = number(v)?,
+            "retry-base" => self.retry_base = parse_duration(v)?,
+            "retry-cap" => self.retry_cap = parse_duration(v)?,
+            "shutdown-grace" => self.shutdown_grace = parse_duration(v)?,
+            "block" => self.block = positive(parse_duration(v)?)?,
+            "cancel-poll" => {
+                self.cancel_poll = positive(parse_duration(v)?)?.min(Duration::from_secs(1))
+            }
+            "status-ttl" => {
+                self.status_ttl = positive(parse_duration(v)?)?.max(Duration::from_secs(1))
+            }
+            "dlq-maxlen" => self.dlq_maxlen = number(v)?,
+            "max-job-size" => self.max_job_size = number(v)?,
+            "redis-timeout" => self.redis_timeout = positive(parse_duration(v)?)?,
+            _ => return Err(format!("unknown setting '{name}'")),
+        }
+        Ok(())
+    }
+
+    pub fn consumer(&self) -> &str {
+        self.consumer.as_deref().unwrap_or(&self.node_name)
+    }
+
+    /// This node's own stream, read besides the queues.
+    pub fn node_stream(&self) -> String {
+        format!("jobs:v1:node:{}", self.node_name)
+    }
+
+    /// Every stream a worker reads: the queues, then the node's own stream.
+    pub fn streams(&self) -> Vec<String> {
+        let mut streams = self.queues.clone();
+        let node = self.node_stream();
+        if !streams.contains(&node) {
+            streams.push(node);
+        }
+        streams
+    }
+}
+
+/// `claim-idle` → `CITADEL_CLAIM_IDLE`.
+pub fn env_name(name: &str) -> String {
+    format!("CITADEL_{}", name.replace('-', "_").to_uppercase())
+}
+
+/// `500ms`, `30s`, `2m`, `1h`; a bare number is seconds.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let t = text.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("'{text}' is not a duration (write 500ms, 30s, 2m or 1h)"))?;
+    let secs = match unit.trim() {
+        "ms" => n / 1000.0,
+        "" | "s" => n,
+        "m" => n * 60.0,
+        "h" => n * 3600.0,
+        _ => return Err(format!("'{text}' has an unknown unit (use ms, s, m or h)")),
+    };
+    if !secs.is_finite() || !(0.0..1e9).contains(&secs) {
+        return Err(format!("'{text}' is out of range"));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+fn number<T: std::str::FromStr>(v: &str) -> Result<T, String> {
+    v.parse()
+        .map_err(|_| format!("'{v}' is not a whole number"))
+}
+
+fn positive(d: Duration) -> Result<Duration, String> {
+    if d.is_zero() {
+        Err("must be longer than 0".into())
+    } else {
+        Ok(d)
+    }
+}
+
+fn non_empty(v: &str) -> Result<String, String> {
+    if v.is_empty() {
+        Err("must not be empty".into())
+    } else {
+        Ok(v.to_owned())
+    }
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .or_else(|_| std::fs::read_to_string("/etc/hostname"))
+        .ok()
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| "citadel-node".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_parse_in_every_unit() {
+        assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
+        assert_eq!(parse_duration("30s").unwrap(), Duration::from_secs(30));
+        assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
+        assert_eq!(parse_duration("1h").unwrap(), Duration::from_secs(3600));
+        assert_eq!(parse_duration("1.5s").unwrap(), Duration::from_millis(1500));
+        assert_eq!(parse_duration("7").unwrap(), Duration::from_secs(7));
+        for bad in ["", "s", "10x", "-1s", "1e400s", "ten"] {
+            assert!(parse_duration(bad).is_err(), "{bad} should be rejected");
+        }
+    }
+
+    #[test]
+    fn every_setting_has_a_parser_and_an_env_name() {
+        let mut s = Settings::default();
+        for (name, _) in SETTINGS {
+            let value = match *name {
+                "redis-url" => "redis://127.0.0.1:1",
+                "queue" | "group" | "consumer" | "node-name" => "x",
+                n if n.contains("retries") || n.contains("max") || n == "concurrency" => "3",
+                _ => "2s",
+            };
+            s.set(name, value).unwrap_or_else(|e| panic!("{name}: {e}"));
+        }
+        assert_eq!(env_name("claim-idle"), "CITADEL_CLAIM_IDLE");
+    }
+
+    #[test]
+    fn bad_values_are_rejected_with_the_reason() {
+        let mut s = Settings::default();
+        assert!(s
+            .set("redis-url", "not a url")
+            .unwrap_err()
+            .contains("invalid Redis URL"));
+        assert!(s.set("concurrency", "0").is_err());
+        assert!(s
+            .set("concurrency", "many")
+            .unwrap_err()
+            .contains("whole number"));
+        assert!(s.set("claim-idle", "0s").is_err());
+        assert!(s.set("queue", " , ").is_err());
+        assert!(s.set("bogus", "1").unwrap_err().contains("unknown setting"));
+    }
+
+    #[test]
+    fn config_file_layers_under_the_environment() {
+        let mut s = Settings::default();
+        s.apply_file(r#"{"queue":["jobs:v1:a","jobs:v1:b"],"claim_idle":"2s","concurrency":8,"device_api_token":"t"}"#)
+            .unwrap();
+        assert_eq!(s.queues, ["jobs:v1:a", "jobs:v1:b"]);
+        assert_eq!(s.claim_idle, Duration::from_secs(2));
+        assert_eq!(s.concurrency, 8);
+        assert!(s
+            .apply_file("[1,2]")
+            .unwrap_err()
+            .contains("not a JSON object"));
+        assert!(s.apply_file(r#"{"concurrency":"x"}"#).is_err());
+    }
+
+    #[test]
+    fn node_stream_is_read_besides_the_queues() {
+        let mut s = Settings::default();
+        s.set("node-name", "gpu-01").unwrap();
+        assert_eq!(s.streams(), ["jobs:v1:gpu-general", "jobs:v1:node:gpu-01"]);
+        assert_eq!(s.consumer(), "gpu-01");
+    }
+}

@@ -1,0 +1,112 @@
+//! The handler interface and the registry of built-in handlers.
+//!
+//! A handler gets a [`Job`] and a [`Context`] and returns a JSON result or a
+//! classified [`JobError`]. It never sees the transport: the same handler runs
+//! under Redis Streams, Nexus polling and `citadel run-job`.
+
+mod echo;
+
+use crate::events::NodeFacts;
+use crate::job::{Job, JobError};
+use crate::worker::cancel::CancelToken;
+use serde_json::Value;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+pub trait Handler: Send + Sync {
+    fn run(&self, job: &Job, ctx: &mut Context<'_>) -> Result<Value, JobError>;
+}
+
+/// Everything a handler may use besides its job. (`cancel_token`, `deadline`
+/// and `node` are for handlers that do I/O: none of the built-in ones yet.)
+#[allow(dead_code)]
+pub struct Context<'a> {
+    token: &'a Arc<CancelToken>,
+    sink: &'a mut dyn FnMut(&str),
+    deadline: Option<Instant>,
+    node: &'a NodeFacts,
+}
+
+#[allow(dead_code)]
+impl<'a> Context<'a> {
+    pub fn new(
+        token: &'a Arc<CancelToken>,
+        sink: &'a mut dyn FnMut(&str),
+        deadline: Option<Instant>,
+        node: &'a NodeFacts,
+    ) -> Self {
+        Context {
+            token,
+            sink,
+            deadline,
+            node,
+        }
+    }
+
+    /// Stream a piece of output (a `chunk` event in Redis mode). Empty
+    /// pieces are dropped.
+    pub fn chunk(&mut self, text: &str) {
+        if !text.is_empty() {
+            (self.sink)(text);
+        }
+    }
+
+    pub fn is_cancelled(&self) -> bool {
+        self.token.is_cancelled()
+    }
+
+    /// The token itself, to register a hook that interrupts blocking I/O.
+    pub fn cancel_token(&self) -> &Arc<CancelToken> {
+        self.token
+    }
+
+    /// Sleep that ends early, with `Cancelled`, when the job is cancelled.
+    pub fn sleep(&self, d: Duration) -> Result<(), JobError> {
+        if self.token.wait(d) {
+            Err(JobError::Cancelled("cancelled while waiting".into()))
+        } else {
+            Ok(())
+        }
+    }
+
+    /// When the job's `timeout_ms` runs out, if it has one.
+    pub fn deadline(&self) -> Option<Instant> {
+        self.deadline
+    }
+
+    pub fn node(&self) -> &NodeFacts {
+        self.node
+    }
+}
+
+/// Job types and the handler serving each; a type may have aliases.
+pub struct Registry {
+    entries: Vec<(&'static [&'static str], Arc<dyn Handler>)>,
+}
+
+impl Registry {
+    pub fn builtin() -> Registry {
+        Registry {
+            entries: vec![(&["echo"], Arc::new(echo::Echo))],
+        }
+    }
+
+    pub fn find(&self, kind: &str) -> Option<Arc<dyn Handler>> {
+        self.entries
+            .iter()
+            .find(|(names, _)| names.contains(&kind))
+            .map(|(_, h)| h.clone())
+    }
+
+    /// The canonical name of every type served, for error messages.
+    pub fn kinds(&self) -> Vec<&'static str> {
+        self.entries.iter().map(|(names, _)| names[0]).collect()
+    }
+
+    pub fn unknown_type(&self, kind: &str) -> String {
+        format!(
+            "no handler for job type '{kind}' (this worker runs: {})",
+            self.kinds().join(", ")
+        )
+    }
+}

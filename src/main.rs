@@ -1,0 +1,77 @@
+//! citadel: a node agent that turns a machine into a worker of a job fabric.
+//! `main` maps the command's result to an exit code: 0 ok, 1 the operation or
+//! job failed, 2 bad input (flags, settings, job JSON).
+
+mod admin;
+mod backoff;
+mod cli;
+mod clock;
+mod config;
+mod events;
+mod handlers;
+mod job;
+mod redis_conn;
+mod run_job;
+mod transport;
+mod worker;
+
+use admin::Exit;
+use cli::Command;
+use std::sync::Arc;
+
+fn main() {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    // rustls (rediss://) needs a process-wide crypto provider.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    std::process::exit(match run() {
+        Ok(code) => code,
+        Err(Exit(code, msg)) => {
+            eprintln!("citadel: {msg}");
+            code
+        }
+    });
+}
+
+fn run() -> Result<i32, Exit> {
+    let cli = cli::parse(std::env::args_os().skip(1)).map_err(|e| Exit(2, e))?;
+    let settings = cli.settings;
+    let executor = || {
+        let node = events::NodeFacts {
+            node_id: settings.node_name.clone(),
+            node_name: settings.node_name.clone(),
+        };
+        let policy = worker::exec::RetryPolicy {
+            max_retries: settings.max_retries,
+            base: settings.retry_base,
+            cap: settings.retry_cap,
+        };
+        Arc::new(worker::exec::Executor::new(
+            handlers::Registry::builtin(),
+            policy,
+            node,
+        ))
+    };
+    match cli.command {
+        Command::Help(text) => {
+            print!("{text}");
+            Ok(0)
+        }
+        Command::Version => {
+            println!("citadel {}", events::AGENT_VERSION);
+            Ok(0)
+        }
+        Command::Work => {
+            let (tx, signals) = crossbeam_channel::unbounded();
+            ctrlc::set_handler(move || {
+                let _ = tx.send(());
+            })
+            .map_err(|e| Exit(1, format!("cannot install the signal handler: {e}")))?;
+            transport::redis_streams::run(settings.clone(), executor(), signals)
+                .map_err(|e| Exit(1, e))?;
+            Ok(0)
+        }
+        Command::RunJob { job } => run_job::run(&executor(), job),
+        Command::Submit(s) => admin::submit::run(&settings, &s),
+        Command::Dlq(d) => admin::dlq::run(&settings, &d),
+    }
+}

@@ -1,0 +1,3 @@
+//! Transports: how jobs arrive and how their outcomes leave.
+
+pub mod redis_streams;

@@ -1,0 +1,8 @@
+//! The transport-independent engine: cancel tokens, deadlines, the handler
+//! pool, running a job to its outcome, and the settle queue.
+
+pub mod cancel;
+pub mod exec;
+pub mod pool;
+pub mod queue;
+pub mod watchdog;

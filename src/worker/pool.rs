@@ -1,0 +1,72 @@
+//! The fixed pool of handler threads. Each takes a [`Task`] from one channel,
+//! runs it through the [`Executor`] and tells the task's [`Report`] what
+//! happened. A panicking handler is caught in the executor, so a thread
+//! outlives every job.
+
+use super::cancel::CancelToken;
+use super::exec::{Executor, Outcome};
+use crate::job::Job;
+use crossbeam_channel::Receiver;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+/// Where a running job's progress goes; the transport implements it.
+pub trait Report: Send {
+    fn started(&mut self);
+    fn chunk(&mut self, text: &str);
+    fn finished(self: Box<Self>, outcome: Outcome);
+}
+
+pub struct Task {
+    pub job: Job,
+    pub token: Arc<CancelToken>,
+    pub report: Box<dyn Report>,
+}
+
+pub fn start(n: usize, tasks: Receiver<Task>, exec: Arc<Executor>) -> Vec<JoinHandle<()>> {
+    (0..n)
+        .map(|i| {
+            let tasks = tasks.clone();
+            let exec = exec.clone();
+            std::thread::Builder::new()
+                .name(format!("handler-{i}"))
+                .spawn(move || {
+                    for task in tasks {
+                        run_task(&exec, task);
+                    }
+                })
+                .expect("spawn handler thread")
+        })
+        .collect()
+}
+
+fn run_task(exec: &Executor, task: Task) {
+    let Task {
+        job,
+        token,
+        mut report,
+    } = task;
+    let t0 = Instant::now();
+    log::info!("job {} ({}) started", job.id, job.kind);
+    report.started();
+    let outcome = exec.execute(&job, &token, &mut |text| report.chunk(text));
+    let ms = t0.elapsed().as_millis();
+    match &outcome {
+        Outcome::Failed { error, .. } | Outcome::Crashed(error) => {
+            log::warn!(
+                "job {} ({}) {} in {ms}ms: {error}",
+                job.id,
+                job.kind,
+                outcome.label()
+            )
+        }
+        _ => log::info!(
+            "job {} ({}) {} in {ms}ms",
+            job.id,
+            job.kind,
+            outcome.label()
+        ),
+    }
+    report.finished(outcome);
+}
