@@ -56,8 +56,13 @@ pub fn run(settings: &Settings, cmd: &Dlq) -> Result<i32, Exit> {
         Dlq::Replay(None) => {
             let mut n = 0;
             for s in &streams {
+                // Only the dead letters there now: a replayed job that fails
+                // again while this runs is not replayed a second time.
+                let Some(last) = range(&mut conn, "XREVRANGE", s, "+", "-", 1)?.pop() else {
+                    continue;
+                };
                 loop {
-                    let batch = range(&mut conn, "XRANGE", s, "-", "+", 100)?;
+                    let batch = range(&mut conn, "XRANGE", s, "-", &last.id, 100)?;
                     if batch.is_empty() {
                         break;
                     }

@@ -6,8 +6,9 @@
 //! deleted one) and handed on; nothing here waits for a job to finish.
 
 use super::entry::{self, Entry, RawEntry};
-use super::settler::{cancel_key, Msg};
+use super::settler::{cancel_key, event_json, Msg};
 use super::Shared;
+use crate::events;
 use crate::redis_conn::{self, Outage};
 use crate::worker::exec::{Executor, Outcome};
 use crate::worker::pool::{Report, Task};
@@ -341,7 +342,8 @@ impl Reader {
                     ));
                 }
                 Verdict::Run(job) => {
-                    s.queue.push(Msg::Claimed(e.clone()));
+                    let claimed = event_json(&e, "claimed", events::claimed(), &s.node);
+                    s.queue.push(Msg::Claimed(e.clone(), claimed));
                     let report = Box::new(RedisReport {
                         shared: s.clone(),
                         entry: e.clone(),
@@ -436,17 +438,20 @@ struct RedisReport {
 
 impl Report for RedisReport {
     fn started(&mut self) {
-        self.shared.queue.push(Msg::Started(self.entry.clone()));
+        let e = &self.entry;
+        let kind = e.kind.as_deref().unwrap_or("job");
+        let node = &self.shared.node;
+        let text = format!("{kind} job started on {}", node.node_name);
+        let start = event_json(e, "start", events::start(&text), node);
+        self.shared.queue.push(Msg::Started(e.clone(), start));
     }
 
     fn chunk(&mut self, text: &str) {
         let e = &self.entry;
-        let data = crate::events::chunk(text, self.index);
-        let json = crate::events::event(
+        let json = event_json(
+            e,
             "chunk",
-            e.job_id.as_deref().unwrap_or_default(),
-            e.ray_id.as_deref(),
-            data,
+            events::chunk(text, self.index),
             &self.shared.node,
         );
         self.index += 1;

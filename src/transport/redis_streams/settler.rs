@@ -10,7 +10,7 @@
 use super::dead_letter;
 use super::entry::Entry;
 use super::Shared;
-use crate::events;
+use crate::events::{self, NodeFacts};
 use crate::redis_conn::{self, Outage};
 use crate::worker::cancel::CancelReason;
 use crate::worker::exec::Outcome;
@@ -22,8 +22,11 @@ use std::time::{Duration, Instant};
 
 /// What job threads and the reader tell the settle thread, in order.
 pub enum Msg {
-    Claimed(Arc<Entry>),
-    Started(Arc<Entry>),
+    /// The `claimed` event, formatted by the reader when it took the entry.
+    Claimed(Arc<Entry>, String),
+    /// The `start` event, formatted by the job's thread as it started. Events
+    /// are formatted where they happen, so their timestamps follow their order.
+    Started(Arc<Entry>, String),
     /// A chunk event, already formatted by the job's thread.
     Chunk(Arc<Entry>, String),
     Finish(Arc<Entry>, Outcome),
@@ -115,11 +118,11 @@ impl Settler {
         let mut done: Vec<&Arc<Entry>> = Vec::new();
         for msg in &batch {
             match msg {
-                Msg::Claimed(e) => cmds.push(self.publish(e, "claimed", events::claimed())),
-                Msg::Started(e) => {
-                    let kind = e.kind.as_deref().unwrap_or("job");
-                    let text = format!("{kind} job started on {}", sh.node.node_name);
-                    cmds.push(self.publish(e, "start", events::start(&text)));
+                Msg::Claimed(e, json) => {
+                    cmds.push(publish_cmd(e.job_id.as_deref().unwrap_or_default(), json))
+                }
+                Msg::Started(e, json) => {
+                    cmds.push(publish_cmd(e.job_id.as_deref().unwrap_or_default(), json));
                     // A status about to be overwritten in this same batch is skipped.
                     if !e.job_id.as_deref().is_some_and(|j| ended.contains(j)) {
                         self.status(&mut cmds, e, "processing", None);
@@ -185,8 +188,7 @@ impl Settler {
 
     fn publish(&self, e: &Entry, kind: &str, data: serde_json::Value) -> Cmd {
         let job_id = e.job_id.as_deref().unwrap_or_default();
-        let json = events::event(kind, job_id, e.ray_id.as_deref(), data, &self.shared.node);
-        publish_cmd(job_id, &json)
+        publish_cmd(job_id, &event_json(e, kind, data, &self.shared.node))
     }
 
     /// `job:{id}:status` is replaced whole, so no field of an earlier run
@@ -357,6 +359,12 @@ impl Settler {
 
 pub fn cancel_key(job_id: &str) -> String {
     format!("job:cancelled:{job_id}")
+}
+
+/// An event of `e`'s job as its JSON text, timestamped now.
+pub fn event_json(e: &Entry, kind: &str, data: serde_json::Value, node: &NodeFacts) -> String {
+    let job_id = e.job_id.as_deref().unwrap_or_default();
+    events::event(kind, job_id, e.ray_id.as_deref(), data, node)
 }
 
 fn publish_cmd(job_id: &str, json: &str) -> Cmd {
