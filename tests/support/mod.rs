@@ -161,6 +161,32 @@ impl RedisServer {
         );
     }
 
+    /// Starts a server on the given `port` (e.g. one a worker was already
+    /// told to use) and waits (up to 10 s) until it answers PING. Panics with
+    /// the server's log if it does not (e.g. the port is taken).
+    pub fn start_on(port: u16) -> RedisServer {
+        let dir = fresh_temp_dir("redis");
+        let log = dir.join("redis.log");
+        let mut server = RedisServer {
+            port,
+            dir,
+            log,
+            child: None,
+        };
+        let err = match server.spawn_and_wait(REDIS_START_TIMEOUT) {
+            Ok(()) => return server,
+            Err(StartError::Exited(status)) => format!("redis-server exited with {status}"),
+            Err(StartError::TimedOut) => {
+                format!("redis-server did not answer PING within {REDIS_START_TIMEOUT:?}")
+            }
+        };
+        panic!(
+            "could not start redis-server on port {port}: {err}\n--- {} ---\n{}",
+            server.log.display(),
+            server.log_text()
+        );
+    }
+
     /// `redis://127.0.0.1:PORT/`
     pub fn url(&self) -> String {
         format!("redis://127.0.0.1:{}/", self.port)

@@ -1,0 +1,731 @@
+//! At-least-once guarantees of `citadel work` under crashes, restarts and
+//! shutdown: backpressure, reclaim of a dead worker's job, lease renewal of a
+//! live one, a restarted consumer taking back its own entries, poison and
+//! failing jobs dead-lettered, graceful and forced shutdown, and Redis going
+//! away (mid-run, or absent at start).
+//!
+//! Each test runs its own redis-server (fsync-always AOF) and the real binary.
+
+mod support;
+
+use serde_json::Value as Json;
+use std::collections::HashMap;
+use std::thread;
+use std::time::{Duration, Instant};
+use support::{
+    hgetall, pending_count, pending_for_consumer, wait_until, xadd_fields, xadd_job, xlen,
+    xrange_all, Citadel, RedisServer, Subscriber,
+};
+
+const QUEUE: &str = "jobs:v1:gpu-general";
+const DLQ: &str = "dlq:v1:gpu-general";
+const GROUP: &str = "workers";
+const EVENTS: &str = "stream:v1:*";
+
+/// `citadel work` as `node` (also its consumer name), with short timings:
+/// `--cancel-poll 100ms`, `--block 1s` unless `extra` sets its own.
+fn worker(redis: &RedisServer, node: &str, extra: &[&str]) -> Citadel {
+    let mut args = vec!["--node-name", node, "--cancel-poll", "100ms"];
+    if !extra.contains(&"--block") {
+        args.extend(["--block", "1s"]);
+    }
+    args.extend_from_slice(extra);
+    Citadel::work(redis, &args, &[])
+}
+
+/// Waits until the worker has logged its start-up line (its threads run).
+fn wait_working(w: &Citadel) {
+    w.wait_for_log("working: streams", Duration::from_secs(10));
+}
+
+fn event_type(ev: &Json) -> &str {
+    ev.get("type").and_then(Json::as_str).unwrap_or_default()
+}
+
+/// `data.meta.node_name` of an event.
+fn node_of(ev: &Json) -> &str {
+    ev.pointer("/data/meta/node_name")
+        .and_then(Json::as_str)
+        .unwrap_or_default()
+}
+
+/// The job's events of one type, in order.
+fn events_of(sub: &Subscriber, job: &str, kind: &str) -> Vec<Json> {
+    sub.events_for(job)
+        .into_iter()
+        .filter(|ev| event_type(ev) == kind)
+        .collect()
+}
+
+fn is_terminal(ev: &Json) -> bool {
+    matches!(event_type(ev), "end" | "error" | "cancelled")
+}
+
+/// Returns once every message published before this call has reached `sub`:
+/// publishes a marker and waits for it (Redis delivers to one subscriber in
+/// the order it ran the PUBLISHes). Lets a test assert that an event did NOT
+/// come, without sleeping.
+fn sync_subscriber(redis: &RedisServer, sub: &Subscriber) {
+    static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let marker = format!(
+        "marker-{}",
+        N.fetch_add(1, std::sync::atomic::Ordering::SeqCst)
+    );
+    let msg = serde_json::json!({"type": "marker", "jobId": marker}).to_string();
+    redis::cmd("PUBLISH")
+        .arg(format!("stream:v1:{marker}"))
+        .arg(msg)
+        .query::<i64>(&mut redis.conn())
+        .expect("PUBLISH marker");
+    sub.wait_for(&marker, "marker", Duration::from_secs(5));
+}
+
+fn status(conn: &mut redis::Connection, job: &str) -> HashMap<String, String> {
+    hgetall(conn, &format!("job:{job}:status"))
+}
+
+/// Waits until `job:{job}:status` has `status == want`; returns the hash.
+fn wait_status(
+    conn: &mut redis::Connection,
+    job: &str,
+    want: &str,
+    timeout: Duration,
+) -> HashMap<String, String> {
+    wait_until(&format!("job {job} status {want}"), timeout, || {
+        let h = status(conn, job);
+        (h.get("status").map(String::as_str) == Some(want)).then_some(h)
+    })
+}
+
+fn wait_group_drained(conn: &mut redis::Connection, timeout: Duration) {
+    wait_until("no entry pending in the group", timeout, || {
+        (pending_count(conn, QUEUE, GROUP) == 0).then_some(())
+    });
+}
+
+/// One row of `XPENDING stream group - + n`.
+#[derive(Debug)]
+struct Pending {
+    id: String,
+    consumer: String,
+    delivered: i64,
+}
+
+fn pending_rows(conn: &mut redis::Connection) -> Vec<Pending> {
+    let reply: redis::Value = redis::cmd("XPENDING")
+        .arg(QUEUE)
+        .arg(GROUP)
+        .arg("-")
+        .arg("+")
+        .arg(100)
+        .query(conn)
+        .expect("XPENDING - + 100");
+    let redis::Value::Array(rows) = reply else {
+        return Vec::new();
+    };
+    rows.into_iter()
+        .map(|row| {
+            let redis::Value::Array(f) = row else {
+                panic!("unexpected XPENDING row {row:?}");
+            };
+            let int = |v: &redis::Value| match v {
+                redis::Value::Int(n) => *n,
+                other => panic!("expected an integer in XPENDING row, got {other:?}"),
+            };
+            Pending {
+                id: support::value_to_string(&f[0]),
+                consumer: support::value_to_string(&f[1]),
+                delivered: int(&f[3]),
+            }
+        })
+        .collect()
+}
+
+/// `XREADGROUP GROUP workers <consumer> COUNT 100 STREAMS <queue> >`: the ids
+/// of entries the group never delivered before.
+fn undelivered_ids(conn: &mut redis::Connection, consumer: &str) -> Vec<String> {
+    let reply: redis::Value = redis::cmd("XREADGROUP")
+        .arg("GROUP")
+        .arg(GROUP)
+        .arg(consumer)
+        .arg("COUNT")
+        .arg(100)
+        .arg("STREAMS")
+        .arg(QUEUE)
+        .arg(">")
+        .query(conn)
+        .expect("XREADGROUP by the test");
+    let redis::Value::Array(streams) = reply else {
+        return Vec::new();
+    };
+    let mut ids = Vec::new();
+    for s in streams {
+        let redis::Value::Array(mut pair) = s else {
+            panic!("unexpected XREADGROUP stream {s:?}")
+        };
+        let Some(redis::Value::Array(entries)) = pair.pop() else {
+            continue;
+        };
+        for e in entries {
+            let redis::Value::Array(parts) = e else {
+                panic!("unexpected XREADGROUP entry {e:?}")
+            };
+            ids.push(support::value_to_string(&parts[0]));
+        }
+    }
+    ids
+}
+
+/// A job entry with every optional field, so dead letters can be checked whole.
+fn xadd_full_job(
+    conn: &mut redis::Connection,
+    job: &str,
+    payload: &str,
+    enqueued_at: &str,
+    ray: &str,
+) -> String {
+    xadd_fields(
+        conn,
+        QUEUE,
+        &[
+            ("jobId", job),
+            ("type", "echo"),
+            ("payload", payload),
+            ("enqueuedAt", enqueued_at),
+            ("rayId", ray),
+        ],
+    )
+}
+
+fn looks_rfc3339_utc(s: &str) -> bool {
+    let b = s.as_bytes();
+    b.len() >= 20
+        && b[4] == b'-'
+        && b[7] == b'-'
+        && b[10] == b'T'
+        && b[13] == b':'
+        && b[16] == b':'
+        && s.ends_with('Z')
+}
+
+/// Checks every field of the contract on a dead letter of an entry made by
+/// [`xadd_full_job`].
+#[allow(clippy::too_many_arguments)]
+fn assert_dead_letter(
+    dl: &HashMap<String, String>,
+    entry_id: &str,
+    job: &str,
+    payload: &str,
+    enqueued_at: &str,
+    ray: &str,
+    reason: &str,
+    deliveries: &str,
+    worker: &str,
+) {
+    let field = |k: &str| {
+        dl.get(k)
+            .unwrap_or_else(|| panic!("dead letter lacks field {k:?}: {dl:?}"))
+            .as_str()
+    };
+    assert_eq!(field("original_message_id"), entry_id, "{dl:?}");
+    assert_eq!(field("original_queue"), QUEUE, "{dl:?}");
+    assert_eq!(field("reason"), reason, "{dl:?}");
+    assert!(!field("error").is_empty(), "empty error: {dl:?}");
+    assert_eq!(field("deliveries"), deliveries, "{dl:?}");
+    assert!(looks_rfc3339_utc(field("moved_at")), "moved_at: {dl:?}");
+    assert_eq!(field("worker_id"), worker, "{dl:?}");
+    assert_eq!(field("jobId"), job, "{dl:?}");
+    assert_eq!(field("type"), "echo", "{dl:?}");
+    assert_eq!(field("enqueuedAt"), enqueued_at, "{dl:?}");
+    assert_eq!(
+        field("payload"),
+        payload,
+        "payload must be unchanged: {dl:?}"
+    );
+    assert_eq!(field("rayId"), ray, "{dl:?}");
+}
+
+#[test]
+fn never_holds_more_entries_than_handlers() {
+    let redis = RedisServer::start();
+    let mut c = redis.conn();
+    let jobs: Vec<String> = (0..20).map(|i| format!("bp-{i}")).collect();
+    for j in &jobs {
+        xadd_job(&mut c, QUEUE, j, "echo", r#"{"sleep_ms":150}"#);
+    }
+    let t0 = Instant::now();
+    let _w = worker(&redis, "bp-node", &["--concurrency", "2"]);
+
+    let deadline = t0 + Duration::from_secs(30);
+    let (mut most, mut samples) = (0, 0u64);
+    loop {
+        let held = pending_for_consumer(&mut c, QUEUE, GROUP, "bp-node");
+        assert!(
+            held <= 2,
+            "the consumer holds {held} pending entries with --concurrency 2"
+        );
+        most = most.max(held);
+        samples += 1;
+        // Check for the end only now and then, to keep the sampling dense.
+        if samples % 25 == 0 {
+            let done = jobs
+                .iter()
+                .filter(|j| {
+                    status(&mut c, j).get("status").map(String::as_str) == Some("completed")
+                })
+                .count();
+            if done == jobs.len() {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "only {done} of 20 jobs completed within 30s"
+            );
+        }
+        thread::sleep(Duration::from_millis(2));
+    }
+    let took = t0.elapsed();
+    assert!(
+        samples > 100,
+        "too few samples ({samples}) to mean anything"
+    );
+    assert_eq!(most, 2, "the two handler slots were never both used");
+    // 20 jobs of ≥150 ms, at most 2 at a time: ≥ 10 rounds.
+    assert!(
+        took >= Duration::from_millis(1500),
+        "20 × 150 ms jobs on 2 slots finished in {took:?}: more than 2 ran at once"
+    );
+    wait_group_drained(&mut c, Duration::from_secs(5));
+}
+
+#[test]
+fn killed_worker_job_is_reclaimed() {
+    let redis = RedisServer::start();
+    let mut c = redis.conn();
+    let sub = Subscriber::new(&redis, EVENTS);
+    let job = "reclaim-1";
+    xadd_job(&mut c, QUEUE, job, "echo", r#"{"sleep_ms":1500}"#);
+
+    let mut a = worker(&redis, "node-a", &["--claim-idle", "500ms"]);
+    let start = sub.wait_for(job, "start", Duration::from_secs(10));
+    assert_eq!(node_of(&start), "node-a");
+    // Status and ack come only after the 1.5 s run: killing now is a crash mid-job.
+    a.kill9();
+    assert_eq!(pending_for_consumer(&mut c, QUEUE, GROUP, "node-a"), 1);
+
+    let b = worker(&redis, "node-b", &["--claim-idle", "500ms"]);
+    let end = sub.wait_for(job, "end", Duration::from_secs(15));
+    assert_eq!(node_of(&end), "node-b", "end event: {end}");
+    let st = wait_status(&mut c, job, "completed", Duration::from_secs(5));
+    assert_eq!(st["worker_id"], "node-b", "{st:?}");
+    wait_group_drained(&mut c, Duration::from_secs(5));
+    assert_eq!(xlen(&mut c, DLQ), 0, "nothing may be dead-lettered");
+    let starts: Vec<String> = events_of(&sub, job, "start")
+        .iter()
+        .map(|e| node_of(e).to_owned())
+        .collect();
+    assert_eq!(starts, ["node-a", "node-b"]);
+    assert!(b.log().contains("reclaimed 1 entries"), "{}", b.log());
+}
+
+#[test]
+fn long_job_with_second_worker_runs_exactly_once() {
+    let redis = RedisServer::start();
+    let mut c = redis.conn();
+    let sub = Subscriber::new(&redis, EVENTS);
+    let a = worker(&redis, "once-a", &["--claim-idle", "300ms"]);
+    let b = worker(&redis, "once-b", &["--claim-idle", "300ms"]);
+    wait_working(&a);
+    wait_working(&b);
+
+    let job = "long-1";
+    let id = xadd_job(&mut c, QUEUE, job, "echo", r#"{"sleep_ms":3000}"#);
+    sub.wait_for(job, "start", Duration::from_secs(10));
+    // 3 s = 10 × claim-idle: without lease renewal the other worker (or the
+    // same one) would reclaim it, which counts a delivery.
+    let mut samples = 0;
+    while !sub.events_for(job).iter().any(is_terminal) {
+        for row in pending_rows(&mut c) {
+            assert_eq!(row.id, id);
+            assert_eq!(
+                row.delivered, 1,
+                "the running job was delivered again: {row:?}"
+            );
+        }
+        samples += 1;
+        assert!(samples < 1000, "the job did not end within ~20 s");
+        thread::sleep(Duration::from_millis(20));
+    }
+    wait_group_drained(&mut c, Duration::from_secs(5));
+    assert!(samples > 50, "too few samples ({samples})");
+    sync_subscriber(&redis, &sub);
+    let kinds: Vec<String> = sub
+        .events_for(job)
+        .iter()
+        .map(|e| event_type(e).to_owned())
+        .collect();
+    assert_eq!(kinds, ["claimed", "start", "end"]);
+    for w in [&a, &b] {
+        assert!(!w.log().contains("reclaimed"), "{}", w.log());
+    }
+}
+
+#[test]
+fn restarted_worker_resumes_its_own_pending_job_at_once() {
+    let redis = RedisServer::start();
+    let mut c = redis.conn();
+    let sub = Subscriber::new(&redis, EVENTS);
+    let job = "resume-1";
+    xadd_job(&mut c, QUEUE, job, "echo", r#"{"sleep_ms":1500}"#);
+
+    // claim-idle 60 s: a reclaim cannot explain a rerun within the test.
+    let mut first = worker(&redis, "node-r", &["--claim-idle", "60s"]);
+    sub.wait_for(job, "start", Duration::from_secs(10));
+    first.kill9();
+
+    let t0 = Instant::now();
+    let second = worker(&redis, "node-r", &["--claim-idle", "60s"]);
+    wait_until("a second start event", Duration::from_secs(3), || {
+        (events_of(&sub, job, "start").len() == 2).then_some(())
+    });
+    let took = t0.elapsed();
+    assert!(took < Duration::from_secs(3), "resumed after {took:?}");
+    sub.wait_for(job, "end", Duration::from_secs(10));
+    let st = wait_status(&mut c, job, "completed", Duration::from_secs(5));
+    assert_eq!(st["worker_id"], "node-r");
+    wait_group_drained(&mut c, Duration::from_secs(5));
+    assert_eq!(xlen(&mut c, DLQ), 0);
+    assert!(
+        second
+            .log()
+            .contains("resuming 1 of this consumer's own pending entries"),
+        "{}",
+        second.log()
+    );
+}
+
+#[test]
+fn panicking_job_is_dead_lettered_after_max_deliveries() {
+    let redis = RedisServer::start();
+    let mut c = redis.conn();
+    let sub = Subscriber::new(&redis, EVENTS);
+    let mut w = worker(
+        &redis,
+        "node-p",
+        &["--max-deliveries", "3", "--claim-idle", "200ms"],
+    );
+    let (job, payload) = ("poison-1", r#"{"fail":"panic"}"#);
+    let (at, ray) = ("2026-01-20T10:00:00.000Z", "ray-poison");
+    let id = xadd_full_job(&mut c, job, payload, at, ray);
+
+    let err = sub.wait_for(job, "error", Duration::from_secs(20));
+    assert_eq!(err.pointer("/data/recoverable"), Some(&Json::Bool(false)));
+    let dls = xrange_all(&mut c, DLQ);
+    assert_eq!(dls.len(), 1, "{dls:?}");
+    assert_dead_letter(
+        &dls[0].1,
+        &id,
+        job,
+        payload,
+        at,
+        ray,
+        "exceeded max deliveries",
+        "4",
+        "node-p",
+    );
+    assert_eq!(
+        events_of(&sub, job, "start").len(),
+        3,
+        "runs of the poison job: {:?}",
+        sub.events_for(job)
+    );
+    let st = wait_status(&mut c, job, "failed", Duration::from_secs(5));
+    assert!(st.contains_key("error"), "{st:?}");
+    wait_group_drained(&mut c, Duration::from_secs(5));
+
+    // The process outlived three handler panics and still works.
+    assert!(w.is_running(), "the worker died: {}", w.log());
+    xadd_job(&mut c, QUEUE, "after-poison", "echo", r#"{"x":1}"#);
+    let end = sub.wait_for("after-poison", "end", Duration::from_secs(10));
+    assert_eq!(end.pointer("/data/result/x"), Some(&Json::from(1)));
+    wait_status(&mut c, "after-poison", "completed", Duration::from_secs(5));
+}
+
+#[test]
+fn always_failing_job_is_dead_lettered_with_all_fields() {
+    let redis = RedisServer::start();
+    let mut c = redis.conn();
+    let sub = Subscriber::new(&redis, EVENTS);
+    let _w = worker(
+        &redis,
+        "node-f",
+        &["--max-retries", "1", "--retry-base", "5ms"],
+    );
+    let (job, payload) = ("failing-1", r#"{"fail":"retryable","n":7}"#);
+    let (at, ray) = ("2026-01-20T11:00:00.000Z", "ray-failing");
+    let id = xadd_full_job(&mut c, job, payload, at, ray);
+
+    let err = sub.wait_for(job, "error", Duration::from_secs(10));
+    assert_eq!(err.pointer("/data/recoverable"), Some(&Json::Bool(false)));
+    assert_eq!(err.get("rayId").and_then(Json::as_str), Some(ray));
+    let dls = xrange_all(&mut c, DLQ);
+    assert_eq!(dls.len(), 1, "{dls:?}");
+    let dl = &dls[0].1;
+    assert_dead_letter(
+        dl,
+        &id,
+        job,
+        payload,
+        at,
+        ray,
+        "retries exhausted",
+        "1",
+        "node-f",
+    );
+    assert!(dl["error"].contains("gave up after 2 attempts"), "{dl:?}");
+    // Retries happen in-process: one delivery, one start.
+    assert_eq!(events_of(&sub, job, "start").len(), 1);
+    let st = wait_status(&mut c, job, "failed", Duration::from_secs(5));
+    assert_eq!(st["error"], dl["error"]);
+    wait_group_drained(&mut c, Duration::from_secs(5));
+}
+
+#[test]
+fn sigterm_drains_in_flight_jobs_and_reads_nothing_new() {
+    let redis = RedisServer::start();
+    let mut c = redis.conn();
+    let sub = Subscriber::new(&redis, EVENTS);
+    let running: Vec<String> = (0..3).map(|i| format!("drain-{i}")).collect();
+    for j in &running {
+        xadd_job(&mut c, QUEUE, j, "echo", r#"{"sleep_ms":800}"#);
+    }
+    let mut w = worker(
+        &redis,
+        "node-d",
+        &["--concurrency", "3", "--shutdown-grace", "10s"],
+    );
+    for j in &running {
+        sub.wait_for(j, "start", Duration::from_secs(10));
+    }
+
+    let t0 = Instant::now();
+    w.sigterm();
+    let late: Vec<String> = (0..5).map(|i| format!("late-{i}")).collect();
+    let mut late_ids: Vec<String> = late
+        .iter()
+        .map(|j| xadd_job(&mut c, QUEUE, j, "echo", "{}"))
+        .collect();
+
+    let code = w
+        .wait_exit(Duration::from_secs(10))
+        .unwrap_or_else(|| panic!("still running 10 s after SIGTERM:\n{}", w.log()));
+    assert_eq!(code.code(), Some(0), "{}", w.log());
+    assert!(t0.elapsed() < Duration::from_secs(5), "{:?}", t0.elapsed());
+
+    for j in &running {
+        sub.wait_for(j, "end", Duration::from_secs(5));
+        assert_eq!(status(&mut c, j)["status"], "completed");
+    }
+    assert_eq!(
+        pending_count(&mut c, QUEUE, GROUP),
+        0,
+        "in-flight jobs not acked"
+    );
+    sync_subscriber(&redis, &sub);
+    for j in &late {
+        assert!(sub.events_for(j).is_empty(), "{j}: {:?}", sub.events_for(j));
+        assert!(status(&mut c, j).is_empty(), "{j} got a status");
+    }
+    // The group never handed the late entries to anyone: a new reader gets all.
+    let mut got = undelivered_ids(&mut c, "test-reader");
+    got.sort();
+    late_ids.sort();
+    assert_eq!(got, late_ids);
+}
+
+#[test]
+fn sigint_drains_in_flight_job_without_waiting_out_a_blocked_read() {
+    let redis = RedisServer::start();
+    let mut c = redis.conn();
+    let sub = Subscriber::new(&redis, EVENTS);
+    // One of three slots busy: the two free slots cover both streams (queue
+    // and node stream), so the reader sits in a long XREADGROUP BLOCK (20 s,
+    // cut to claim-idle/3 = 10 s by the reclaim schedule). With fewer free
+    // slots than streams it would only block 100 ms at a time.
+    let mut w = worker(
+        &redis,
+        "node-i",
+        &[
+            "--concurrency",
+            "3",
+            "--block",
+            "20s",
+            "--shutdown-grace",
+            "10s",
+        ],
+    );
+    xadd_job(&mut c, QUEUE, "int-1", "echo", r#"{"sleep_ms":800}"#);
+    sub.wait_for("int-1", "start", Duration::from_secs(10));
+
+    let t0 = Instant::now();
+    w.sigint();
+    let code = w
+        .wait_exit(Duration::from_secs(15))
+        .unwrap_or_else(|| panic!("still running 15 s after SIGINT:\n{}", w.log()));
+    assert_eq!(code.code(), Some(0), "{}", w.log());
+    let took = t0.elapsed();
+    assert!(
+        took < Duration::from_secs(5),
+        "exit took {took:?}: the blocked read was waited out"
+    );
+    sub.wait_for("int-1", "end", Duration::from_secs(5));
+    assert_eq!(status(&mut c, "int-1")["status"], "completed");
+    assert_eq!(pending_count(&mut c, QUEUE, GROUP), 0);
+    assert!(w.log().contains("reader stopped"), "{}", w.log());
+}
+
+#[test]
+fn shutdown_grace_expiry_leaves_jobs_pending() {
+    let redis = RedisServer::start();
+    let mut c = redis.conn();
+    let sub = Subscriber::new(&redis, EVENTS);
+    let job = "grace-1";
+    let id = xadd_job(&mut c, QUEUE, job, "echo", r#"{"sleep_ms":30000}"#);
+    let mut w = worker(&redis, "node-g", &["--shutdown-grace", "300ms"]);
+    sub.wait_for(job, "start", Duration::from_secs(10));
+    wait_status(&mut c, job, "processing", Duration::from_secs(5));
+
+    let t0 = Instant::now();
+    w.sigterm();
+    let code = w
+        .wait_exit(Duration::from_secs(10))
+        .unwrap_or_else(|| panic!("still running 10 s after SIGTERM:\n{}", w.log()));
+    assert_eq!(code.code(), Some(0), "{}", w.log());
+    let took = t0.elapsed();
+    assert!(took < Duration::from_secs(4), "exit took {took:?}");
+    assert!(
+        w.log().contains("cancelling 1 unfinished jobs"),
+        "{}",
+        w.log()
+    );
+
+    sync_subscriber(&redis, &sub);
+    let events = sub.events_for(job);
+    assert!(!events.iter().any(is_terminal), "{events:?}");
+    assert_eq!(status(&mut c, job)["status"], "processing");
+    let rows = pending_rows(&mut c);
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    assert_eq!(
+        (rows[0].id.as_str(), rows[0].consumer.as_str()),
+        (id.as_str(), "node-g")
+    );
+    // Reclaimable: another consumer can take it over.
+    let claimed: Vec<String> = redis::cmd("XCLAIM")
+        .arg(QUEUE)
+        .arg(GROUP)
+        .arg("rescuer")
+        .arg(0)
+        .arg(&id)
+        .arg("JUSTID")
+        .query(&mut c)
+        .expect("XCLAIM");
+    assert_eq!(claimed, [id]);
+}
+
+#[test]
+fn second_signal_stops_at_once() {
+    let redis = RedisServer::start();
+    let mut c = redis.conn();
+    let sub = Subscriber::new(&redis, EVENTS);
+    let job = "twice-1";
+    xadd_job(&mut c, QUEUE, job, "echo", r#"{"sleep_ms":30000}"#);
+    let mut w = worker(&redis, "node-s", &["--shutdown-grace", "60s"]);
+    sub.wait_for(job, "start", Duration::from_secs(10));
+
+    let t0 = Instant::now();
+    w.sigint();
+    w.wait_for_log("signal received", Duration::from_secs(5));
+    w.sigint();
+    let code = w
+        .wait_exit(Duration::from_secs(10))
+        .unwrap_or_else(|| panic!("still running 10 s after two SIGINTs:\n{}", w.log()));
+    assert_eq!(code.code(), Some(0), "{}", w.log());
+    let took = t0.elapsed();
+    assert!(took < Duration::from_secs(4), "exit took {took:?}");
+
+    sync_subscriber(&redis, &sub);
+    assert!(!sub.events_for(job).iter().any(is_terminal));
+    assert_eq!(pending_for_consumer(&mut c, QUEUE, GROUP, "node-s"), 1);
+}
+
+#[test]
+fn redis_restart_mid_run_loses_no_job() {
+    let mut redis = RedisServer::start();
+    let mut c = redis.conn();
+    let jobs: Vec<String> = (0..30).map(|i| format!("outage-{i}")).collect();
+    for j in &jobs {
+        xadd_job(&mut c, QUEUE, j, "echo", r#"{"sleep_ms":100}"#);
+    }
+    // claim-idle 2s bounds the one case a restart can leave to reclaim: an
+    // XREADGROUP that Redis persisted but whose reply the kill cut off.
+    let mut w = worker(
+        &redis,
+        "node-o",
+        &["--concurrency", "4", "--claim-idle", "2s"],
+    );
+    let pid = w.pid();
+    let completed = |c: &mut redis::Connection| {
+        jobs.iter()
+            .filter(|j| status(c, j).get("status").map(String::as_str) == Some("completed"))
+            .count()
+    };
+    wait_until("5 completed jobs", Duration::from_secs(15), || {
+        (completed(&mut c) >= 5).then_some(())
+    });
+    let before = completed(&mut c);
+    redis.kill();
+    assert!(before < jobs.len(), "all jobs ended before the outage");
+    // The outage itself is the point here: a fixed, short one.
+    thread::sleep(Duration::from_secs(1));
+    redis.restart();
+
+    let mut c = redis.conn();
+    wait_until("all 30 jobs completed", Duration::from_secs(30), || {
+        (completed(&mut c) == jobs.len()).then_some(())
+    });
+    wait_group_drained(&mut c, Duration::from_secs(10));
+    assert_eq!(xlen(&mut c, DLQ), 0);
+    assert!(w.is_running(), "the worker exited: {}", w.log());
+    assert_eq!(w.pid(), pid);
+    let log = w.log();
+    assert!(log.contains("Redis unreachable"), "{log}");
+    assert!(log.contains("Redis connection restored"), "{log}");
+    // Outcomes settled during the outage were retried until they landed, not
+    // dropped and left to a reclaim: every job ran exactly once. (The one
+    // redelivery an outage may cause, a read whose reply the kill cut off,
+    // is still the job's only run.)
+    for j in &jobs {
+        let runs = log.matches(&format!("job {j} (echo) started")).count();
+        assert_eq!(runs, 1, "job {j} ran {runs} times:\n{log}");
+    }
+}
+
+#[test]
+fn worker_survives_redis_absent_at_start() {
+    let port = support::free_port();
+    let url = format!("redis://127.0.0.1:{port}/");
+    let mut w = Citadel::spawn(
+        &["work", "--node-name", "node-late", "--block", "1s"],
+        &[("CITADEL_REDIS_URL", &url), ("RUST_LOG", "debug")],
+    );
+    w.wait_for_log("Redis unreachable", Duration::from_secs(10));
+    assert!(w.is_running(), "the worker gave up: {}", w.log());
+
+    let redis = RedisServer::start_on(port);
+    let mut c = redis.conn();
+    let sub = Subscriber::new(&redis, EVENTS);
+    xadd_job(&mut c, QUEUE, "late-1", "echo", r#"{"ok":true}"#);
+    sub.wait_for("late-1", "end", Duration::from_secs(15));
+    wait_status(&mut c, "late-1", "completed", Duration::from_secs(5));
+    assert!(w.log().contains("Redis connection restored"), "{}", w.log());
+}
