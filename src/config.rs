@@ -290,7 +290,8 @@ fn non_empty(v: &str) -> Result<String, String> {
     }
 }
 
-fn hostname() -> String {
+/// This machine's hostname.
+pub fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .or_else(|_| std::fs::read_to_string("/etc/hostname"))
         .ok()

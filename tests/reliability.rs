@@ -405,6 +405,34 @@ fn restarted_worker_resumes_its_own_pending_job_at_once() {
 }
 
 #[test]
+fn two_live_workers_never_share_a_consumer_name() {
+    let redis = RedisServer::start();
+    let mut c = redis.conn();
+    let sub = Subscriber::new(&redis, EVENTS);
+    let mut first = worker(&redis, "node-twin", &["--claim-idle", "60s"]);
+    wait_working(&first);
+    let job = "twin-1";
+    xadd_job(&mut c, QUEUE, job, "echo", r#"{"sleep_ms":1500}"#);
+    sub.wait_for(job, "start", Duration::from_secs(10));
+
+    // A second live process with the same name must not read (it would take
+    // back the first one's running entry as its "own pending" one).
+    let second = worker(&redis, "node-twin", &["--claim-idle", "60s"]);
+    second.wait_for_log("is in use by another live worker", Duration::from_secs(10));
+    assert_eq!(events_of(&sub, job, "start").len(), 1, "the twin ran the job too");
+
+    // The first one dies: same host, pid gone, so the twin takes over at once
+    // (no claim-idle wait) and resumes the job.
+    first.kill9();
+    wait_until("the twin to resume the job", Duration::from_secs(5), || {
+        (events_of(&sub, job, "start").len() == 2).then_some(())
+    });
+    sub.wait_for(job, "end", Duration::from_secs(10));
+    assert!(second.log().contains("took over consumer name"), "{}", second.log());
+    wait_group_drained(&mut c, Duration::from_secs(5));
+}
+
+#[test]
 fn panicking_job_is_dead_lettered_after_max_deliveries() {
     let redis = RedisServer::start();
     let mut c = redis.conn();

@@ -8,6 +8,7 @@
 //! after the grace period (or a second signal) are cancelled and left pending,
 //! so another worker reclaims them.
 
+mod consumer_lock;
 pub mod dead_letter;
 pub mod entry;
 mod inflight;
@@ -41,6 +42,10 @@ pub struct Shared {
     hard_stop: Mutex<Option<Instant>>,
     /// The reader's CLIENT ID, so a shutdown can unblock its XREADGROUP.
     reader_client: AtomicU64,
+    /// This process's claim on its consumer name, and whether the reader must
+    /// (re)take it before reading.
+    lock: consumer_lock::ConsumerLock,
+    lock_lost: AtomicBool,
     /// Dropped on shutdown: wakes every interruptible sleep.
     wake: Mutex<Option<Sender<()>>>,
     woken: Receiver<()>,
@@ -77,6 +82,13 @@ pub fn run(settings: Settings, exec: Arc<Executor>, signals: Receiver<()>) -> Re
         stop_settling: AtomicBool::new(false),
         hard_stop: Mutex::new(None),
         reader_client: AtomicU64::new(0),
+        lock: consumer_lock::ConsumerLock::new(
+            &settings.group,
+            settings.consumer(),
+            &crate::config::hostname(),
+            settings.claim_idle,
+        ),
+        lock_lost: AtomicBool::new(true),
         wake: Mutex::new(Some(wake_tx)),
         woken,
         settings,

@@ -30,6 +30,7 @@ pub struct Reader {
     history: Option<Vec<String>>,
     next_reclaim: Instant,
     rotate: usize,
+    lock_warned: bool,
 }
 
 enum Verdict {
@@ -40,16 +41,16 @@ enum Verdict {
 
 impl Reader {
     pub fn new(shared: Arc<Shared>, exec: Arc<Executor>, tasks: Sender<Task>) -> Self {
-        let history = Some(vec!["0-0".to_string(); shared.streams.len()]);
         Reader {
             shared,
             exec,
             tasks,
             conn: None,
             outage: Outage::new("reader"),
-            history,
+            history: None,
             next_reclaim: Instant::now(),
             rotate: 0,
+            lock_warned: false,
         }
     }
 
@@ -80,8 +81,40 @@ impl Reader {
         if self.conn.is_none() {
             self.conn = Some(self.open()?);
             self.outage.recovered();
+            // A read cut off by the outage may have delivered entries to this
+            // consumer that nobody runs: take back own pending entries first.
+            self.history = Some(vec!["0-0".to_string(); self.shared.streams.len()]);
+            self.shared.lock_lost.store(true, Ordering::SeqCst);
         }
         let mut conn = self.conn.take().expect("connection just opened");
+        if self.shared.lock_lost.load(Ordering::SeqCst) {
+            let held = self.shared.lock.hold(&mut conn);
+            self.conn = Some(conn);
+            match held? {
+                Ok(()) => {
+                    if self.lock_warned {
+                        log::info!(
+                            "consumer name '{}' is ours again; reading",
+                            self.shared.consumer
+                        );
+                    }
+                    self.lock_warned = false;
+                    self.shared.lock_lost.store(false, Ordering::SeqCst);
+                }
+                Err(holder) => {
+                    if !self.lock_warned {
+                        log::error!(
+                            "consumer name '{}' is in use by another live worker ({holder}); not reading \
+                             until it stops. Give each worker its own --consumer/--node-name.",
+                            self.shared.consumer
+                        );
+                    }
+                    self.lock_warned = true;
+                    self.shared.sleep(Duration::from_millis(500));
+                }
+            }
+            return Ok(());
+        }
         let result = if self.history.is_some() {
             self.take_back_own(&mut conn, free)
         } else if Instant::now() >= self.next_reclaim {

@@ -89,6 +89,9 @@ impl Settler {
             if !batch.is_empty() {
                 self.settle(batch);
             } else if stopping {
+                if let Some(c) = self.conn.as_mut() {
+                    self.shared.lock.release(c);
+                }
                 return;
             }
             let now = Instant::now();
@@ -310,6 +313,20 @@ impl Settler {
     }
 
     fn renew_leases(&mut self) {
+        let shared = self.shared.clone();
+        let held = self.connection().and_then(|c| shared.lock.hold(c));
+        match held {
+            Ok(Ok(())) => {}
+            Ok(Err(holder)) => {
+                if !self.shared.lock_lost.swap(true, Ordering::SeqCst) {
+                    log::error!(
+                        "consumer name '{}' was taken by {holder}; reading stops",
+                        self.shared.consumer
+                    );
+                }
+            }
+            Err(e) => return self.failed_aside(e),
+        }
         let mut by_stream: BTreeMap<Arc<str>, Vec<String>> = BTreeMap::new();
         for e in self.shared.inflight.snapshot() {
             by_stream
