@@ -66,8 +66,22 @@ fn run() -> Result<i32, Exit> {
                 let _ = tx.send(());
             })
             .map_err(|e| Exit(1, format!("cannot install the signal handler: {e}")))?;
-            transport::redis_streams::run(settings.clone(), executor(), signals)
-                .map_err(|e| Exit(1, e))?;
+            let exec = executor();
+            worker::lifecycle::run(
+                settings.concurrency,
+                settings.shutdown_grace,
+                exec.clone(),
+                signals,
+                |tasks, slots| {
+                    let redis = transport::redis_streams::RedisStreams::start(
+                        settings.clone(),
+                        exec,
+                        tasks,
+                        slots,
+                    );
+                    Box::new(redis)
+                },
+            );
             Ok(0)
         }
         Command::RunJob { job } => run_job::run(&executor(), job),

@@ -419,7 +419,11 @@ fn two_live_workers_never_share_a_consumer_name() {
     // back the first one's running entry as its "own pending" one).
     let second = worker(&redis, "node-twin", &["--claim-idle", "60s"]);
     second.wait_for_log("is in use by another live worker", Duration::from_secs(10));
-    assert_eq!(events_of(&sub, job, "start").len(), 1, "the twin ran the job too");
+    assert_eq!(
+        events_of(&sub, job, "start").len(),
+        1,
+        "the twin ran the job too"
+    );
 
     // The first one dies: same host, pid gone, so the twin takes over at once
     // (no claim-idle wait) and resumes the job.
@@ -428,7 +432,11 @@ fn two_live_workers_never_share_a_consumer_name() {
         (events_of(&sub, job, "start").len() == 2).then_some(())
     });
     sub.wait_for(job, "end", Duration::from_secs(10));
-    assert!(second.log().contains("took over consumer name"), "{}", second.log());
+    assert!(
+        second.log().contains("took over consumer name"),
+        "{}",
+        second.log()
+    );
     wait_group_drained(&mut c, Duration::from_secs(5));
 }
 

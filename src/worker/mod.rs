@@ -3,6 +3,9 @@
 
 pub mod cancel;
 pub mod exec;
+pub mod lifecycle;
 pub mod pool;
 pub mod queue;
+pub mod slots;
+pub mod stop;
 pub mod watchdog;

@@ -1,12 +1,10 @@
 //! Redis Streams transport (`citadel work`, PROTOCOL.md §1–2).
 //!
-//! Threads: one reader (XREADGROUP, reclaim), the handler pool, one settle
-//! thread (events, status, dead letters, XACK, lease renewal, cancel checks),
-//! and the main thread, which waits for a signal and runs the shutdown:
-//! stop reading at once (CLIENT UNBLOCK ends a blocked read), let in-flight
-//! jobs finish for the grace period, settle them, and exit. Jobs still running
-//! after the grace period (or a second signal) are cancelled and left pending,
-//! so another worker reclaims them.
+//! Threads: one reader (XREADGROUP, reclaim) feeding the shared handler pool,
+//! and one settle thread (events, status, dead letters, XACK, lease renewal,
+//! cancel checks). Stopping reads is immediate (CLIENT UNBLOCK ends a blocked
+//! read); jobs abandoned at shutdown are not settled, so their entries stay
+//! pending and another worker reclaims them.
 
 mod consumer_lock;
 pub mod dead_letter;
@@ -15,18 +13,22 @@ mod inflight;
 mod reader;
 mod settler;
 
+use super::Transport;
 use crate::config::Settings;
 use crate::events::NodeFacts;
 use crate::redis_conn;
 use crate::worker::cancel::{lock, CancelReason};
 use crate::worker::exec::Executor;
-use crate::worker::pool;
+use crate::worker::pool::Task;
 use crate::worker::queue::SettleQueue;
-use crossbeam_channel::{Receiver, Sender};
+use crate::worker::slots::Slots;
+use crate::worker::stop::StopFlag;
+use crossbeam_channel::Sender;
 use inflight::InFlight;
 use settler::Msg;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 /// State the reader, the job threads and the settle thread share.
@@ -35,9 +37,11 @@ pub struct Shared {
     pub consumer: String,
     pub streams: Vec<Arc<str>>,
     pub node: NodeFacts,
+    slots: Arc<Slots>,
     inflight: InFlight,
     queue: SettleQueue<Msg>,
-    stop_reading: AtomicBool,
+    /// Set to stop the reader; also wakes its backoff sleeps.
+    stop_reading: StopFlag,
     stop_settling: AtomicBool,
     hard_stop: Mutex<Option<Instant>>,
     /// The reader's CLIENT ID, so a shutdown can unblock its XREADGROUP.
@@ -46,19 +50,16 @@ pub struct Shared {
     /// (re)take it before reading.
     lock: consumer_lock::ConsumerLock,
     lock_lost: AtomicBool,
-    /// Dropped on shutdown: wakes every interruptible sleep.
-    wake: Mutex<Option<Sender<()>>>,
-    woken: Receiver<()>,
 }
 
 impl Shared {
     fn stopping(&self) -> bool {
-        self.stop_reading.load(Ordering::SeqCst)
+        self.stop_reading.is_set()
     }
 
-    /// Sleep that a shutdown interrupts.
+    /// Sleep that a stop interrupts.
     fn sleep(&self, d: Duration) {
-        let _ = self.woken.recv_timeout(d);
+        self.stop_reading.sleep(d);
     }
 
     fn past_hard_stop(&self) -> bool {
@@ -66,113 +67,94 @@ impl Shared {
     }
 }
 
-/// Run `citadel work` until a signal; Ok when it shut down cleanly.
-pub fn run(settings: Settings, exec: Arc<Executor>, signals: Receiver<()>) -> Result<(), String> {
-    let (wake_tx, woken) = crossbeam_channel::bounded(0);
-    let consumer = settings.consumer().to_owned();
-    let streams: Vec<Arc<str>> = settings.streams().into_iter().map(Arc::from).collect();
-    let concurrency = settings.concurrency;
-    let shared = Arc::new(Shared {
-        consumer,
-        streams,
-        node: exec.node.clone(),
-        inflight: InFlight::new(concurrency),
-        queue: SettleQueue::new(concurrency * 64),
-        stop_reading: AtomicBool::new(false),
-        stop_settling: AtomicBool::new(false),
-        hard_stop: Mutex::new(None),
-        reader_client: AtomicU64::new(0),
-        lock: consumer_lock::ConsumerLock::new(
-            &settings.group,
-            settings.consumer(),
-            &crate::config::hostname(),
-            settings.claim_idle,
-        ),
-        lock_lost: AtomicBool::new(true),
-        wake: Mutex::new(Some(wake_tx)),
-        woken,
-        settings,
-    });
-    log::info!(
-        "citadel {} working: streams {:?}, group '{}', consumer '{}', {} handler threads, claim-idle {:?}",
-        crate::events::AGENT_VERSION,
-        shared.streams,
-        shared.settings.group,
-        shared.consumer,
-        concurrency,
-        shared.settings.claim_idle,
-    );
+/// The running Redis Streams transport: a reader thread and a settle thread
+/// feeding and settling the shared handler pool.
+pub struct RedisStreams {
+    shared: Arc<Shared>,
+    reader: Option<JoinHandle<()>>,
+    settler: Option<JoinHandle<()>>,
+}
 
-    let (task_tx, task_rx) = crossbeam_channel::bounded(concurrency);
-    let handlers = pool::start(concurrency, task_rx, exec.clone());
-    let settler = spawn("settle", {
-        let shared = shared.clone();
-        move || settler::Settler::new(shared).run()
-    });
-    let reader = spawn("reader", {
-        let (shared, exec) = (shared.clone(), exec.clone());
-        move || reader::Reader::new(shared, exec, task_tx).run()
-    });
-
-    let _ = signals.recv();
-    let grace = shared.settings.shutdown_grace;
-    log::info!(
-        "signal received: no new jobs are read; waiting up to {:?} for {} in-flight jobs",
-        grace,
-        shared.inflight.len()
-    );
-    shared.stop_reading.store(true, Ordering::SeqCst);
-    *lock(&shared.hard_stop) = Some(Instant::now() + grace + Duration::from_secs(5));
-    lock(&shared.wake).take();
-    shared.inflight.wake();
-    unblock_reader(&shared, &reader);
-    let _ = reader.join();
-
-    let deadline = Instant::now() + grace;
-    let mut forced = false;
-    loop {
-        if shared
-            .inflight
-            .wait_empty(deadline.min(Instant::now() + Duration::from_millis(50)))
-        {
-            break;
-        }
-        if signals.try_recv().is_ok() || Instant::now() >= deadline {
-            forced = true;
-            break;
+impl RedisStreams {
+    pub fn start(
+        settings: Settings,
+        exec: Arc<Executor>,
+        tasks: Sender<Task>,
+        slots: Arc<Slots>,
+    ) -> Self {
+        let shared = Arc::new(Shared {
+            consumer: settings.consumer().to_owned(),
+            streams: settings.streams().into_iter().map(Arc::from).collect(),
+            node: exec.node.clone(),
+            inflight: InFlight::new(slots.clone()),
+            queue: SettleQueue::new(slots.capacity() * 64),
+            slots,
+            stop_reading: StopFlag::default(),
+            stop_settling: AtomicBool::new(false),
+            hard_stop: Mutex::new(None),
+            reader_client: AtomicU64::new(0),
+            lock: consumer_lock::ConsumerLock::new(
+                &settings.group,
+                settings.consumer(),
+                &crate::config::hostname(),
+                settings.claim_idle,
+            ),
+            lock_lost: AtomicBool::new(true),
+            settings,
+        });
+        log::info!(
+            "working: streams {:?}, group '{}', consumer '{}', claim-idle {:?}",
+            shared.streams,
+            shared.settings.group,
+            shared.consumer,
+            shared.settings.claim_idle,
+        );
+        let settler = spawn("settle", {
+            let shared = shared.clone();
+            move || settler::Settler::new(shared).run()
+        });
+        let reader = spawn("reader", {
+            let shared = shared.clone();
+            move || reader::Reader::new(shared, exec, tasks).run()
+        });
+        RedisStreams {
+            shared,
+            reader: Some(reader),
+            settler: Some(settler),
         }
     }
-    if forced {
-        let left = shared.inflight.snapshot();
-        log::warn!(
-            "stopping now: cancelling {} unfinished jobs; their entries stay pending and will be reclaimed",
-            left.len()
-        );
-        for e in &left {
+}
+
+impl Transport for RedisStreams {
+    fn stop_reading(&mut self) {
+        self.shared.stop_reading.set();
+        self.shared.slots.wake();
+        if let Some(reader) = self.reader.take() {
+            unblock_reader(&self.shared, &reader);
+            let _ = reader.join();
+        }
+    }
+
+    fn abandon(&self) {
+        for e in self.shared.inflight.snapshot() {
             e.token.cancel(CancelReason::Shutdown);
         }
-        if !shared
-            .inflight
-            .wait_empty(Instant::now() + Duration::from_secs(3))
-        {
-            log::warn!("some handlers did not stop in time; exiting anyway");
+    }
+
+    fn finish(mut self: Box<Self>, hard_deadline: Instant) {
+        self.stop_reading();
+        *lock(&self.shared.hard_stop) = Some(hard_deadline);
+        self.shared.stop_settling.store(true, Ordering::SeqCst);
+        if let Some(settler) = self.settler.take() {
+            let _ = settler.join();
         }
     }
-    shared.stop_settling.store(true, Ordering::SeqCst);
-    let _ = settler.join();
-    if !forced {
-        for h in handlers {
-            let _ = h.join();
-        }
-    }
-    log::info!("stopped");
-    Ok(())
 }
 
 /// A blocked XREADGROUP would still take a job that arrives after the signal;
 /// CLIENT UNBLOCK ends it at once. Repeated until the reader is gone, since
 /// the signal may land between two reads.
-fn unblock_reader(shared: &Shared, reader: &std::thread::JoinHandle<()>) {
+fn unblock_reader(shared: &Shared, reader: &JoinHandle<()>) {
     let s = &shared.settings;
     let until = Instant::now() + s.redis_timeout + Duration::from_secs(1);
     let mut conn = None;
@@ -202,7 +184,7 @@ fn unblock_reader(shared: &Shared, reader: &std::thread::JoinHandle<()>) {
     }
 }
 
-fn spawn(name: &str, f: impl FnOnce() + Send + 'static) -> std::thread::JoinHandle<()> {
+fn spawn(name: &str, f: impl FnOnce() + Send + 'static) -> JoinHandle<()> {
     std::thread::Builder::new()
         .name(name.into())
         .spawn(f)

@@ -31,6 +31,8 @@ pub struct Reader {
     next_reclaim: Instant,
     rotate: usize,
     lock_warned: bool,
+    /// Entries handed on during the current step (each holds a slot).
+    taken: usize,
 }
 
 enum Verdict {
@@ -51,19 +53,26 @@ impl Reader {
             next_reclaim: Instant::now(),
             rotate: 0,
             lock_warned: false,
+            taken: 0,
         }
     }
 
     pub fn run(mut self) {
+        let slots = self.shared.slots.clone();
         while !self.shared.stopping() {
-            let free = self.shared.inflight.wait_free(Duration::from_millis(250));
-            if self.shared.stopping() {
-                break;
-            }
+            let free = slots.reserve_all(Duration::from_millis(250));
             if free == 0 {
                 continue;
             }
-            if let Err(e) = self.step(free) {
+            if self.shared.stopping() {
+                slots.release(free);
+                break;
+            }
+            self.taken = 0;
+            let result = self.step(free);
+            // Each entry taken keeps its slot until it is settled.
+            slots.release(free.saturating_sub(self.taken));
+            if let Err(e) = result {
                 self.conn = None;
                 let wait = if redis_conn::is_connection_error(&e) {
                     self.outage.failed(&e)
@@ -353,6 +362,7 @@ impl Reader {
         for ((e, verdict), cancelled) in batch.into_iter().zip(cancelled) {
             let e = Arc::new(e);
             s.inflight.insert(e.clone());
+            self.taken += 1;
             match verdict {
                 Verdict::Gone => s.queue.push(Msg::Gone(e)),
                 Verdict::Reject(reason, error) => {
