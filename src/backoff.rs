@@ -2,7 +2,7 @@
 //! random source it needs (no `rand` crate: jitter needs spread, not secrecy).
 
 use std::cell::Cell;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 /// `attempt` 0 waits up to `base`; each attempt doubles the ceiling up to `cap`;
 /// the wait is uniform in `[0, ceiling]` ("full jitter").
@@ -37,6 +37,53 @@ impl Backoff {
 
     pub fn reset(&mut self) {
         self.attempt = 0;
+    }
+}
+
+/// One peer's outage (Redis, Nexus) as seen by one thread: logged once when
+/// it starts and once when it ends, with the backoff to wait between tries.
+pub struct Outage {
+    what: &'static str,
+    peer: &'static str,
+    since: Option<Instant>,
+    backoff: Backoff,
+}
+
+impl Outage {
+    pub fn new(what: &'static str, peer: &'static str, cap: Duration) -> Self {
+        Outage {
+            what,
+            peer,
+            since: None,
+            backoff: Backoff::new(Duration::from_millis(50), cap),
+        }
+    }
+
+    /// Record a failure; returns how long to wait before trying again.
+    pub fn failed(&mut self, err: &dyn std::fmt::Display) -> Duration {
+        if self.since.is_none() {
+            self.since = Some(Instant::now());
+            log::warn!(
+                "{}: {} unreachable ({err}); retrying with backoff",
+                self.what,
+                self.peer
+            );
+        } else {
+            log::debug!("{}: {} still unreachable ({err})", self.what, self.peer);
+        }
+        self.backoff.next_delay()
+    }
+
+    pub fn recovered(&mut self) {
+        if let Some(since) = self.since.take() {
+            log::info!(
+                "{}: {} connection restored after {:.1}s",
+                self.what,
+                self.peer,
+                since.elapsed().as_secs_f64()
+            );
+        }
+        self.backoff.reset();
     }
 }
 

@@ -747,6 +747,40 @@ fn redis_restart_mid_run_loses_no_job() {
 }
 
 #[test]
+fn reconnected_worker_does_not_rerun_its_running_job() {
+    let mut redis = RedisServer::start();
+    let mut c = redis.conn();
+    let sub = Subscriber::new(&redis, EVENTS);
+    // Free slots while the job runs, so the re-read of own pending entries
+    // after the reconnect sees the running entry.
+    let w = worker(
+        &redis,
+        "node-rr",
+        &[
+            "--concurrency",
+            "2",
+            "--block",
+            "200ms",
+            "--redis-timeout",
+            "500ms",
+        ],
+    );
+    let job = "rerun-1";
+    xadd_job(&mut c, QUEUE, job, "echo", r#"{"sleep_ms":1500}"#);
+    sub.wait_for(job, "start", Duration::from_secs(10));
+    redis.kill();
+    w.wait_for_log("Redis unreachable", Duration::from_secs(5));
+    redis.restart();
+    w.wait_for_log("Redis connection restored", Duration::from_secs(10));
+    let mut c = redis.conn();
+    wait_status(&mut c, job, "completed", Duration::from_secs(10));
+    wait_group_drained(&mut c, Duration::from_secs(5));
+    let log = w.log();
+    let runs = log.matches(&format!("job {job} (echo) started")).count();
+    assert_eq!(runs, 1, "the running job was started again:\n{log}");
+}
+
+#[test]
 fn worker_survives_redis_absent_at_start() {
     let port = support::free_port();
     let url = format!("redis://127.0.0.1:{port}/");

@@ -8,8 +8,9 @@
 use super::entry::{self, Entry, RawEntry};
 use super::settler::{cancel_key, event_json, Msg};
 use super::Shared;
+use crate::backoff::Outage;
 use crate::events;
-use crate::redis_conn::{self, Outage};
+use crate::redis_conn;
 use crate::worker::exec::{Executor, Outcome};
 use crate::worker::pool::{Report, Task};
 use crossbeam_channel::Sender;
@@ -48,7 +49,7 @@ impl Reader {
             exec,
             tasks,
             conn: None,
-            outage: Outage::new("reader"),
+            outage: Outage::new("reader", "Redis", Duration::from_secs(30)),
             history: None,
             next_reclaim: Instant::now(),
             rotate: 0,
@@ -176,12 +177,9 @@ impl Reader {
                 }
                 any |= !entries.is_empty();
                 left = left.saturating_sub(entries.len());
-                if !entries.is_empty() {
-                    log::info!(
-                        "resuming {} of this consumer's own pending entries on {stream}",
-                        entries.len()
-                    );
-                    self.dispatch(conn, stream, entries, true)?;
+                let n = self.dispatch(conn, stream, entries, true)?;
+                if n > 0 {
+                    log::info!("resuming {n} of this consumer's own pending entries on {stream}");
                 }
             }
         }
@@ -218,17 +216,11 @@ impl Reader {
                 }
                 let entries = entry::parse_entries(parts.swap_remove(1)).map_err(parse_error)?;
                 cursor = entry::text(parts.swap_remove(0)).map_err(parse_error)?;
-                let entries: Vec<RawEntry> = entries
-                    .into_iter()
-                    .filter(|e| !s.inflight.contains(stream, &e.id))
-                    .collect();
-                if !entries.is_empty() {
-                    log::info!(
-                        "reclaimed {} entries idle over claim-idle on {stream}",
-                        entries.len()
-                    );
-                    left = left.saturating_sub(entries.len());
-                    self.dispatch(conn, stream, entries, true)?;
+
+                let n = self.dispatch(conn, stream, entries, true)?;
+                if n > 0 {
+                    log::info!("reclaimed {n} entries idle over claim-idle on {stream}");
+                    left = left.saturating_sub(n);
                 }
                 if cursor == "0-0" {
                     break;
@@ -249,8 +241,7 @@ impl Reader {
                 return Ok(());
             }
             for (_, entries) in self.xreadgroup(conn, left, None, &[stream], ">")? {
-                left -= entries.len().min(left);
-                self.dispatch(conn, stream, entries, false)?;
+                left -= self.dispatch(conn, stream, entries, false)?.min(left);
             }
         }
         if left < free || self.shared.stopping() {
@@ -311,7 +302,8 @@ impl Reader {
         entry::parse_read_reply(cmd.query(conn)?).map_err(parse_error)
     }
 
-    /// Classify entries and hand each on. `redelivered` entries have their
+    /// Classify entries and hand each on; returns how many were taken
+    /// (entries this worker already runs are skipped). `redelivered` entries have their
     /// delivery count looked up, since Redis's count decides about poison.
     fn dispatch(
         &mut self,
@@ -319,10 +311,11 @@ impl Reader {
         stream: &Arc<str>,
         raws: Vec<RawEntry>,
         redelivered: bool,
-    ) -> RedisResult<()> {
+    ) -> RedisResult<usize> {
         if raws.is_empty() {
-            return Ok(());
+            return Ok(0);
         }
+        let before = self.taken;
         let s = self.shared.clone();
         let counts = if redelivered {
             Some(delivery_counts(conn, &s, stream, &raws)?)
@@ -331,6 +324,9 @@ impl Reader {
         };
         let mut batch: Vec<(Entry, Verdict)> = Vec::with_capacity(raws.len());
         for raw in raws {
+            if s.inflight.contains(stream, &raw.id) {
+                continue; // already running here (a re-read of own pending entries)
+            }
             let deliveries = match &counts {
                 None => 1,
                 Some(c) => match c.get(&raw.id) {
@@ -403,7 +399,7 @@ impl Reader {
                 }
             }
         }
-        Ok(())
+        Ok(self.taken - before)
     }
 
     /// One EXISTS per runnable job, pipelined. If Redis cannot answer, the

@@ -10,8 +10,9 @@
 use super::dead_letter;
 use super::entry::Entry;
 use super::Shared;
+use crate::backoff::Outage;
 use crate::events::{self, NodeFacts};
-use crate::redis_conn::{self, Outage};
+use crate::redis_conn;
 use crate::worker::cancel::CancelReason;
 use crate::worker::exec::Outcome;
 use redis::{Cmd, Connection, RedisResult, Value};
@@ -66,7 +67,7 @@ impl Settler {
         Settler {
             shared,
             conn: None,
-            outage: Outage::new("settle"),
+            outage: Outage::new("settle", "Redis", Duration::from_secs(30)),
             lost: HashSet::new(),
         }
     }
