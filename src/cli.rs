@@ -9,11 +9,17 @@ use std::path::PathBuf;
 #[derive(Debug, Clone, PartialEq)]
 pub enum Command {
     Work,
+    /// `citadel agent` (adaptive mode); `up` first starts configured services.
+    Agent {
+        up: bool,
+    },
     RunJob {
         job: Option<String>,
     },
     Submit(Submit),
     Dlq(Dlq),
+    /// Which inference engines answer.
+    Status,
     Version,
     /// Print this help text and exit 0.
     Help(String),
@@ -142,6 +148,11 @@ pub fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Cli, String> {
             extra(0)?;
             Command::Work
         }
+        "agent" | "up" => {
+            extra(0)?;
+            settings.mode = crate::config::Mode::Auto;
+            Command::Agent { up: name == "up" }
+        }
         "run-job" => {
             extra(1)?;
             Command::RunJob {
@@ -176,6 +187,10 @@ pub fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Cli, String> {
             extra(2)?;
             Command::Dlq(d)
         }
+        "status" => {
+            extra(0)?;
+            Command::Status
+        }
         "version" => Command::Version,
         other => return Err(format!("unknown command '{other}' (see 'citadel --help')")),
     };
@@ -209,16 +224,32 @@ pub fn help_text(topic: &str) -> Result<String, String> {
         "" => "citadel — a node agent that runs jobs from Redis Streams\n\n\
                Usage: citadel <command> [flags]\n\n\
                Commands:\n\
-               \x20 work       run jobs from Redis Streams until SIGTERM/SIGINT\n\
+               \x20 work       run jobs from Redis Streams until SIGTERM/SIGINT (--mode nexus|auto)\n\
+               \x20 agent      run jobs from Nexus polling or Redis Streams, adaptively\n\
+               \x20 up         start the node's configured services, then the agent\n\
                \x20 run-job    run one job locally through the same handlers (no Redis)\n\
                \x20 submit     enqueue a job; --follow prints its output as it streams\n\
                \x20 dlq        list, show, replay or purge dead letters\n\
+               \x20 status     say which inference engines (vLLM, Ollama, llama.cpp) answer\n\
                \x20 version    print the version\n\n\
                'citadel <command> --help' describes a command and its flags.\n"
             .to_string(),
+        "agent" | "up" => format!(
+            "citadel {topic} — run jobs from Nexus or Redis, whichever is available\n\n\
+             Usage: citadel {topic} [flags]     (citadel work --mode auto)\n\n\
+             Starts polling Nexus (--nexus-url) for jobs. When a Redis URL is configured\n\
+             (--redis-url, CITADEL_REDIS_URL, config file) and Redis answers, it switches\n\
+             to Redis Streams; when Redis stays unreachable longer than --redis-fallback it\n\
+             goes back to polling Nexus, probing Redis every --redis-probe. Jobs in flight\n\
+             settle on the transport that delivered them. Every change of mode is logged and\n\
+             written to {{state-dir}}/agent-status.json (see 'citadel status').\n\
+             'citadel up' first starts the node's configured services (none yet: the Docker\n\
+             driver is not part of this build), then runs the agent.\n{}",
+            settings_help()
+        ),
         "work" => format!(
-            "citadel work — run jobs from Redis Streams\n\n\
-             Usage: citadel work [flags]\n\n\
+            "citadel work — run jobs from Redis Streams (or Nexus: --mode)\n\n\
+             Usage: citadel work [--mode redis|nexus|auto] [flags]\n\n\
              Reads the queues and this node's own stream (jobs:v1:node:{{name}}) with a\n\
              consumer group; runs up to --concurrency jobs at once; publishes events on\n\
              stream:v1:{{jobId}}, writes job:{{jobId}}:status, dead-letters failures to\n\
@@ -257,6 +288,18 @@ pub fn help_text(topic: &str) -> Result<String, String> {
              \x20      citadel dlq purge             delete every dead letter\n\n\
              Dead letters live in dlq:v1:<queue without jobs:v1:>, one per --queue and one\n\
              for this node's own stream.\n{}",
+            settings_help()
+        ),
+        "status" => format!(
+            "citadel status — the agent's mode and which inference engines answer\n\n\
+             Usage: citadel status [--state-dir DIR] [--vllm-url URL] [--ollama-url URL]\n\
+             \x20                     [--llamacpp-url URL]\n\n\
+             Prints the mode 'citadel agent' last recorded in {{state-dir}}/agent-status.json,\n\
+             then asks each engine at its configured URL (vLLM GET /v1/models, Ollama GET\n\
+             /api/tags, llama.cpp GET /health) and prints one line per engine: ready (with\n\
+             the models it lists), not ready (the HTTP status and message, e.g. 503 while a\n\
+             model loads) or not answering (why). Each probe takes at most twice\n\
+             --engine-connect-timeout. Always exits 0.\n{}",
             settings_help()
         ),
         "version" => "citadel version — print the version\n".to_string(),
@@ -311,7 +354,9 @@ mod tests {
 
     #[test]
     fn every_command_has_help() {
-        for topic in ["", "work", "run-job", "submit", "dlq", "version"] {
+        for topic in [
+            "", "work", "agent", "up", "run-job", "submit", "dlq", "status", "version",
+        ] {
             assert!(help_text(topic).is_ok());
         }
         assert!(

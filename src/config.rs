@@ -61,7 +61,48 @@ pub const SETTINGS: &[(&str, &str)] = &[
         "largest stream entry accepted, in bytes [1048576]",
     ),
     ("redis-timeout", "Redis connect and command timeout [5s]"),
+    (
+        "vllm-url",
+        "base URL of the vLLM engine (llm_inference) [http://127.0.0.1:8000]",
+    ),
+    (
+        "ollama-url",
+        "base URL of the Ollama engine (llm_inference) [http://127.0.0.1:11434]",
+    ),
+    (
+        "llamacpp-url",
+        "base URL of the llama.cpp server (llm_inference) [http://127.0.0.1:8080]",
+    ),
+    (
+        "engine-connect-timeout",
+        "longest wait for an engine to accept a connection [5s]",
+    ),
+    (
+        "engine-first-token-timeout",
+        "longest wait from request to first token (stream:false: to the whole answer) [2m]",
+    ),
+    (
+        "engine-idle-timeout",
+        "longest silence between two tokens of a stream [30s]",
+    ),
+    ("mode", "where jobs come from: redis, nexus or auto (citadel agent) [redis]"),
+    ("nexus-url", "Nexus control plane base URL (Nexus polling) [none]"),
+    ("nexus-token", "bearer token sent to Nexus [none]"),
+    ("poll-interval", "how often Nexus is asked for a job while idle (jittered) [5s]"),
+    ("nexus-timeout", "longest single request to Nexus [10s]"),
+    ("nexus-retry-cap", "largest backoff between failed Nexus requests [60s]"),
+    ("state-dir", "where the report spool and the agent status live [/var/lib/citadel as root, else ~/.local/state/citadel]"),
+    ("redis-fallback", "auto mode: Redis unreachable this long → poll Nexus instead [30s]"),
+    ("redis-probe", "auto mode: how often Redis is probed while polling Nexus [30s]"),
 ];
+
+/// Where jobs come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Redis,
+    Nexus,
+    Auto,
+}
 
 #[derive(Debug, Clone)]
 pub struct Settings {
@@ -83,6 +124,23 @@ pub struct Settings {
     pub dlq_maxlen: u64,
     pub max_job_size: usize,
     pub redis_timeout: Duration,
+    pub vllm_url: String,
+    pub ollama_url: String,
+    pub llamacpp_url: String,
+    pub engine_connect_timeout: Duration,
+    pub engine_first_token_timeout: Duration,
+    pub engine_idle_timeout: Duration,
+    pub mode: Mode,
+    /// Whether a Redis URL was given (file, environment, flag), not defaulted.
+    pub redis_url_set: bool,
+    pub nexus_url: Option<String>,
+    pub nexus_token: Option<String>,
+    pub poll_interval: Duration,
+    pub nexus_timeout: Duration,
+    pub nexus_retry_cap: Duration,
+    pub state_dir: std::path::PathBuf,
+    pub redis_fallback: Duration,
+    pub redis_probe: Duration,
 }
 
 impl Default for Settings {
@@ -106,6 +164,22 @@ impl Default for Settings {
             dlq_maxlen: 10_000,
             max_job_size: 1 << 20,
             redis_timeout: Duration::from_secs(5),
+            vllm_url: "http://127.0.0.1:8000".into(),
+            ollama_url: "http://127.0.0.1:11434".into(),
+            llamacpp_url: "http://127.0.0.1:8080".into(),
+            engine_connect_timeout: Duration::from_secs(5),
+            engine_first_token_timeout: Duration::from_secs(120),
+            engine_idle_timeout: Duration::from_secs(30),
+            mode: Mode::Redis,
+            redis_url_set: false,
+            nexus_url: None,
+            nexus_token: None,
+            poll_interval: Duration::from_secs(5),
+            nexus_timeout: Duration::from_secs(10),
+            nexus_retry_cap: Duration::from_secs(60),
+            state_dir: default_state_dir(),
+            redis_fallback: Duration::from_secs(30),
+            redis_probe: Duration::from_secs(30),
         }
     }
 }
@@ -178,6 +252,7 @@ impl Settings {
             "redis-url" => {
                 redis::Client::open(v).map_err(|e| format!("invalid Redis URL '{v}': {e}"))?;
                 self.redis_url = v.to_owned();
+                self.redis_url_set = true;
             }
             "queue" => {
                 let queues: Vec<String> = v
@@ -216,6 +291,30 @@ impl Settings {
             "dlq-maxlen" => self.dlq_maxlen = number(v)?,
             "max-job-size" => self.max_job_size = number(v)?,
             "redis-timeout" => self.redis_timeout = positive(parse_duration(v)?)?,
+            "vllm-url" => self.vllm_url = http_url(v)?,
+            "ollama-url" => self.ollama_url = http_url(v)?,
+            "llamacpp-url" => self.llamacpp_url = http_url(v)?,
+            "engine-connect-timeout" => self.engine_connect_timeout = positive(parse_duration(v)?)?,
+            "engine-first-token-timeout" => {
+                self.engine_first_token_timeout = positive(parse_duration(v)?)?
+            }
+            "engine-idle-timeout" => self.engine_idle_timeout = positive(parse_duration(v)?)?,
+            "mode" => {
+                self.mode = match v {
+                    "redis" => Mode::Redis,
+                    "nexus" => Mode::Nexus,
+                    "auto" => Mode::Auto,
+                    _ => return Err(format!("'{v}' is not a mode (redis, nexus or auto)")),
+                }
+            }
+            "nexus-url" => self.nexus_url = Some(http_url(v)?),
+            "nexus-token" => self.nexus_token = Some(non_empty(v)?),
+            "poll-interval" => self.poll_interval = positive(parse_duration(v)?)?,
+            "nexus-timeout" => self.nexus_timeout = positive(parse_duration(v)?)?,
+            "nexus-retry-cap" => self.nexus_retry_cap = positive(parse_duration(v)?)?,
+            "state-dir" => self.state_dir = non_empty(v)?.into(),
+            "redis-fallback" => self.redis_fallback = positive(parse_duration(v)?)?,
+            "redis-probe" => self.redis_probe = positive(parse_duration(v)?)?,
             _ => return Err(format!("unknown setting '{name}'")),
         }
         Ok(())
@@ -282,11 +381,40 @@ fn positive(d: Duration) -> Result<Duration, String> {
     }
 }
 
+/// An engine's base URL: `http://` or `https://` and a host; kept without a
+/// trailing `/` so that API paths can be appended.
+fn http_url(v: &str) -> Result<String, String> {
+    let rest = v
+        .strip_prefix("http://")
+        .or_else(|| v.strip_prefix("https://"))
+        .ok_or_else(|| format!("'{v}' is not an http:// or https:// URL"))?;
+    if rest.is_empty() || rest.starts_with('/') || v.contains(char::is_whitespace) {
+        return Err(format!("'{v}' has no host"));
+    }
+    Ok(v.trim_end_matches('/').to_owned())
+}
+
 fn non_empty(v: &str) -> Result<String, String> {
     if v.is_empty() {
         Err("must not be empty".into())
     } else {
         Ok(v.to_owned())
+    }
+}
+
+/// `/var/lib/citadel` for root, else `$XDG_STATE_HOME/citadel` or
+/// `~/.local/state/citadel`.
+fn default_state_dir() -> std::path::PathBuf {
+    let home = std::env::var_os("HOME").filter(|h| !h.is_empty());
+    let is_root = std::fs::metadata("/proc/self").map(|m| {
+        use std::os::unix::fs::MetadataExt;
+        m.uid() == 0
+    });
+    match (is_root, std::env::var_os("XDG_STATE_HOME"), home) {
+        (Ok(true), _, _) => "/var/lib/citadel".into(),
+        (_, Some(x), _) if !x.is_empty() => PathBuf::from(x).join("citadel"),
+        (_, _, Some(h)) => PathBuf::from(h).join(".local/state/citadel"),
+        _ => "/var/lib/citadel".into(),
     }
 }
 
@@ -324,6 +452,8 @@ mod tests {
         for (name, _) in SETTINGS {
             let value = match *name {
                 "redis-url" => "redis://127.0.0.1:1",
+                "mode" => "auto",
+                n if n.ends_with("-url") => "http://127.0.0.1:1/",
                 "queue" | "group" | "consumer" | "node-name" => "x",
                 n if n.contains("retries") || n.contains("max") || n == "concurrency" => "3",
                 _ => "2s",
@@ -348,6 +478,17 @@ mod tests {
         assert!(s.set("claim-idle", "0s").is_err());
         assert!(s.set("queue", " , ").is_err());
         assert!(s.set("bogus", "1").unwrap_err().contains("unknown setting"));
+        assert!(s
+            .set("vllm-url", "127.0.0.1:8000")
+            .unwrap_err()
+            .contains("not an http"));
+        assert!(s
+            .set("ollama-url", "http://")
+            .unwrap_err()
+            .contains("no host"));
+        assert!(s.set("engine-idle-timeout", "0s").is_err());
+        s.set("llamacpp-url", "http://127.0.0.1:8081/").unwrap();
+        assert_eq!(s.llamacpp_url, "http://127.0.0.1:8081");
     }
 
     #[test]

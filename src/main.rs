@@ -9,6 +9,7 @@ mod clock;
 mod config;
 mod events;
 mod handlers;
+mod http;
 mod job;
 mod redis_conn;
 mod run_job;
@@ -46,7 +47,7 @@ fn run() -> Result<i32, Exit> {
             cap: settings.retry_cap,
         };
         Arc::new(worker::exec::Executor::new(
-            handlers::Registry::builtin(),
+            handlers::Registry::from_settings(&settings),
             policy,
             node,
         ))
@@ -60,7 +61,15 @@ fn run() -> Result<i32, Exit> {
             println!("citadel {}", events::AGENT_VERSION);
             Ok(0)
         }
-        Command::Work => {
+        Command::Work | Command::Agent { .. } => {
+            if let Command::Agent { up: true } = cli.command {
+                println!(
+                    "citadel up: no services are configured to start (the Docker driver is not \
+                     part of this build); starting the agent"
+                );
+            }
+            transport::check(&settings).map_err(|e| Exit(2, e))?;
+            admin::status::log_readiness(&settings);
             let (tx, signals) = crossbeam_channel::unbounded();
             ctrlc::set_handler(move || {
                 let _ = tx.send(());
@@ -72,20 +81,14 @@ fn run() -> Result<i32, Exit> {
                 settings.shutdown_grace,
                 exec.clone(),
                 signals,
-                |tasks, slots| {
-                    let redis = transport::redis_streams::RedisStreams::start(
-                        settings.clone(),
-                        exec,
-                        tasks,
-                        slots,
-                    );
-                    Box::new(redis)
-                },
-            );
+                |tasks, slots| transport::start(&settings, exec, tasks, slots),
+            )
+            .map_err(|e| Exit(1, e))?;
             Ok(0)
         }
         Command::RunJob { job } => run_job::run(&executor(), job),
         Command::Submit(s) => admin::submit::run(&settings, &s),
         Command::Dlq(d) => admin::dlq::run(&settings, &d),
+        Command::Status => admin::status::run(&settings),
     }
 }

@@ -2,6 +2,7 @@
 //! the same Redis the workers use.
 
 pub mod dlq;
+pub mod status;
 pub mod submit;
 
 /// A command's failure: the message and the exit code (1 = the operation or

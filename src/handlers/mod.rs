@@ -5,7 +5,9 @@
 //! under Redis Streams, Nexus polling and `citadel run-job`.
 
 mod echo;
+pub mod inference;
 
+use crate::config::Settings;
 use crate::events::NodeFacts;
 use crate::job::{Job, JobError};
 use crate::worker::cancel::CancelToken;
@@ -17,9 +19,7 @@ pub trait Handler: Send + Sync {
     fn run(&self, job: &Job, ctx: &mut Context<'_>) -> Result<Value, JobError>;
 }
 
-/// Everything a handler may use besides its job. (`cancel_token`, `deadline`
-/// and `node` are for handlers that do I/O: none of the built-in ones yet.)
-#[allow(dead_code)]
+/// Everything a handler may use besides its job.
 pub struct Context<'a> {
     token: &'a Arc<CancelToken>,
     sink: &'a mut dyn FnMut(&str),
@@ -85,9 +85,17 @@ pub struct Registry {
 }
 
 impl Registry {
-    pub fn builtin() -> Registry {
+    /// Every built-in handler, configured from `settings` (engine URLs and
+    /// timeouts for `llm_inference`).
+    pub fn from_settings(settings: &Settings) -> Registry {
         Registry {
-            entries: vec![(&["echo"], Arc::new(echo::Echo))],
+            entries: vec![
+                (&["echo"], Arc::new(echo::Echo)),
+                (
+                    &["llm_inference"],
+                    Arc::new(inference::Inference::new(settings)),
+                ),
+            ],
         }
     }
 

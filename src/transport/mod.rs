@@ -1,9 +1,78 @@
 //! Transports: how jobs arrive and how their outcomes leave. Each feeds the
 //! shared handler pool, holding one of its slots per job it has taken.
 
+pub mod adaptive;
+pub mod nexus;
 pub mod redis_streams;
 
+use crate::config::{Mode, Settings};
+use crate::worker::exec::Executor;
+use crate::worker::pool::Task;
+use crate::worker::slots::Slots;
+use crossbeam_channel::Sender;
+use std::sync::Arc;
 use std::time::Instant;
+
+/// Settings a mode cannot run without, checked before anything starts.
+pub fn check(settings: &Settings) -> Result<(), String> {
+    if settings.mode == Mode::Nexus && settings.nexus_url.is_none() {
+        return Err("--mode nexus needs --nexus-url (or CITADEL_NEXUS_URL)".into());
+    }
+    Ok(())
+}
+
+/// The transport of `settings.mode`. Auto mode without a Nexus URL is Redis
+/// Streams alone; without a configured Redis URL, Nexus polling alone.
+pub fn start(
+    settings: &Settings,
+    exec: Arc<Executor>,
+    tasks: Sender<Task>,
+    slots: Arc<Slots>,
+) -> Result<Box<dyn Transport>, String> {
+    let s = settings.clone();
+    let redis_only = |s: Settings| -> Box<dyn Transport> {
+        adaptive::record_mode(&s, "redis");
+        Box::new(redis_streams::RedisStreams::start(
+            s,
+            exec.clone(),
+            tasks.clone(),
+            slots.clone(),
+        ))
+    };
+    let nexus_only = |s: Settings, url: &str| -> Result<Box<dyn Transport>, String> {
+        log::info!("mode: nexus (polling {url})");
+        adaptive::record_mode(&s, "nexus");
+        Ok(Box::new(nexus::NexusPolling::start(
+            s,
+            url,
+            exec.clone(),
+            tasks.clone(),
+            slots.clone(),
+        )?))
+    };
+    let url = settings.nexus_url.as_deref();
+    match settings.mode {
+        Mode::Redis => Ok(redis_only(s)),
+        Mode::Nexus => nexus_only(s, url.ok_or("--mode nexus needs --nexus-url")?),
+        Mode::Auto => match url {
+            None => {
+                log::info!("mode: redis (no Nexus URL configured: Redis Streams only)");
+                Ok(redis_only(s))
+            }
+            Some(url) if !settings.redis_url_set => {
+                log::info!("no Redis URL configured: Nexus polling only");
+                nexus_only(s, url)
+            }
+            Some(url) => Ok(Box::new(adaptive::Adaptive::start(
+                s,
+                url,
+                exec.clone(),
+                tasks.clone(),
+                slots.clone(),
+            )?)),
+        },
+    }
+}
 
 /// What the lifecycle (signals, shutdown) needs from a running transport.
 pub trait Transport: Send {

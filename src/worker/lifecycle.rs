@@ -17,8 +17,8 @@ pub fn run(
     grace: Duration,
     exec: Arc<Executor>,
     signals: Receiver<()>,
-    start: impl FnOnce(Sender<Task>, Arc<Slots>) -> Box<dyn Transport>,
-) {
+    start: impl FnOnce(Sender<Task>, Arc<Slots>) -> Result<Box<dyn Transport>, String>,
+) -> Result<(), String> {
     log::info!(
         "citadel {} starting {concurrency} handler threads",
         crate::events::AGENT_VERSION
@@ -26,14 +26,14 @@ pub fn run(
     let slots = Arc::new(Slots::new(concurrency));
     let (task_tx, task_rx) = crossbeam_channel::bounded(concurrency);
     let handlers = pool::start(concurrency, task_rx, exec);
-    let mut transport = start(task_tx, slots.clone());
+    let mut transport = start(task_tx, slots.clone())?;
 
     let _ = signals.recv();
+    transport.stop_reading();
     log::info!(
         "signal received: no new jobs are taken; waiting up to {grace:?} for {} running jobs",
         slots.in_use()
     );
-    transport.stop_reading();
 
     let deadline = Instant::now() + grace;
     let mut forced = false;
@@ -60,4 +60,5 @@ pub fn run(
         }
     }
     log::info!("stopped");
+    Ok(())
 }

@@ -7,6 +7,9 @@
 //! so tests run in parallel.
 #![allow(dead_code)]
 
+pub mod fake_engine;
+pub mod fake_nexus;
+
 use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
 use std::net::TcpListener;

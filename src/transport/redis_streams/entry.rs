@@ -252,7 +252,7 @@ mod tests {
 
     #[test]
     fn a_good_entry_becomes_a_job() {
-        let reg = Registry::builtin();
+        let reg = Registry::from_settings(&crate::config::Settings::default());
         let mut e = entry(&[
             ("jobId", "j1"),
             ("payload", r#"{"type":"echo","rayId":"r9","x":1}"#),
@@ -265,7 +265,7 @@ mod tests {
 
     #[test]
     fn each_kind_of_malformed_entry_says_why() {
-        let reg = Registry::builtin();
+        let reg = Registry::from_settings(&crate::config::Settings::default());
         let cases: &[(&[(&str, &str)], &str)] = &[
             (&[("type", "echo"), ("payload", "{}")], "no jobId"),
             (&[("jobId", "j"), ("type", "echo")], "no payload"),

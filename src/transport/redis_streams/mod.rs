@@ -71,6 +71,8 @@ impl Shared {
 /// feeding and settling the shared handler pool.
 pub struct RedisStreams {
     shared: Arc<Shared>,
+    exec: Arc<Executor>,
+    tasks: Sender<Task>,
     reader: Option<JoinHandle<()>>,
     settler: Option<JoinHandle<()>>,
 }
@@ -113,15 +115,27 @@ impl RedisStreams {
             let shared = shared.clone();
             move || settler::Settler::new(shared).run()
         });
-        let reader = spawn("reader", {
-            let shared = shared.clone();
-            move || reader::Reader::new(shared, exec, tasks).run()
-        });
-        RedisStreams {
+        let mut me = RedisStreams {
             shared,
-            reader: Some(reader),
+            exec,
+            tasks,
+            reader: None,
             settler: Some(settler),
+        };
+        me.resume_reading();
+        me
+    }
+
+    /// Start (again) taking entries; the settle thread never stopped.
+    pub fn resume_reading(&mut self) {
+        if self.reader.is_some() {
+            return;
         }
+        self.shared.stop_reading.clear();
+        let (shared, exec, tasks) = (self.shared.clone(), self.exec.clone(), self.tasks.clone());
+        self.reader = Some(spawn("reader", move || {
+            reader::Reader::new(shared, exec, tasks).run()
+        }));
     }
 }
 
