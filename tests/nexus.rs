@@ -1098,13 +1098,14 @@ fn retry_after_is_respected_on_429_and_503() {
     }
 }
 
-/// How long the garbage storm lasts: `CITADEL_TEST_NEXUS_STORM_SECS`
-/// (the issue's full version is 60), 2 s by default.
+/// How long the garbage storm lasts: 60 s as issue 4 asks (the test runs in
+/// parallel with the rest); `CITADEL_TEST_NEXUS_STORM_SECS` shortens it while
+/// iterating.
 fn storm_length() -> Duration {
     let secs = std::env::var("CITADEL_TEST_NEXUS_STORM_SECS")
         .ok()
         .and_then(|s| s.parse::<f64>().ok())
-        .unwrap_or(2.0);
+        .unwrap_or(60.0);
     Duration::from_secs_f64(secs)
 }
 
