@@ -223,6 +223,12 @@ fn bench_pickup_latency() {
     let t0 = Instant::now();
     for i in 0..count {
         let due = t0 + every * i as u32;
+        // Sleep most of the gap: a spinning enqueuer would take one of the
+        // two cores from the agent and Redis and measure its own contention.
+        let left = due.saturating_duration_since(Instant::now());
+        if left > Duration::from_micros(300) {
+            std::thread::sleep(left - Duration::from_micros(200));
+        }
         while Instant::now() < due {
             std::hint::spin_loop();
         }
