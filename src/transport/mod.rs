@@ -31,7 +31,6 @@ pub fn start(
 ) -> Result<Box<dyn Transport>, String> {
     let s = settings.clone();
     let redis_only = |s: Settings| -> Box<dyn Transport> {
-        adaptive::record_mode(&s, "redis");
         Box::new(redis_streams::RedisStreams::start(
             s,
             exec.clone(),

@@ -94,7 +94,9 @@ pub fn create_private_dir(dir: &Path) -> Result<(), String> {
 }
 
 pub fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let tmp = path.with_extension("tmp");
+    // Per process, so that two agents sharing a state directory by mistake
+    // never write each other's half-written file.
+    let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
     let mut f = File::create(&tmp)?;
     f.write_all(bytes)?;
     f.sync_all()?;
