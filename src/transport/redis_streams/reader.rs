@@ -256,15 +256,22 @@ impl Reader {
         let streams: Vec<&Arc<str>> = if free >= s.streams.len() {
             s.streams.iter().collect()
         } else {
-            // Fewer free slots than streams: block on some, in turn, briefly.
-            self.rotate = (self.rotate + 1) % s.streams.len();
+            // Fewer free slots than streams (COUNT is per stream). Block on
+            // the queues, where most jobs come from, and wake at least every
+            // 100 ms so that the sweep above also looks at the node's own
+            // stream; with fewer slots than queues, the queues take turns.
             block = block.min(Duration::from_millis(100));
-            s.streams
-                .iter()
-                .cycle()
-                .skip(self.rotate)
-                .take(free)
-                .collect()
+            let node = s.settings.node_stream();
+            let mut queues: Vec<&Arc<str>> = s.streams.iter().filter(|st| ***st != *node).collect();
+            if queues.is_empty() {
+                queues = s.streams.iter().collect();
+            }
+            if free < queues.len() {
+                self.rotate = (self.rotate + 1) % queues.len();
+                queues.rotate_left(self.rotate);
+                queues.truncate(free);
+            }
+            queues
         };
         for (name, entries) in self.xreadgroup(conn, 1, Some(block), &streams, ">")? {
             if let Some(stream) = s.streams.iter().find(|st| ***st == *name) {
