@@ -5,6 +5,7 @@
 mod admin;
 mod backoff;
 mod cli;
+mod clip;
 mod clock;
 mod config;
 mod events;

@@ -30,7 +30,7 @@ pub fn run(settings: &Settings, cmd: &Dlq) -> Result<i32, Exit> {
                         f("type"),
                         f("deliveries"),
                         f("reason"),
-                        shorten(&f("error"), 100)
+                        crate::clip::clip(&f("error"), 100)
                     );
                 }
             }
@@ -162,11 +162,4 @@ fn field(e: &RawEntry, name: &str) -> String {
         .find(|(k, _)| k == name)
         .map(|(_, v)| String::from_utf8_lossy(v).into_owned())
         .unwrap_or_default()
-}
-
-fn shorten(s: &str, max: usize) -> String {
-    match s.char_indices().nth(max) {
-        Some((i, _)) => format!("{}…", &s[..i]),
-        None => s.to_owned(),
-    }
 }

@@ -161,11 +161,7 @@ fn probe(client: &HttpClient, url: &str, budget: Duration) -> Readiness {
 
 /// A body that is not JSON, as one short line.
 fn one_line(text: &str) -> String {
-    let line = text.split_whitespace().collect::<Vec<_>>().join(" ");
-    match line.char_indices().nth(120) {
-        Some((at, _)) => format!("{}…", &line[..at]),
-        None => line,
-    }
+    crate::clip::one_line(text, 120)
 }
 
 /// Model names from vLLM's `{"data":[{"id"}]}` or Ollama's `{"models":[{"name"}]}`.

@@ -315,14 +315,11 @@ fn body_message(body: &[u8]) -> String {
             }
         }
     }
-    let line = text.split_whitespace().collect::<Vec<_>>().join(" ");
+    let line = crate::clip::one_line(text, 500);
     if line.is_empty() {
         return "(no message)".into();
     }
-    match line.char_indices().nth(500) {
-        Some((at, _)) => format!("{}…", &line[..at]),
-        None => line,
-    }
+    line
 }
 
 /// `1 chunk`, `2 chunks`.

@@ -184,11 +184,7 @@ fn retry_after(resp: &ureq::http::Response<ureq::Body>) -> Option<Duration> {
 }
 
 fn excerpt(s: &str) -> String {
-    let s = s.trim();
-    match s.char_indices().nth(200) {
-        Some((i, _)) => format!("{}…", &s[..i]),
-        None => s.to_owned(),
-    }
+    crate::clip::clip(s.trim(), 200)
 }
 
 /// Percent-encode a path segment (everything but RFC 3986 unreserved).
