@@ -108,7 +108,7 @@ impl ReadDeadline {
     }
 
     pub fn set(&self, at: Option<Instant>) {
-        *crate::worker::cancel::lock(&self.at) = at;
+        *crate::sync::lock(&self.at) = at;
     }
 
     /// Whether a read or write failed because this deadline passed.
@@ -117,7 +117,7 @@ impl ReadDeadline {
     }
 
     fn left(&self) -> Option<Duration> {
-        crate::worker::cancel::lock(&self.at).map(|at| at.saturating_duration_since(Instant::now()))
+        crate::sync::lock(&self.at).map(|at| at.saturating_duration_since(Instant::now()))
     }
 
     /// `timeout` with its per-read and per-write limits lowered to what is left.

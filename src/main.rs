@@ -14,6 +14,7 @@ mod http;
 mod job;
 mod redis_conn;
 mod run_job;
+mod sync;
 mod transport;
 mod worker;
 

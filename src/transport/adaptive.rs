@@ -10,11 +10,11 @@
 
 use super::nexus::NexusPolling;
 use super::redis_streams::RedisStreams;
-use super::Transport;
 use crate::config::Settings;
 use crate::redis_conn;
-use crate::worker::cancel::lock;
+use crate::sync::lock;
 use crate::worker::exec::Executor;
+use crate::worker::lifecycle::Transport;
 use crate::worker::pool::Task;
 use crate::worker::slots::Slots;
 use crate::worker::stop::StopFlag;

@@ -7,11 +7,11 @@ pub mod redis_streams;
 
 use crate::config::{Mode, Settings};
 use crate::worker::exec::Executor;
+use crate::worker::lifecycle::Transport;
 use crate::worker::pool::Task;
 use crate::worker::slots::Slots;
 use crossbeam_channel::Sender;
 use std::sync::Arc;
-use std::time::Instant;
 
 /// Settings a mode cannot run without, checked before anything starts.
 pub fn check(settings: &Settings) -> Result<(), String> {
@@ -71,16 +71,4 @@ pub fn start(
             )?)),
         },
     }
-}
-
-/// What the lifecycle (signals, shutdown) needs from a running transport.
-pub trait Transport: Send {
-    /// Take no new jobs; returns once no read is in progress.
-    fn stop_reading(&mut self);
-    /// The grace period is over: cancel what still runs. Those jobs are not
-    /// settled, so their transport can deliver them again.
-    fn abandon(&self);
-    /// Settle what has finished (giving up at `hard_deadline` if the far end
-    /// is unreachable) and stop the transport's threads.
-    fn finish(self: Box<Self>, hard_deadline: Instant);
 }

@@ -3,6 +3,7 @@
 //! watched by the handler, which may also register hooks (close a socket,
 //! kill a child) that run at the moment of cancellation.
 
+use crate::sync::lock;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Condvar, Mutex};
 use std::time::Duration;
@@ -83,12 +84,6 @@ impl CancelToken {
             .unwrap_or_else(|e| e.into_inner());
         st.reason.is_some()
     }
-}
-
-/// A poisoned lock only means another thread panicked while holding it;
-/// the data here stays consistent, so keep going.
-pub fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 #[cfg(test)]

@@ -7,7 +7,6 @@
 use super::exec::Executor;
 use super::pool::{self, Task};
 use super::slots::Slots;
-use crate::transport::Transport;
 use crossbeam_channel::{Receiver, Sender};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -61,4 +60,16 @@ pub fn run(
     }
     log::info!("stopped");
     Ok(())
+}
+
+/// What the lifecycle (signals, shutdown) needs from a running transport.
+pub trait Transport: Send {
+    /// Take no new jobs; returns once no read is in progress.
+    fn stop_reading(&mut self);
+    /// The grace period is over: cancel what still runs. Those jobs are not
+    /// settled, so their transport can deliver them again.
+    fn abandon(&self);
+    /// Settle what has finished (giving up at `hard_deadline` if the far end
+    /// is unreachable) and stop the transport's threads.
+    fn finish(self: Box<Self>, hard_deadline: Instant);
 }

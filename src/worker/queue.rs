@@ -4,7 +4,7 @@
 //! (`push_bounded`) block while too many are queued, so a fast engine cannot
 //! grow memory without bound. One FIFO keeps each job's events in order.
 
-use super::cancel::lock;
+use crate::sync::lock;
 use std::collections::VecDeque;
 use std::sync::{Condvar, Mutex};
 use std::time::Duration;

@@ -4,7 +4,7 @@
 //! jobs than there are handler threads, and none takes a job while they are
 //! all busy.
 
-use super::cancel::lock;
+use crate::sync::lock;
 use std::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant};
 

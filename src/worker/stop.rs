@@ -2,7 +2,7 @@
 //! at once instead of after their backoff), and a doorbell (e.g. "a job
 //! finished: poll again now").
 
-use super::cancel::lock;
+use crate::sync::lock;
 use std::sync::{Condvar, Mutex};
 use std::time::Duration;
 

@@ -152,7 +152,7 @@ pub fn parse_job(body: &str) -> Result<Job, (Option<String>, String)> {
                 Some(id),
                 format!(
                     "job payload is not a JSON object (it is {})",
-                    crate::transport::redis_streams::entry::json_kind(other)
+                    crate::job::json_kind(other)
                 ),
             ))
         }

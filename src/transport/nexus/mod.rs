@@ -10,12 +10,13 @@ pub mod client;
 mod reporter;
 pub mod spool;
 
-use super::Transport;
 use crate::backoff::{random_unit, Outage};
 use crate::config::Settings;
 use crate::job::Job;
-use crate::worker::cancel::{lock, CancelReason, CancelToken};
+use crate::sync::lock;
+use crate::worker::cancel::{CancelReason, CancelToken};
 use crate::worker::exec::{Executor, Outcome};
+use crate::worker::lifecycle::Transport;
 use crate::worker::pool::{Report as PoolReport, Task};
 use crate::worker::slots::Slots;
 use crate::worker::stop::{Doorbell, StopFlag};
@@ -31,7 +32,7 @@ use std::time::{Duration, Instant};
 /// Output kept per job; past it the rest is dropped and the cut marked.
 const MAX_OUTPUT: usize = 1 << 20;
 
-struct Shared {
+struct NexusState {
     settings: Settings,
     client: Arc<NexusClient>,
     exec: Arc<Executor>,
@@ -44,7 +45,7 @@ struct Shared {
 }
 
 pub struct NexusPolling {
-    shared: Arc<Shared>,
+    shared: Arc<NexusState>,
     tasks: Sender<Task>,
     poller: Option<JoinHandle<()>>,
     reporter: Option<JoinHandle<()>>,
@@ -62,7 +63,7 @@ impl NexusPolling {
         let spool = Spool::open(&settings.state_dir)?;
         let (reporter, reporter_thread) =
             Reporter::start(client.clone(), spool, settings.nexus_retry_cap);
-        let shared = Arc::new(Shared {
+        let shared = Arc::new(NexusState {
             settings,
             client,
             exec,
@@ -123,7 +124,7 @@ impl Transport for NexusPolling {
     }
 }
 
-fn poll(s: &Arc<Shared>, tasks: &Sender<Task>) {
+fn poll(s: &Arc<NexusState>, tasks: &Sender<Task>) {
     log::info!(
         "polling Nexus at {} every {:?}",
         s.settings.nexus_url.as_deref().unwrap_or("?"),
@@ -197,7 +198,7 @@ fn poll(s: &Arc<Shared>, tasks: &Sender<Task>) {
 }
 
 /// A job Nexus sent that cannot run: report it failed at once.
-fn reject(s: &Shared, id: &str, why: &str) {
+fn reject(s: &NexusState, id: &str, why: &str) {
     log::warn!("Nexus job {id} is malformed: {why}; reporting FAILURE");
     s.reporter.submit(Report {
         id: id.to_owned(),
@@ -206,7 +207,7 @@ fn reject(s: &Shared, id: &str, why: &str) {
     });
 }
 
-fn dispatch(s: &Arc<Shared>, tasks: &Sender<Task>, job: Job) {
+fn dispatch(s: &Arc<NexusState>, tasks: &Sender<Task>, job: Job) {
     let token = Arc::new(CancelToken::new());
     lock(&s.running).insert(job.id.clone(), token.clone());
     let report = Box::new(NexusReport {
@@ -222,7 +223,7 @@ fn dispatch(s: &Arc<Shared>, tasks: &Sender<Task>, job: Job) {
 
 /// A running Nexus job: chunks are collected into the report's output.
 struct NexusReport {
-    shared: Arc<Shared>,
+    shared: Arc<NexusState>,
     id: String,
     output: String,
     dropped: usize,

@@ -7,7 +7,7 @@
 use super::client::{NexusClient, NexusError};
 use super::spool::{Report, Spool};
 use crate::backoff::Outage;
-use crate::worker::cancel::lock;
+use crate::sync::lock;
 use crate::worker::stop::{Doorbell, StopFlag};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;

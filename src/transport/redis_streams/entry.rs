@@ -77,7 +77,7 @@ impl Entry {
             Ok(other) => {
                 return Err(format!(
                     "payload is not a JSON object (it is {})",
-                    json_kind(&other)
+                    crate::job::json_kind(&other)
                 ))
             }
             Err(e) => return Err(format!("payload is not valid JSON: {e}")),
@@ -104,17 +104,6 @@ impl Entry {
         };
         job.timeout()?;
         Ok(job)
-    }
-}
-
-pub fn json_kind(v: &Json) -> &'static str {
-    match v {
-        Json::Null => "null",
-        Json::Bool(_) => "a boolean",
-        Json::Number(_) => "a number",
-        Json::String(_) => "a string",
-        Json::Array(_) => "an array",
-        Json::Object(_) => "an object",
     }
 }
 

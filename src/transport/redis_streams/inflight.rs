@@ -5,7 +5,7 @@
 //! handler threads.
 
 use super::entry::Entry;
-use crate::worker::cancel::lock;
+use crate::sync::lock;
 use crate::worker::slots::Slots;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};

@@ -13,12 +13,13 @@ mod inflight;
 mod reader;
 mod settler;
 
-use super::Transport;
 use crate::config::Settings;
 use crate::events::NodeFacts;
 use crate::redis_conn;
-use crate::worker::cancel::{lock, CancelReason};
+use crate::sync::lock;
+use crate::worker::cancel::CancelReason;
 use crate::worker::exec::Executor;
+use crate::worker::lifecycle::Transport;
 use crate::worker::pool::Task;
 use crate::worker::queue::SettleQueue;
 use crate::worker::slots::Slots;
@@ -32,7 +33,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 /// State the reader, the job threads and the settle thread share.
-pub struct Shared {
+pub struct StreamsState {
     pub settings: Settings,
     pub consumer: String,
     pub streams: Vec<Arc<str>>,
@@ -52,7 +53,7 @@ pub struct Shared {
     lock_lost: AtomicBool,
 }
 
-impl Shared {
+impl StreamsState {
     fn stopping(&self) -> bool {
         self.stop_reading.is_set()
     }
@@ -70,7 +71,7 @@ impl Shared {
 /// The running Redis Streams transport: a reader thread and a settle thread
 /// feeding and settling the shared handler pool.
 pub struct RedisStreams {
-    shared: Arc<Shared>,
+    shared: Arc<StreamsState>,
     exec: Arc<Executor>,
     tasks: Sender<Task>,
     reader: Option<JoinHandle<()>>,
@@ -84,7 +85,7 @@ impl RedisStreams {
         tasks: Sender<Task>,
         slots: Arc<Slots>,
     ) -> Self {
-        let shared = Arc::new(Shared {
+        let shared = Arc::new(StreamsState {
             consumer: settings.consumer().to_owned(),
             streams: settings.streams().into_iter().map(Arc::from).collect(),
             node: exec.node.clone(),
@@ -168,7 +169,7 @@ impl Transport for RedisStreams {
 /// A blocked XREADGROUP would still take a job that arrives after the signal;
 /// CLIENT UNBLOCK ends it at once. Repeated until the reader is gone, since
 /// the signal may land between two reads.
-fn unblock_reader(shared: &Shared, reader: &JoinHandle<()>) {
+fn unblock_reader(shared: &StreamsState, reader: &JoinHandle<()>) {
     let s = &shared.settings;
     let until = Instant::now() + s.redis_timeout + Duration::from_secs(1);
     let mut conn = None;

@@ -7,7 +7,7 @@
 
 use super::entry::{self, Entry, RawEntry};
 use super::settler::{cancel_key, event_json, Msg};
-use super::Shared;
+use super::StreamsState;
 use crate::backoff::Outage;
 use crate::events;
 use crate::redis_conn;
@@ -21,7 +21,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 pub struct Reader {
-    shared: Arc<Shared>,
+    shared: Arc<StreamsState>,
     exec: Arc<Executor>,
     tasks: Sender<Task>,
     conn: Option<Connection>,
@@ -43,7 +43,7 @@ enum Verdict {
 }
 
 impl Reader {
-    pub fn new(shared: Arc<Shared>, exec: Arc<Executor>, tasks: Sender<Task>) -> Self {
+    pub fn new(shared: Arc<StreamsState>, exec: Arc<Executor>, tasks: Sender<Task>) -> Self {
         Reader {
             shared,
             exec,
@@ -443,7 +443,7 @@ impl Reader {
 /// Redis's delivery counts of `raws`, from this consumer's pending list.
 fn delivery_counts(
     conn: &mut Connection,
-    s: &Shared,
+    s: &StreamsState,
     stream: &Arc<str>,
     raws: &[RawEntry],
 ) -> RedisResult<HashMap<String, u64>> {
@@ -477,7 +477,7 @@ fn parse_error(msg: String) -> redis::RedisError {
 
 /// Where a running job's progress goes in Redis mode: into the settle queue.
 struct RedisReport {
-    shared: Arc<Shared>,
+    shared: Arc<StreamsState>,
     entry: Arc<Entry>,
     index: u64,
 }

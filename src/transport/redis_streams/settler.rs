@@ -9,7 +9,7 @@
 
 use super::dead_letter;
 use super::entry::Entry;
-use super::Shared;
+use super::StreamsState;
 use crate::backoff::Outage;
 use crate::events::{self, NodeFacts};
 use crate::redis_conn;
@@ -56,14 +56,14 @@ return lost
 ";
 
 pub struct Settler {
-    shared: Arc<Shared>,
+    shared: Arc<StreamsState>,
     conn: Option<Connection>,
     outage: Outage,
     lost: HashSet<(Arc<str>, String)>,
 }
 
 impl Settler {
-    pub fn new(shared: Arc<Shared>) -> Self {
+    pub fn new(shared: Arc<StreamsState>) -> Self {
         Settler {
             shared,
             conn: None,
