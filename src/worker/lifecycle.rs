@@ -22,7 +22,7 @@ pub fn run(
         "citadel {} starting {concurrency} handler threads",
         crate::events::AGENT_VERSION
     );
-    let slots = Arc::new(Slots::new(concurrency));
+    let slots = Slots::new(concurrency);
     let (task_tx, task_rx) = crossbeam_channel::bounded(concurrency);
     let handlers = pool::start(concurrency, task_rx, exec);
     let mut transport = start(task_tx, slots.clone())?;

@@ -1,10 +1,11 @@
 //! The fixed pool of handler threads. Each takes a [`Task`] from one channel,
 //! runs it through the [`Executor`] and tells the task's [`Report`] what
-//! happened. A panicking handler is caught in the executor, so a thread
-//! outlives every job.
+//! happened, then gives back the task's [`Slot`]. A panicking handler is
+//! caught in the executor, so a thread outlives every job.
 
 use super::cancel::CancelToken;
 use super::exec::{Executor, Outcome};
+use super::slots::Slot;
 use crate::job::Job;
 use crossbeam_channel::Receiver;
 use std::sync::Arc;
@@ -22,6 +23,9 @@ pub struct Task {
     pub job: Job,
     pub token: Arc<CancelToken>,
     pub report: Box<dyn Report>,
+    /// The handler thread this job was given; free again once the job's
+    /// outcome is handed to its report.
+    pub slot: Slot,
 }
 
 pub fn start(n: usize, tasks: Receiver<Task>, exec: Arc<Executor>) -> Vec<JoinHandle<()>> {
@@ -46,6 +50,7 @@ fn run_task(exec: &Executor, task: Task) {
         job,
         token,
         mut report,
+        slot,
     } = task;
     let t0 = Instant::now();
     log::info!("job {} ({}) started", job.id, job.kind);
@@ -69,4 +74,5 @@ fn run_task(exec: &Executor, task: Task) {
         ),
     }
     report.finished(outcome);
+    drop(slot);
 }

@@ -18,7 +18,7 @@ use crate::worker::cancel::{CancelReason, CancelToken};
 use crate::worker::exec::{Executor, Outcome};
 use crate::worker::lifecycle::Transport;
 use crate::worker::pool::{Report as PoolReport, Task};
-use crate::worker::slots::Slots;
+use crate::worker::slots::{Slot, Slots};
 use crate::worker::stop::{Doorbell, StopFlag};
 use client::{parse_job, NexusClient, NexusError};
 use crossbeam_channel::Sender;
@@ -132,19 +132,17 @@ fn poll(s: &Arc<NexusState>, tasks: &Sender<Task>) {
     );
     let mut outage = Outage::new("poller", "Nexus", s.settings.nexus_retry_cap);
     while !s.stop.is_set() {
-        let free = s.slots.reserve_all(Duration::from_millis(250));
-        if free == 0 {
+        let mut free = s.slots.take(Duration::from_millis(250), || usize::MAX);
+        if free.is_empty() {
             continue;
         }
         if s.stop.is_set() {
-            s.slots.release(free);
             break;
         }
-        let mut used = 0;
         // How long to wait before the next poll, and whether a finished job
         // may cut the wait short (not when Nexus said when to come back).
         let mut wait: Option<(Duration, bool)> = None;
-        while used < free && !s.stop.is_set() {
+        while !free.is_empty() && !s.stop.is_set() {
             let failure = match s.client.next_job() {
                 Ok(Some(body)) => match parse_job(&body) {
                     Ok(job) => {
@@ -153,8 +151,8 @@ fn poll(s: &Arc<NexusState>, tasks: &Sender<Task>) {
                             let why = s.exec.registry.unknown_type(&job.kind);
                             reject(s, &job.id, &why);
                         } else {
-                            dispatch(s, tasks, job);
-                            used += 1;
+                            let slot = free.pop().expect("a free slot");
+                            dispatch(s, tasks, job, slot);
                         }
                         continue;
                     }
@@ -183,7 +181,7 @@ fn poll(s: &Arc<NexusState>, tasks: &Sender<Task>) {
             });
             break;
         }
-        s.slots.release(free - used);
+        drop(free);
         match wait {
             Some((d, true)) => {
                 s.bell.wait(d);
@@ -207,7 +205,7 @@ fn reject(s: &NexusState, id: &str, why: &str) {
     });
 }
 
-fn dispatch(s: &Arc<NexusState>, tasks: &Sender<Task>, job: Job) {
+fn dispatch(s: &Arc<NexusState>, tasks: &Sender<Task>, job: Job, slot: Slot) {
     let token = Arc::new(CancelToken::new());
     lock(&s.running).insert(job.id.clone(), token.clone());
     let report = Box::new(NexusReport {
@@ -216,7 +214,15 @@ fn dispatch(s: &Arc<NexusState>, tasks: &Sender<Task>, job: Job) {
         output: String::new(),
         dropped: 0,
     });
-    if tasks.send(Task { job, token, report }).is_err() {
+    if tasks
+        .send(Task {
+            job,
+            token,
+            report,
+            slot,
+        })
+        .is_err()
+    {
         log::error!("handler pool is gone; a Nexus job was not run");
     }
 }
@@ -268,7 +274,6 @@ impl PoolReport for NexusReport {
             status: status.into(),
             output: std::mem::take(&mut self.output),
         });
-        s.slots.release(1);
         s.bell.ring();
     }
 }

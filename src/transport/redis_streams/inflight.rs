@@ -40,7 +40,8 @@ impl InFlight {
             .remove(&(stream.clone(), id.to_owned()))
             .is_some()
         {
-            self.slots.release(1);
+            // The reader may take another entry now.
+            self.slots.wake();
         }
     }
 

@@ -13,6 +13,7 @@ use crate::events;
 use crate::redis_conn;
 use crate::worker::exec::{Executor, Outcome};
 use crate::worker::pool::{Report, Task};
+use crate::worker::slots::Slot;
 use crossbeam_channel::Sender;
 use redis::{Connection, RedisResult, Value};
 use std::collections::HashMap;
@@ -32,7 +33,9 @@ pub struct Reader {
     next_reclaim: Instant,
     rotate: usize,
     lock_warned: bool,
-    /// Entries handed on during the current step (each holds a slot).
+    /// Slots taken for the current step; each entry run takes one.
+    free: Vec<Slot>,
+    /// Entries handed on during the current step.
     taken: usize,
 }
 
@@ -54,25 +57,29 @@ impl Reader {
             next_reclaim: Instant::now(),
             rotate: 0,
             lock_warned: false,
+            free: Vec::new(),
             taken: 0,
         }
     }
 
     pub fn run(mut self) {
         let slots = self.shared.slots.clone();
+        let capacity = slots.capacity();
         while !self.shared.stopping() {
-            let free = slots.reserve_all(Duration::from_millis(250));
-            if free == 0 {
+            let inflight = &self.shared.inflight;
+            let mut free = slots.take(Duration::from_millis(250), || {
+                capacity.saturating_sub(inflight.len())
+            });
+            if free.is_empty() {
                 continue;
             }
             if self.shared.stopping() {
-                slots.release(free);
                 break;
             }
-            self.taken = 0;
-            let result = self.step(free);
-            // Each entry taken keeps its slot until it is settled.
-            slots.release(free.saturating_sub(self.taken));
+            let n = free.len();
+            self.free = std::mem::take(&mut free);
+            let result = self.step(n);
+            self.free.clear();
             if let Err(e) = result {
                 self.conn = None;
                 let wait = if redis_conn::is_connection_error(&e) {
@@ -395,10 +402,15 @@ impl Reader {
                         entry: e.clone(),
                         index: 0,
                     });
+                    let Some(slot) = self.free.pop() else {
+                        log::error!("no free slot for entry {}; it stays pending", e.id);
+                        continue;
+                    };
                     let task = Task {
                         job,
                         token: e.token.clone(),
                         report,
+                        slot,
                     };
                     if self.tasks.send(task).is_err() {
                         log::error!("handler pool is gone; entry {} stays pending", e.id);
