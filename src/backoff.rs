@@ -41,11 +41,13 @@ impl Backoff {
 }
 
 /// One peer's outage (Redis, Nexus) as seen by one thread: logged once when
-/// it starts and once when it ends, with the backoff to wait between tries.
+/// it starts, once when what is wrong changes (unreachable → out of memory),
+/// and once when it ends, with the backoff to wait between tries.
 pub struct Outage {
     what: &'static str,
     peer: &'static str,
     since: Option<Instant>,
+    state: &'static str,
     backoff: Backoff,
 }
 
@@ -55,33 +57,55 @@ impl Outage {
             what,
             peer,
             since: None,
+            state: "",
             backoff: Backoff::new(Duration::from_millis(50), cap),
         }
     }
 
-    /// Record a failure; returns how long to wait before trying again.
+    /// Record a failure to reach the peer; returns how long to wait before
+    /// trying again.
     pub fn failed(&mut self, err: &dyn std::fmt::Display) -> Duration {
-        if self.since.is_none() {
-            self.since = Some(Instant::now());
+        self.failed_as("unreachable", err)
+    }
+
+    /// Record a failure of kind `state` ("unreachable", "is out of memory
+    /// …"); returns how long to wait before trying again.
+    pub fn failed_as(&mut self, state: &'static str, err: &dyn std::fmt::Display) -> Duration {
+        if self.since.is_none() || self.state != state {
+            self.since.get_or_insert_with(Instant::now);
+            self.state = state;
             log::warn!(
-                "{}: {} unreachable ({err}); retrying with backoff",
+                "{}: {} {state} ({err}); retrying with backoff",
                 self.what,
                 self.peer
             );
         } else {
-            log::debug!("{}: {} still unreachable ({err})", self.what, self.peer);
+            log::debug!("{}: {} still {state} ({err})", self.what, self.peer);
         }
         self.backoff.next_delay()
     }
 
+    pub fn is_on(&self) -> bool {
+        self.since.is_some()
+    }
+
     pub fn recovered(&mut self) {
         if let Some(since) = self.since.take() {
-            log::info!(
-                "{}: {} connection restored after {:.1}s",
-                self.what,
-                self.peer,
-                since.elapsed().as_secs_f64()
-            );
+            let secs = since.elapsed().as_secs_f64();
+            if self.state == "unreachable" {
+                log::info!(
+                    "{}: {} connection restored after {secs:.1}s",
+                    self.what,
+                    self.peer
+                );
+            } else {
+                log::info!(
+                    "{}: {} works again after {secs:.1}s (it {})",
+                    self.what,
+                    self.peer,
+                    self.state
+                );
+            }
         }
         self.backoff.reset();
     }

@@ -84,8 +84,7 @@ fn run() -> Result<i32, Exit> {
                 exec.clone(),
                 signals,
                 |tasks, slots| transport::start(&settings, exec, tasks, slots),
-            )
-            .map_err(|e| Exit(1, e))?;
+            )?;
             Ok(0)
         }
         Command::RunJob { job } => run_job::run(&executor(), job),

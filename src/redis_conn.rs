@@ -1,5 +1,5 @@
-//! The one Redis connection helper: timeouts on every socket, and a test for
-//! "this error means the connection is gone".
+//! The one Redis connection helper: timeouts on every socket, and the one
+//! reading of what a Redis error means for the thread that got it.
 
 use redis::{Client, Connection, RedisError, RedisResult};
 use std::time::Duration;
@@ -14,12 +14,88 @@ pub fn connect(url: &str, timeout: Duration, read_timeout: Duration) -> RedisRes
     Ok(conn)
 }
 
-/// True when the connection cannot be used any more (or the server is not
-/// ready): drop it and reconnect. False for a command's own error.
-pub fn is_connection_error(e: &RedisError) -> bool {
-    e.is_io_error()
-        || e.is_timeout()
-        || e.is_connection_dropped()
-        || e.is_unrecoverable_error()
-        || matches!(e.code(), Some("LOADING" | "MASTERDOWN" | "TRYAGAIN"))
+/// What a Redis error means for the thread that got it. Every thread that
+/// talks to Redis decides through [`fault`], so the reader and the settle
+/// thread never disagree about a server that was demoted or is full.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// The connection is gone, or this server cannot serve us now (a
+    /// replica after a failover: READONLY; MASTERDOWN, LOADING, BUSY,
+    /// TRYAGAIN, CLUSTERDOWN): drop the connection, reconnect later.
+    Reconnect,
+    /// Redis is at `maxmemory` and refuses writes (OOM): keep what must be
+    /// written, take nothing new, retry with backoff.
+    Full,
+    /// The stream's consumer group is gone (deleted under us): create it
+    /// again.
+    NoGroup,
+    /// The server's script cache lost our scripts: load them again.
+    NoScript,
+    /// The ACL forbids a command (NOPERM): retry with backoff until an
+    /// operator fixes it.
+    Denied,
+    /// The command is wrong for the data (e.g. WRONGTYPE): retrying the
+    /// same command gives the same answer.
+    Refused,
+}
+
+pub fn fault(e: &RedisError) -> Fault {
+    match e.code() {
+        Some("READONLY" | "MASTERDOWN" | "LOADING" | "BUSY" | "TRYAGAIN" | "CLUSTERDOWN") => {
+            Fault::Reconnect
+        }
+        Some("OOM") => Fault::Full,
+        Some("NOGROUP") => Fault::NoGroup,
+        Some("NOSCRIPT") => Fault::NoScript,
+        Some("NOPERM") => Fault::Denied,
+        _ if e.is_io_error()
+            || e.is_timeout()
+            || e.is_connection_dropped()
+            || e.is_unrecoverable_error() =>
+        {
+            Fault::Reconnect
+        }
+        _ => Fault::Refused,
+    }
+}
+
+impl Fault {
+    /// How an episode of this fault is logged: "Redis {this} (…)".
+    pub fn describe(self) -> &'static str {
+        match self {
+            Fault::Reconnect => "unreachable",
+            Fault::Full => "is out of memory (maxmemory reached) and refuses writes",
+            Fault::NoGroup => "lost the consumer group",
+            Fault::NoScript => "lost its script cache",
+            Fault::Denied => "denies a command this agent needs (ACL)",
+            Fault::Refused => "refused a command",
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_server_error_of_the_contract_has_its_meaning() {
+        let cases = [
+            ("READONLY", Fault::Reconnect),
+            ("MASTERDOWN", Fault::Reconnect),
+            ("LOADING", Fault::Reconnect),
+            ("BUSY", Fault::Reconnect),
+            ("OOM", Fault::Full),
+            ("NOGROUP", Fault::NoGroup),
+            ("NOSCRIPT", Fault::NoScript),
+            ("NOPERM", Fault::Denied),
+            ("WRONGTYPE", Fault::Refused),
+            ("ERR", Fault::Refused),
+        ];
+        for (code, want) in cases {
+            let e = redis::make_extension_error(code.into(), Some("detail".into()));
+            assert_eq!(fault(&e), want, "{code}");
+        }
+        let io = RedisError::from(std::io::Error::from(std::io::ErrorKind::ConnectionReset));
+        assert_eq!(fault(&io), Fault::Reconnect);
+    }
 }

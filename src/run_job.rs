@@ -48,7 +48,6 @@ pub fn run(exec: &Executor, input: Option<String>) -> Result<i32, Exit> {
             format!("job {} failed ({reason}): {error}", job.id),
         )),
         Outcome::Cancelled(r) => Err(Exit(1, format!("job {} cancelled: {r}", job.id))),
-        Outcome::Crashed(e) => Err(Exit(1, format!("job {} crashed: {e}", job.id))),
         Outcome::Abandoned => Err(Exit(1, format!("job {} abandoned", job.id))),
     }
 }

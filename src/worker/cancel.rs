@@ -16,6 +16,9 @@ pub enum CancelReason {
     Deadline,
     /// The worker is stopping and its grace period is over.
     Shutdown,
+    /// Another worker owns the job now (its lease was lost): this run must
+    /// end without an outcome.
+    LeaseLost,
 }
 
 type Hook = Box<dyn FnOnce() + Send>;

@@ -1,5 +1,7 @@
 //! Running one job to its outcome, the same under every transport: deadline,
-//! in-process retries with backoff for retryable errors, and a caught panic.
+//! in-process retries with backoff for retryable errors and for panics (a
+//! caught panic is an attempt that failed), and no retry once output was
+//! streamed (a subscriber cannot take chunks back).
 
 use super::cancel::{CancelReason, CancelToken};
 use super::watchdog::Watchdog;
@@ -18,15 +20,14 @@ pub enum Outcome {
     Success(Value),
     /// The job failed for good: `reason` is the short dead-letter reason.
     Failed {
-        reason: &'static str,
+        reason: String,
         error: String,
     },
     /// A producer cancelled it.
     Cancelled(String),
-    /// The worker is stopping and gave up on it: it must stay pending.
+    /// No outcome from this run: the worker is stopping, or another worker
+    /// owns the job now. It must stay pending, to be delivered again.
     Abandoned,
-    /// The handler panicked: treated like a crash of the worker on this job.
-    Crashed(String),
 }
 
 impl Outcome {
@@ -36,7 +37,6 @@ impl Outcome {
             Outcome::Failed { .. } => "failed",
             Outcome::Cancelled(_) => "cancelled",
             Outcome::Abandoned => "abandoned",
-            Outcome::Crashed(_) => "crashed",
         }
     }
 }
@@ -81,49 +81,74 @@ impl Executor {
             self.watchdog.arm(at, token);
         }
         let mut attempt = 0;
+        let mut streamed = 0u64;
         loop {
             if token.is_cancelled() {
                 return cancelled(token, job, "cancelled before start".into());
             }
-            let mut ctx = Context::new(token, sink, deadline, &self.node);
-            let result = catch_unwind(AssertUnwindSafe(|| handler.run(job, &mut ctx)));
-            let err = match result {
+            let result = {
+                let mut counted = |text: &str| {
+                    streamed += 1;
+                    sink(text)
+                };
+                let mut ctx = Context::new(token, &mut counted, deadline, &self.node);
+                catch_unwind(AssertUnwindSafe(|| handler.run(job, &mut ctx)))
+            };
+            let (err, panicked) = match result {
                 Ok(Ok(v)) => return Outcome::Success(v),
-                Err(panic) => return Outcome::Crashed(panic_message(&panic)),
-                Ok(Err(e)) => e,
+                Ok(Err(e)) => (e, None),
+                Err(panic) => {
+                    let msg = panic_message(&panic);
+                    (
+                        JobError::Retryable(format!("handler panicked: {msg}")),
+                        Some(msg),
+                    )
+                }
             };
             if token.is_cancelled() {
                 return cancelled(token, job, err.message().to_owned());
             }
-            match err {
+            let e = match err {
                 JobError::Permanent(e) => return failed("permanent error", e),
                 JobError::Cancelled(e) => return Outcome::Cancelled(e),
-                JobError::Retryable(e) if attempt >= self.policy.max_retries => {
-                    return failed(
-                        "retries exhausted",
-                        format!("{e} (gave up after {} attempts)", attempt + 1),
-                    )
-                }
-                JobError::Retryable(e) => {
-                    let wait = full_jitter(attempt, self.policy.base, self.policy.cap);
-                    log::info!(
-                        "job {} attempt {} failed ({e}); retrying in {}ms",
-                        job.id,
-                        attempt + 1,
-                        wait.as_millis()
-                    );
-                    attempt += 1;
-                    if token.wait(wait) {
-                        return cancelled(token, job, e);
-                    }
-                }
+                JobError::Retryable(e) => e,
+            };
+            let reason = |otherwise: &str| match &panicked {
+                Some(msg) => format!("handler panicked: {msg}"),
+                None => otherwise.to_owned(),
+            };
+            if streamed > 0 {
+                return failed(
+                    &reason("permanent error"),
+                    format!("{e} (not retried: {streamed} chunks were already streamed)"),
+                );
+            }
+            if attempt >= self.policy.max_retries {
+                return failed(
+                    &reason("retries exhausted"),
+                    format!("{e} (gave up after {} attempts)", attempt + 1),
+                );
+            }
+            let wait = full_jitter(attempt, self.policy.base, self.policy.cap);
+            log::info!(
+                "job {} attempt {} failed ({e}); retrying in {}ms",
+                job.id,
+                attempt + 1,
+                wait.as_millis()
+            );
+            attempt += 1;
+            if token.wait(wait) {
+                return cancelled(token, job, e);
             }
         }
     }
 }
 
-fn failed(reason: &'static str, error: String) -> Outcome {
-    Outcome::Failed { reason, error }
+fn failed(reason: &str, error: String) -> Outcome {
+    Outcome::Failed {
+        reason: reason.to_owned(),
+        error,
+    }
 }
 
 /// The outcome of a job whose token was cancelled, by why it was.
@@ -136,7 +161,7 @@ fn cancelled(token: &CancelToken, job: &Job, detail: String) -> Outcome {
                 format!("job exceeded its timeout_ms of {}ms", limit.as_millis()),
             )
         }
-        Some(CancelReason::Shutdown) => Outcome::Abandoned,
+        Some(CancelReason::Shutdown | CancelReason::LeaseLost) => Outcome::Abandoned,
         _ => Outcome::Cancelled(if detail.is_empty() {
             "cancelled".into()
         } else {
@@ -151,5 +176,5 @@ fn panic_message(p: &Box<dyn std::any::Any + Send>) -> String {
         .map(|s| s.to_string())
         .or_else(|| p.downcast_ref::<String>().cloned())
         .unwrap_or_else(|| "non-text panic".into());
-    format!("handler panicked: {msg}")
+    msg
 }

@@ -1,15 +1,34 @@
 //! The life of a worker process, whatever the transport: start the handler
-//! pool and the transport, wait for SIGTERM/SIGINT, then shut down in order:
-//! stop taking jobs at once, give running jobs `--shutdown-grace` to finish
-//! and be settled, and when the grace runs out (or a second signal comes)
-//! abandon the rest to be delivered again elsewhere.
+//! pool and the transport, wait for SIGTERM/SIGINT (or a transport's fatal
+//! error, [`stop_with_error`]), then shut down in order: stop taking jobs at
+//! once, give running jobs `--shutdown-grace` to finish and be settled, and
+//! when the grace runs out (or a second signal comes) abandon the rest to be
+//! delivered again elsewhere. The process exits at most [`SETTLE_AFTER_GRACE`]
+//! after the grace, whatever its transport's far end does.
 
 use super::exec::Executor;
 use super::pool::{self, Task};
 use super::slots::Slots;
+use crate::admin::Exit;
+use crate::sync::lock;
 use crossbeam_channel::{Receiver, Sender};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+/// How long after the grace period the transport may still spend settling
+/// (and handlers stopping) before the process exits anyway.
+pub const SETTLE_AFTER_GRACE: Duration = Duration::from_millis(1500);
+
+static FATAL: Mutex<Option<Sender<String>>> = Mutex::new(None);
+
+/// A transport found that this process must not go on (e.g. its consumer
+/// name is in use by a live worker): shut down as on SIGTERM, then exit 2
+/// with `msg`.
+pub fn stop_with_error(msg: String) {
+    if let Some(tx) = lock(&FATAL).as_ref() {
+        let _ = tx.send(msg);
+    }
+}
 
 pub fn run(
     concurrency: usize,
@@ -17,24 +36,33 @@ pub fn run(
     exec: Arc<Executor>,
     signals: Receiver<()>,
     start: impl FnOnce(Sender<Task>, Arc<Slots>) -> Result<Box<dyn Transport>, String>,
-) -> Result<(), String> {
+) -> Result<(), Exit> {
     log::info!(
         "citadel {} starting {concurrency} handler threads",
         crate::events::AGENT_VERSION
     );
+    let (fatal_tx, fatal) = crossbeam_channel::unbounded();
+    *lock(&FATAL) = Some(fatal_tx);
     let slots = Slots::new(concurrency);
     let (task_tx, task_rx) = crossbeam_channel::bounded(concurrency);
     let handlers = pool::start(concurrency, task_rx, exec);
-    let mut transport = start(task_tx, slots.clone())?;
+    let mut transport = start(task_tx, slots.clone()).map_err(|e| Exit(1, e))?;
 
-    let _ = signals.recv();
+    let failure = crossbeam_channel::select! {
+        recv(signals) -> _ => None,
+        recv(fatal) -> msg => msg.ok(),
+    };
     transport.stop_reading();
-    log::info!(
-        "signal received: no new jobs are taken; waiting up to {grace:?} for {} running jobs",
-        slots.in_use()
-    );
+    match &failure {
+        Some(msg) => log::error!("{msg}; stopping"),
+        None => log::info!(
+            "signal received: no new jobs are taken; waiting up to {grace:?} for {} running jobs",
+            slots.in_use()
+        ),
+    }
 
     let deadline = Instant::now() + grace;
+    let hard = deadline + SETTLE_AFTER_GRACE;
     let mut forced = false;
     while !slots.wait_idle(deadline.min(Instant::now() + Duration::from_millis(50))) {
         if signals.try_recv().is_ok() || Instant::now() >= deadline {
@@ -48,18 +76,22 @@ pub fn run(
             slots.in_use()
         );
         transport.abandon();
-        if !slots.wait_idle(Instant::now() + Duration::from_secs(3)) {
+        let handlers_by = Instant::now() + SETTLE_AFTER_GRACE / 2;
+        if !slots.wait_idle(handlers_by.min(hard)) {
             log::warn!("some handlers did not stop in time; exiting anyway");
         }
     }
-    transport.finish(Instant::now() + Duration::from_secs(5));
+    transport.finish(hard.max(Instant::now() + Duration::from_millis(200)));
     if !forced {
         for h in handlers {
             let _ = h.join();
         }
     }
     log::info!("stopped");
-    Ok(())
+    match failure {
+        Some(msg) => Err(Exit(2, msg)),
+        None => Ok(()),
+    }
 }
 
 /// What the lifecycle (signals, shutdown) needs from a running transport.

@@ -58,7 +58,7 @@ fn run_task(exec: &Executor, task: Task) {
     let outcome = exec.execute(&job, &token, &mut |text| report.chunk(text));
     let ms = t0.elapsed().as_millis();
     match &outcome {
-        Outcome::Failed { error, .. } | Outcome::Crashed(error) => {
+        Outcome::Failed { error, .. } => {
             log::warn!(
                 "job {} ({}) {} in {ms}ms: {error}",
                 job.id,

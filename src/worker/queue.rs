@@ -41,18 +41,35 @@ impl<T> SettleQueue<T> {
     }
 
     /// Blocks while `bound` bounded items are already queued.
+    #[cfg(test)]
     pub fn push_bounded(&self, item: T) {
+        self.push_bounded_unless(item, || false);
+    }
+
+    /// Blocks while `bound` bounded items are already queued, unless (or
+    /// until) `give_up()` says the consumer cannot take them now: then the
+    /// item is dropped and false returned. `give_up` is asked before
+    /// waiting and every 50 ms while waiting.
+    pub fn push_bounded_unless(&self, item: T, give_up: impl Fn() -> bool) -> bool {
+        if give_up() {
+            return false;
+        }
         let mut st = lock(&self.state);
         while st.bounded >= self.bound {
             st = self
                 .bounded_room
-                .wait(st)
-                .unwrap_or_else(|e| e.into_inner());
+                .wait_timeout(st, Duration::from_millis(50))
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+            if st.bounded >= self.bound && give_up() {
+                return false;
+            }
         }
         st.bounded += 1;
         st.items.push_back((item, true));
         drop(st);
         self.popper.notify_one();
+        true
     }
 
     /// Up to `max` items in order, waiting up to `timeout` for the first.
@@ -104,5 +121,36 @@ mod tests {
         assert_eq!(q.pop_batch(10, Duration::from_secs(5)), vec![1, 2]);
         t.join().unwrap();
         assert_eq!(q.pop_batch(10, Duration::from_secs(5)), vec![3]);
+    }
+
+    #[test]
+    fn a_bounded_push_gives_up_when_told_even_while_waiting() {
+        use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+        let q = Arc::new(SettleQueue::new(1));
+        assert!(q.push_bounded_unless(1, || false));
+        assert!(!q.push_bounded_unless(2, || true), "dropped at once");
+        let (stop, asked) = (
+            Arc::new(AtomicBool::new(false)),
+            Arc::new(AtomicUsize::new(0)),
+        );
+        let (q2, s2, a2) = (q.clone(), stop.clone(), asked.clone());
+        let t = std::thread::spawn(move || {
+            q2.push_bounded_unless(3, || {
+                a2.fetch_add(1, Ordering::SeqCst);
+                s2.load(Ordering::SeqCst)
+            })
+        });
+        // Asked twice: once before waiting, once from inside the wait.
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while asked.load(Ordering::SeqCst) < 2 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the push never waited"
+            );
+            std::thread::yield_now();
+        }
+        stop.store(true, Ordering::SeqCst);
+        assert!(!t.join().unwrap(), "a waiting push gives up");
+        assert_eq!(q.pop_batch(10, Duration::ZERO), vec![1]);
     }
 }

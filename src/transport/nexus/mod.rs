@@ -251,7 +251,6 @@ impl PoolReport for NexusReport {
             Outcome::Success(v) => ("SUCCESS", v.to_string()),
             Outcome::Failed { reason, error } => ("FAILURE", format!("{reason}: {error}")),
             Outcome::Cancelled(r) => ("FAILURE", format!("cancelled: {r}")),
-            Outcome::Crashed(e) => ("FAILURE", e),
             Outcome::Abandoned => (
                 "FAILURE",
                 "the agent stopped before the job finished".to_owned(),

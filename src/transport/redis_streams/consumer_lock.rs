@@ -1,63 +1,130 @@
 //! One live process per consumer name. Two processes reading as the same
 //! consumer would share one pending list: each would take back the other's
-//! running entries at start and renew leases it does not hold. So a worker
-//! holds the key `citadel:v1:consumer:{group}:{consumer}` (its host, pid and a
-//! nonce, expiring after claim-idle, renewed with the leases) while it reads.
+//! running entries and renew leases it does not hold. So a worker holds the
+//! key `citadel:v1:consumer:{group}:{consumer}` while it reads.
 //!
-//! A holder on this same host whose pid is gone (a `kill -9`, a crash) is
-//! taken over at once, so a restarted worker resumes its own pending entries
-//! without waiting; a holder elsewhere is waited for until its key expires.
+//! The key's value is a random id drawn per process (plus host and pid, only
+//! to name the holder in messages): two containers on host networking both
+//! run citadel as pid 1 under the host's hostname, so host + pid names no
+//! process. The key expires after a few seconds ([`ConsumerLock::ttl`]) and
+//! is renewed every third of that, so a holder killed with `kill -9` is
+//! taken over within seconds. A process that finds the name held at start
+//! watches the key: if the holder renews it, the name is in use by a live
+//! worker and the process refuses to start; if it expires, it is taken.
+//! Every outcome this process settles checks, in the same script, that the
+//! key still holds its id (see `settle`).
 
-use redis::{Connection, RedisResult};
-use std::time::Duration;
+use redis::{Connection, RedisResult, Value};
+use std::time::{Duration, Instant};
 
-/// Take the key if it is free, ours, or held by `ARGV[3]` (a dead holder);
-/// returns nil when held by us afterwards, else the current holder.
+/// Take the key if it is free or ours; returns nil when held by us
+/// afterwards, else `{holder, pttl}`.
 const HOLD: &str = r"
 local cur = redis.call('GET', KEYS[1])
-if not cur or cur == ARGV[1] or cur == ARGV[3] then
+if not cur or cur == ARGV[1] then
   redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
   return false
 end
-return cur
+return {cur, redis.call('PTTL', KEYS[1])}
 ";
 
+const RELEASE: &str =
+    "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0";
+
 pub struct ConsumerLock {
-    key: String,
-    token: String,
-    host: String,
+    pub key: String,
+    /// This process's id, the key's value while it holds the name.
+    pub token: String,
     ttl: Duration,
 }
 
+/// Who holds the name, as found in the key.
+pub struct Holder {
+    pub name: String,
+    pttl: i64,
+}
+
 impl ConsumerLock {
-    pub fn new(group: &str, consumer: &str, host: &str, ttl: Duration) -> Self {
-        let nonce = crate::backoff::random_u64() as u32;
+    pub fn new(group: &str, consumer: &str, host: &str, claim_idle: Duration) -> Self {
+        let nonce = format!(
+            "{:016x}{:016x}",
+            crate::backoff::random_u64(),
+            crate::backoff::random_u64()
+        );
         ConsumerLock {
             key: format!("citadel:v1:consumer:{group}:{consumer}"),
-            token: format!("{host}|{}|{nonce:08x}", std::process::id()),
-            host: host.to_owned(),
-            ttl: ttl.max(Duration::from_secs(1)),
+            token: format!("{host}|{}|{nonce}", std::process::id()),
+            ttl: Self::ttl(claim_idle),
         }
     }
 
-    /// Take or renew the lock. `Ok(Err(holder))` when another live process
+    /// A few seconds: short enough that a restarted agent is never refused
+    /// for long, long enough that renewals every third of it are not missed.
+    /// Never longer than claim-idle, so tests with short leases stay short.
+    pub fn ttl(claim_idle: Duration) -> Duration {
+        claim_idle.clamp(Duration::from_secs(1), Duration::from_secs(10))
+    }
+
+    pub fn renew_every(&self) -> Duration {
+        self.ttl / 3
+    }
+
+    /// Take or renew the lock. `Ok(Err(holder))` when another process
     /// holds it.
-    pub fn hold(&self, conn: &mut Connection) -> RedisResult<Result<(), String>> {
-        let holder = self.run(conn, "")?;
-        let Some(holder) = holder else {
-            return Ok(Ok(()));
-        };
-        if self.is_dead_local(&holder) && self.run(conn, &holder)?.is_none() {
-            log::info!("took over consumer name from a process that is gone ({holder})");
-            return Ok(Ok(()));
+    pub fn hold(&self, conn: &mut Connection) -> RedisResult<Result<(), Holder>> {
+        let reply: Value = redis::cmd("EVAL")
+            .arg(HOLD)
+            .arg(1)
+            .arg(&self.key)
+            .arg(&self.token)
+            .arg(self.ttl.as_millis() as u64)
+            .query(conn)?;
+        Ok(match reply {
+            Value::Array(v) if v.len() == 2 => {
+                let name = match &v[0] {
+                    Value::BulkString(b) => describe(&String::from_utf8_lossy(b)),
+                    other => format!("{other:?}"),
+                };
+                let pttl = match v[1] {
+                    Value::Int(n) => n,
+                    _ => -1,
+                };
+                Err(Holder { name, pttl })
+            }
+            _ => Ok(()),
+        })
+    }
+
+    /// At start: take the name, or find out whether its holder is alive.
+    /// Waits up to one TTL (and a little) for the holder's key to expire;
+    /// `Ok(Err(holder))` as soon as the holder is seen renewing it.
+    pub fn take_at_start(
+        &self,
+        conn: &mut Connection,
+        stopping: &dyn Fn(Duration) -> bool,
+    ) -> RedisResult<Result<(), String>> {
+        let until = Instant::now() + self.ttl + Duration::from_secs(1);
+        let mut last: Option<i64> = None;
+        loop {
+            let holder = match self.hold(conn)? {
+                Ok(()) => return Ok(Ok(())),
+                Err(h) => h,
+            };
+            // A renewal pushes the key's remaining time back up.
+            if last.is_some_and(|before| holder.pttl > before + 50) || Instant::now() >= until {
+                return Ok(Err(holder.name));
+            }
+            last = Some(holder.pttl);
+            if stopping(Duration::from_millis(100)) {
+                return Ok(Err(holder.name));
+            }
         }
-        Ok(Err(describe(&holder)))
     }
 
     /// Give the name up (at a clean exit), if it is still ours.
     pub fn release(&self, conn: &mut Connection) {
         let released: RedisResult<i64> = redis::cmd("EVAL")
-            .arg("if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0")
+            .arg(RELEASE)
             .arg(1)
             .arg(&self.key)
             .arg(&self.token)
@@ -66,34 +133,9 @@ impl ConsumerLock {
             log::debug!("could not release the consumer name: {e}");
         }
     }
-
-    fn run(&self, conn: &mut Connection, dead: &str) -> RedisResult<Option<String>> {
-        redis::cmd("EVAL")
-            .arg(HOLD)
-            .arg(1)
-            .arg(&self.key)
-            .arg(&self.token)
-            .arg(self.ttl.as_millis() as u64)
-            .arg(dead)
-            .query(conn)
-    }
-
-    /// Held by a process of this host that no longer exists (or by an
-    /// earlier process with our own pid, as after a container restart).
-    fn is_dead_local(&self, holder: &str) -> bool {
-        let mut parts = holder.split('|');
-        let (Some(host), Some(pid)) = (parts.next(), parts.next()) else {
-            return false;
-        };
-        let Ok(pid) = pid.parse::<u32>() else {
-            return false;
-        };
-        host == self.host
-            && (pid == std::process::id()
-                || !std::path::Path::new(&format!("/proc/{pid}")).exists())
-    }
 }
 
+/// `host|pid|nonce` → "pid 42 on host gpu-01".
 fn describe(holder: &str) -> String {
     let mut parts = holder.split('|');
     match (parts.next(), parts.next()) {
@@ -107,14 +149,23 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_gone_local_pid_is_dead_and_a_remote_one_is_not() {
-        let lock = ConsumerLock::new("g", "c", "h1", Duration::from_secs(1));
-        // pid 1 always exists; u32::MAX - 7 never does.
-        assert!(!lock.is_dead_local("h1|1|x"));
-        assert!(lock.is_dead_local(&format!("h1|{}|x", u32::MAX - 7)));
-        assert!(lock.is_dead_local(&format!("h1|{}|old", std::process::id())));
-        assert!(!lock.is_dead_local(&format!("h2|{}|x", u32::MAX - 7)));
-        assert!(!lock.is_dead_local("garbage"));
-        assert_eq!(describe("h2|42|n"), "pid 42 on host h2");
+    fn every_process_draws_its_own_id_and_the_ttl_is_seconds() {
+        let a = ConsumerLock::new("g", "c", "h", Duration::from_secs(30));
+        let b = ConsumerLock::new("g", "c", "h", Duration::from_secs(30));
+        assert_eq!(a.key, "citadel:v1:consumer:g:c");
+        assert_ne!(a.token, b.token, "same host and pid, different ids");
+        assert_eq!(
+            ConsumerLock::ttl(Duration::from_secs(30)),
+            Duration::from_secs(10)
+        );
+        assert_eq!(
+            ConsumerLock::ttl(Duration::from_millis(300)),
+            Duration::from_secs(1)
+        );
+        assert_eq!(
+            describe(&a.token),
+            format!("pid {} on host h", std::process::id())
+        );
+        assert_eq!(describe("garbage"), "garbage");
     }
 }

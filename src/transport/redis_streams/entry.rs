@@ -3,9 +3,10 @@
 
 use crate::handlers::Registry;
 use crate::job::Job;
-use crate::worker::cancel::CancelToken;
+use crate::worker::cancel::{CancelReason, CancelToken};
 use redis::Value;
 use serde_json::Value as Json;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 /// One entry as Redis returned it; `fields` is `None` when the entry was
@@ -27,6 +28,9 @@ pub struct Entry {
     pub kind: Option<String>,
     pub ray_id: Option<String>,
     pub token: Arc<CancelToken>,
+    /// Set when another consumer turned out to own this entry (a lost
+    /// lease): nothing more of it is published or settled here.
+    pub lost: AtomicBool,
 }
 
 impl Entry {
@@ -50,7 +54,19 @@ impl Entry {
             kind,
             ray_id,
             token: Arc::new(CancelToken::new()),
+            lost: AtomicBool::new(false),
         }
+    }
+
+    pub fn is_lost(&self) -> bool {
+        self.lost.load(Ordering::SeqCst)
+    }
+
+    /// Another consumer owns this entry now: stop its run here and publish
+    /// or settle nothing more of it.
+    pub fn mark_lost(&self) {
+        self.lost.store(true, Ordering::SeqCst);
+        self.token.cancel(CancelReason::LeaseLost);
     }
 
     pub fn field(&self, name: &str) -> Option<&[u8]> {

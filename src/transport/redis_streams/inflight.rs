@@ -1,8 +1,9 @@
-//! The entries this worker holds, from the moment they are read until Redis
-//! has acknowledged their outcome (or they are given up). Each holds one of
-//! the engine's [`Slots`], released when the entry leaves: a slot frees only
-//! after the ack, so the consumer never has more pending entries than it has
-//! handler threads.
+//! The entries this consumer holds, from the moment they are read until
+//! Redis has taken their outcome (or they are given up). Their number is the
+//! consumer's pending list as this process knows it: the reader takes no
+//! more entries while it equals the handler count, and [`InFlight::remove`]
+//! wakes it. Handler slots are not kept here: a finished job's handler is
+//! free while its outcome still waits for Redis.
 
 use super::entry::Entry;
 use crate::sync::lock;
@@ -29,12 +30,11 @@ impl InFlight {
         lock(&self.map).len()
     }
 
-    /// Track an entry; its slot was reserved by the reader.
     pub fn insert(&self, e: Arc<Entry>) {
         lock(&self.map).insert((e.stream.clone(), e.id.clone()), e);
     }
 
-    /// Forget an entry and release its slot.
+    /// Forget an entry: its outcome landed, or it is not ours to settle.
     pub fn remove(&self, stream: &Arc<str>, id: &str) {
         if lock(&self.map)
             .remove(&(stream.clone(), id.to_owned()))
@@ -47,6 +47,12 @@ impl InFlight {
 
     pub fn contains(&self, stream: &Arc<str>, id: &str) -> bool {
         lock(&self.map).contains_key(&(stream.clone(), id.to_owned()))
+    }
+
+    pub fn get(&self, stream: &Arc<str>, id: &str) -> Option<Arc<Entry>> {
+        lock(&self.map)
+            .get(&(stream.clone(), id.to_owned()))
+            .cloned()
     }
 
     pub fn snapshot(&self) -> Vec<Arc<Entry>> {

@@ -1,16 +1,20 @@
 //! Redis Streams transport (`citadel work`, PROTOCOL.md §1–2).
 //!
-//! Threads: one reader (XREADGROUP, reclaim) feeding the shared handler pool,
-//! and one settle thread (events, status, dead letters, XACK, lease renewal,
-//! cancel checks). Stopping reads is immediate (CLIENT UNBLOCK ends a blocked
-//! read); jobs abandoned at shutdown are not settled, so their entries stay
-//! pending and another worker reclaims them.
+//! Threads: one reader (what to read: XREADGROUP, take-back, reclaim) whose
+//! entries `intake` classifies and hands to the shared handler pool, and
+//! one settle thread (events, status, dead letters and XACK through
+//! `scripts`, lease and consumer-name renewal, cancel checks). Stopping
+//! reads is immediate (CLIENT UNBLOCK ends a blocked read); jobs abandoned
+//! at shutdown are not settled, so their entries stay pending and another
+//! worker reclaims them.
 
 mod consumer_lock;
 pub mod dead_letter;
 pub mod entry;
 mod inflight;
+mod intake;
 mod reader;
+mod scripts;
 mod settler;
 
 use crate::config::Settings;
@@ -51,6 +55,11 @@ pub struct StreamsState {
     /// (re)take it before reading.
     lock: consumer_lock::ConsumerLock,
     lock_lost: AtomicBool,
+    /// Outcomes wait because Redis cannot take them now: the reader takes
+    /// nothing new, and chunk events are dropped rather than queued.
+    settle_blocked: AtomicBool,
+    /// Chunk events dropped while settling was blocked.
+    dropped_chunks: AtomicU64,
 }
 
 impl StreamsState {
@@ -103,6 +112,8 @@ impl RedisStreams {
                 settings.claim_idle,
             ),
             lock_lost: AtomicBool::new(true),
+            settle_blocked: AtomicBool::new(false),
+            dropped_chunks: AtomicU64::new(0),
             settings,
         });
         log::info!(
@@ -134,9 +145,12 @@ impl RedisStreams {
         }
         self.shared.stop_reading.clear();
         let (shared, exec, tasks) = (self.shared.clone(), self.exec.clone(), self.tasks.clone());
-        self.reader = Some(spawn("reader", move || {
-            reader::Reader::new(shared, exec, tasks).run()
-        }));
+        let intake = intake::Intake {
+            state: shared,
+            exec,
+            tasks,
+        };
+        self.reader = Some(spawn("reader", move || reader::Reader::new(intake).run()));
     }
 }
 

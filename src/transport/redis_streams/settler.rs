@@ -1,21 +1,27 @@
 //! The settle/lease thread: the only writer of a job's events, status and
-//! outcome. It drains the settle queue in batches into one pipeline per batch
-//! (events of many jobs, status writes, dead letters, then the XACKs), renews
-//! the lease of every entry held, and checks running jobs' cancel keys.
+//! outcome. It drains the settle queue in batches into one pipeline per
+//! batch, renews the lease of every entry held and this process's claim on
+//! its consumer name, and checks running jobs' cancel keys.
 //!
-//! An entry leaves the in-flight set only after Redis accepted its outcome, so
-//! a slot frees only when the ack is done. If Redis is away, the batch is
-//! retried, unchanged, until it lands: an outcome is never dropped.
+//! An outcome is written by one script that checks, then writes, then
+//! acknowledges (see `scripts`); [`Settler::settle`] reads the reply of every
+//! command and forgets an entry only once its script said it is done. An
+//! outcome Redis does not take (unreachable, demoted to a replica, out of
+//! memory) stays in the backlog, in memory, and is sent again with backoff;
+//! meanwhile the reader takes nothing new (`settle_blocked`) and chunk
+//! events are dropped, not queued (the result carries the whole output).
+//! Events other than the terminal one are sent at most once: a batch whose
+//! reply was lost is sent again without them, so nobody sees an event twice.
 
-use super::dead_letter;
 use super::entry::Entry;
+use super::scripts::{Scripts, RENEW_LEASE};
 use super::StreamsState;
 use crate::backoff::Outage;
 use crate::events::{self, NodeFacts};
-use crate::redis_conn;
+use crate::redis_conn::{self, Fault};
 use crate::worker::cancel::CancelReason;
 use crate::worker::exec::Outcome;
-use redis::{Cmd, Connection, RedisResult, Value};
+use redis::{Connection, RedisError, RedisResult, Value};
 use std::collections::{BTreeMap, HashSet};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -35,70 +41,88 @@ pub enum Msg {
     Gone(Arc<Entry>),
 }
 
-/// Renews the lease of the entries this consumer still owns (resetting their
-/// idle time without counting a delivery) and returns the ids it no longer
-/// owns. Atomic, so a lease is never taken back from a worker that reclaimed it.
-const RENEW_LEASE: &str = r"
-local owned = {}
-local lost = {}
-for i = 3, #ARGV do
-  local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[i], ARGV[i], 1)
-  if p[1] and p[1][2] == ARGV[2] then
-    table.insert(owned, ARGV[i])
-  else
-    table.insert(lost, ARGV[i])
-  end
-end
-if #owned > 0 then
-  redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, unpack(owned), 'JUSTID')
-end
-return lost
-";
+/// One command of a settle pipeline.
+enum Step {
+    /// A plain event (`claimed`, `chunk`, or the `start` of a job ending in
+    /// the same batch): sent once, dropped if Redis refuses it.
+    Publish(Arc<Entry>, String),
+    /// `processing` status and the `start` event, through a script.
+    Start(Arc<Entry>, String),
+    /// The outcome at this index of the backlog.
+    Settle(usize),
+}
 
 pub struct Settler {
-    shared: Arc<StreamsState>,
-    conn: Option<Connection>,
+    state: Arc<StreamsState>,
+    conn: Option<(Connection, Scripts)>,
     outage: Outage,
-    lost: HashSet<(Arc<str>, String)>,
+    /// Outcomes Redis has not taken yet, oldest first; `None` = ack only.
+    backlog: Vec<(Arc<Entry>, Option<Outcome>)>,
+    retry_at: Instant,
+    /// Events dropped during the current episode of a Redis that cannot
+    /// take them.
+    dropped: u64,
 }
 
 impl Settler {
-    pub fn new(shared: Arc<StreamsState>) -> Self {
+    pub fn new(state: Arc<StreamsState>) -> Self {
         Settler {
-            shared,
+            state,
             conn: None,
             outage: Outage::new("settle", "Redis", Duration::from_secs(30)),
-            lost: HashSet::new(),
+            backlog: Vec::new(),
+            retry_at: Instant::now(),
+            dropped: 0,
         }
     }
 
     pub fn run(mut self) {
-        let s = &self.shared.settings;
+        let s = &self.state.settings;
         let renew_every = (s.claim_idle / 3).max(Duration::from_millis(10));
+        let name_every = self.state.lock.renew_every();
         let cancel_every = s.cancel_poll;
-        let (mut next_renew, mut next_cancel) =
-            (Instant::now() + renew_every, Instant::now() + cancel_every);
+        let now = Instant::now();
+        let (mut next_renew, mut next_name, mut next_cancel) =
+            (now + renew_every, now + name_every, now + cancel_every);
         loop {
-            let stopping = self.shared.stop_settling.load(Ordering::SeqCst);
-            let now = Instant::now();
-            let wait = if stopping {
-                Duration::from_millis(10)
-            } else {
-                next_renew.min(next_cancel).saturating_duration_since(now)
-            };
-            let batch = self.shared.queue.pop_batch(4096, wait);
-            if !batch.is_empty() {
+            let stopping = self.state.stop_settling.load(Ordering::SeqCst);
+            let mut until = next_renew.min(next_name).min(next_cancel);
+            if !self.backlog.is_empty() {
+                until = until.min(self.retry_at);
+            }
+            let mut wait = until.saturating_duration_since(Instant::now());
+            if stopping {
+                wait = wait.min(Duration::from_millis(10));
+            }
+            let batch = self.state.queue.pop_batch(4096, wait);
+            let idle = batch.is_empty();
+            if !idle || (!self.backlog.is_empty() && Instant::now() >= self.retry_at) {
                 self.settle(batch);
-            } else if stopping {
-                if let Some(c) = self.conn.as_mut() {
-                    self.shared.lock.release(c);
+            }
+            if stopping {
+                if idle && self.backlog.is_empty() {
+                    if let Some((c, _)) = self.conn.as_mut() {
+                        self.state.lock.release(c);
+                    }
+                    return;
                 }
-                return;
+                if self.state.past_hard_stop() {
+                    log::error!(
+                        "stopping with {} outcomes Redis did not take; their entries stay pending \
+                         and will be delivered again",
+                        self.backlog.len()
+                    );
+                    return;
+                }
             }
             let now = Instant::now();
             if now >= next_cancel {
                 next_cancel = now + cancel_every;
                 self.check_cancel_keys();
+            }
+            if now >= next_name {
+                next_name = now + name_every;
+                self.renew_name();
             }
             if now >= next_renew {
                 next_renew = now + renew_every;
@@ -107,182 +131,200 @@ impl Settler {
         }
     }
 
+    /// Apply `batch` (and what the backlog still holds) in one pipeline,
+    /// read every reply, then forget what is done.
     fn settle(&mut self, batch: Vec<Msg>) {
-        let sh = self.shared.clone();
-        let worker = sh.consumer.as_str();
-        let ended: HashSet<&str> = batch
+        let st = self.state.clone();
+        let ending: HashSet<*const Entry> = batch
             .iter()
             .filter_map(|m| match m {
-                Msg::Finish(e, _) => e.job_id.as_deref(),
+                Msg::Finish(e, _) => Some(Arc::as_ptr(e)),
                 _ => None,
             })
             .collect();
-        let mut cmds: Vec<Cmd> = Vec::with_capacity(batch.len() * 3);
-        let mut acks: BTreeMap<Arc<str>, Vec<&str>> = BTreeMap::new();
-        let mut done: Vec<&Arc<Entry>> = Vec::new();
-        for msg in &batch {
+        let mut steps: Vec<Step> = (0..self.backlog.len()).map(Step::Settle).collect();
+        for msg in batch {
             match msg {
-                Msg::Claimed(e, json) => {
-                    cmds.push(publish_cmd(e.job_id.as_deref().unwrap_or_default(), json))
+                Msg::Claimed(e, json) | Msg::Chunk(e, json) if !e.is_lost() => {
+                    steps.push(Step::Publish(e, json))
                 }
-                Msg::Started(e, json) => {
-                    cmds.push(publish_cmd(e.job_id.as_deref().unwrap_or_default(), json));
+                Msg::Started(e, json) if !e.is_lost() => {
                     // A status about to be overwritten in this same batch is skipped.
-                    if !e.job_id.as_deref().is_some_and(|j| ended.contains(j)) {
-                        self.status(&mut cmds, e, "processing", None);
+                    if ending.contains(&Arc::as_ptr(&e)) {
+                        steps.push(Step::Publish(e, json));
+                    } else {
+                        steps.push(Step::Start(e, json));
                     }
                 }
-                Msg::Chunk(e, json) => {
-                    cmds.push(publish_cmd(e.job_id.as_deref().unwrap_or_default(), json))
-                }
+                Msg::Claimed(..) | Msg::Chunk(..) | Msg::Started(..) => {}
+                // No outcome of this run: the entry stays pending.
+                Msg::Finish(e, Outcome::Abandoned) => st.inflight.remove(&e.stream, &e.id),
+                Msg::Finish(e, _) if e.is_lost() => st.inflight.remove(&e.stream, &e.id),
                 Msg::Finish(e, outcome) => {
-                    done.push(e);
-                    let (event, data, status, error) = match outcome {
-                        Outcome::Success(v) => ("end", events::end(v), "completed", None),
-                        Outcome::Failed { reason, error } => {
-                            let mut xadd = Cmd::new();
-                            xadd.arg("XADD").arg(dead_letter::stream_for(&e.stream));
-                            if sh.settings.dlq_maxlen > 0 {
-                                xadd.arg("MAXLEN").arg("~").arg(sh.settings.dlq_maxlen);
-                            }
-                            xadd.arg("*");
-                            for (k, v) in dead_letter::fields(e, reason, error, worker) {
-                                xadd.arg(k).arg(v);
-                            }
-                            cmds.push(xadd);
-                            (
-                                "error",
-                                events::error(error, false),
-                                "failed",
-                                Some(error.as_str()),
-                            )
-                        }
-                        Outcome::Cancelled(r) => {
-                            ("cancelled", events::cancelled(r), "cancelled", None)
-                        }
-                        // Left pending on purpose: it will be delivered again.
-                        Outcome::Abandoned | Outcome::Crashed(_) => continue,
-                    };
-                    if e.job_id.is_some() {
-                        cmds.push(self.publish(e, event, data));
-                        self.status(&mut cmds, e, status, error);
-                    }
-                    acks.entry(e.stream.clone()).or_default().push(&e.id);
+                    self.backlog.push((e, Some(outcome)));
+                    steps.push(Step::Settle(self.backlog.len() - 1));
                 }
                 Msg::Gone(e) => {
-                    done.push(e);
-                    acks.entry(e.stream.clone()).or_default().push(&e.id);
+                    self.backlog.push((e, None));
+                    steps.push(Step::Settle(self.backlog.len() - 1));
                 }
             }
         }
-        for (stream, ids) in acks {
-            let mut ack = Cmd::new();
-            ack.arg("XACK")
-                .arg(&*stream)
-                .arg(&sh.settings.group)
-                .arg(ids);
-            cmds.push(ack);
-        }
-        self.execute(&cmds);
-        for e in done {
-            sh.inflight.remove(&e.stream, &e.id);
-            self.lost.remove(&(e.stream.clone(), e.id.clone()));
-        }
-    }
-
-    fn publish(&self, e: &Entry, kind: &str, data: serde_json::Value) -> Cmd {
-        let job_id = e.job_id.as_deref().unwrap_or_default();
-        publish_cmd(job_id, &event_json(e, kind, data, &self.shared.node))
-    }
-
-    /// `job:{id}:status` is replaced whole, so no field of an earlier run
-    /// (an old `error`) outlives it.
-    fn status(&self, cmds: &mut Vec<Cmd>, e: &Entry, status: &str, error: Option<&str>) {
-        let Some(job_id) = &e.job_id else { return };
-        let key = format!("job:{job_id}:status");
-        cmds.push(redis::cmd("DEL").arg(&key).clone());
-        let mut hset = Cmd::new();
-        hset.arg("HSET")
-            .arg(&key)
-            .arg("status")
-            .arg(status)
-            .arg("worker_id")
-            .arg(&self.shared.consumer)
-            .arg("updated_at")
-            .arg(crate::clock::now_rfc3339());
-        if let Some(err) = error {
-            hset.arg("error").arg(err);
-        }
-        cmds.push(hset);
-        cmds.push(
-            redis::cmd("EXPIRE")
-                .arg(&key)
-                .arg(self.shared.settings.status_ttl.as_secs())
-                .clone(),
-        );
-    }
-
-    /// Run `cmds` as one pipeline, retrying through Redis outages until it
-    /// lands (or the hard-stop deadline of a shutdown passes).
-    fn execute(&mut self, cmds: &[Cmd]) {
-        if cmds.is_empty() {
+        if steps.is_empty() {
             return;
         }
-        let mut pipe = redis::pipe();
-        for c in cmds {
-            pipe.add_command(c.clone()).ignore();
+        let events = steps
+            .iter()
+            .filter(|s| !matches!(s, Step::Settle(_)))
+            .count() as u64;
+        if st.settle_blocked.load(Ordering::SeqCst) && Instant::now() < self.retry_at {
+            // Not yet time to try again: keep the outcomes, drop the events.
+            self.dropped += events;
+            return;
         }
-        loop {
-            let result = self.connection().and_then(|c| pipe.query::<()>(c));
-            match result {
-                Ok(()) => {
-                    self.outage.recovered();
-                    return;
+        if let Err(e) = self.connection() {
+            self.dropped += events;
+            return self.blocked(redis_conn::fault(&e), &e);
+        }
+        let (mut conn, scripts) = self.conn.take().expect("connection just opened");
+        let mut pipe = redis::pipe();
+        for step in &steps {
+            match step {
+                Step::Publish(e, json) => {
+                    pipe.cmd("PUBLISH")
+                        .arg(events::channel(e.job_id.as_deref().unwrap_or_default()))
+                        .arg(json);
                 }
-                Err(e) if redis_conn::is_connection_error(&e) => {
-                    self.conn = None;
-                    if self.shared.past_hard_stop() {
-                        log::error!(
-                            "giving up on {} Redis commands at shutdown: {e}",
-                            cmds.len()
-                        );
-                        return;
-                    }
-                    let wait = self.outage.failed(&e);
-                    std::thread::sleep(wait.min(Duration::from_secs(2)));
+                Step::Start(e, json) => {
+                    pipe.add_command(scripts.start(&st, e, json));
                 }
-                Err(e) => {
-                    // A command's own error (e.g. a key of the wrong type):
-                    // run them one by one so the others still land.
-                    log::warn!("a settle batch failed ({e}); applying its commands one by one");
-                    for c in cmds {
-                        if let Some(conn) = self.conn.as_mut() {
-                            if let Err(e) = c.query::<Value>(conn) {
-                                log::error!("Redis refused a settle command: {e}");
-                            }
-                        }
-                    }
-                    return;
+                Step::Settle(i) => {
+                    let (e, outcome) = &self.backlog[*i];
+                    pipe.add_command(settle_cmd(&scripts, &st, e, outcome.as_ref()));
                 }
             }
         }
+        let replies = pipe.ignore_errors().query::<Vec<Value>>(&mut conn);
+        self.conn = Some((conn, scripts));
+        let replies = match replies {
+            Ok(r) => r,
+            Err(e) => {
+                // No reply (or a lost one): the outcomes are sent again
+                // later (their scripts make that harmless); the events are
+                // not, so that no subscriber sees one twice.
+                self.dropped += events;
+                return self.blocked(redis_conn::fault(&e), &e);
+            }
+        };
+        let mut keep = vec![false; self.backlog.len()];
+        let mut trouble: Option<(Fault, RedisError)> = None;
+        let mut name_missing = false;
+        for (step, reply) in steps.iter().zip(replies) {
+            let refused = match &reply {
+                Value::ServerError(e) => Some(RedisError::from(e.clone())),
+                _ => None,
+            };
+            match (step, refused) {
+                (Step::Publish(..), None) => {}
+                (Step::Start(..), None) => name_missing |= reply == Value::Int(-1),
+                (Step::Publish(..) | Step::Start(..), Some(_)) => self.dropped += 1,
+                (Step::Settle(i), None) => match reply {
+                    Value::Int(0 | 1) => {}
+                    Value::Int(-1) => {
+                        keep[*i] = true;
+                        name_missing = true;
+                    }
+                    other => {
+                        log::warn!("unexpected reply to a settle script: {other:?}");
+                        keep[*i] = true;
+                    }
+                },
+                (Step::Settle(i), Some(e)) => {
+                    let fault = redis_conn::fault(&e);
+                    let entry = &self.backlog[*i].0;
+                    match fault {
+                        Fault::NoGroup => log::error!(
+                            "the consumer group of {} is gone; the outcome of entry {} (job {}) \
+                             cannot be recorded",
+                            entry.stream,
+                            entry.id,
+                            entry.job_id.as_deref().unwrap_or("?")
+                        ),
+                        Fault::Refused => log::error!(
+                            "Redis refused the outcome of entry {} of {} (job {}): {e}; it stays \
+                             pending and will be delivered again after claim-idle",
+                            entry.id,
+                            entry.stream,
+                            entry.job_id.as_deref().unwrap_or("?")
+                        ),
+                        _ => {
+                            keep[*i] = true;
+                            trouble = Some((fault, e));
+                        }
+                    }
+                }
+            }
+        }
+        let backlog = std::mem::take(&mut self.backlog);
+        for ((e, outcome), keep) in backlog.into_iter().zip(keep) {
+            if keep {
+                self.backlog.push((e, outcome));
+            } else {
+                st.inflight.remove(&e.stream, &e.id);
+            }
+        }
+        if name_missing {
+            self.renew_name();
+        }
+        match trouble {
+            Some((fault, e)) => self.blocked(fault, &e),
+            None if self.backlog.is_empty() => self.unblocked(),
+            // Kept only until the consumer name is ours again.
+            None => self.retry_at = Instant::now() + Duration::from_millis(50),
+        }
     }
 
-    fn connection(&mut self) -> RedisResult<&mut Connection> {
-        if self.conn.is_none() {
-            let s = &self.shared.settings;
-            self.conn = Some(redis_conn::connect(
-                &s.redis_url,
-                s.redis_timeout,
-                s.redis_timeout,
-            )?);
+    /// Redis did not take the backlog: retry it later, take nothing new.
+    fn blocked(&mut self, fault: Fault, e: &RedisError) {
+        if matches!(fault, Fault::Reconnect | Fault::NoScript) {
+            self.conn = None;
         }
-        Ok(self.conn.as_mut().expect("connection just set"))
+        let wait = self.outage.failed_as(fault.describe(), e);
+        self.retry_at = Instant::now() + wait.min(Duration::from_secs(2));
+        let blocked = !self.backlog.is_empty();
+        self.state.settle_blocked.store(blocked, Ordering::SeqCst);
+    }
+
+    fn unblocked(&mut self) {
+        self.retry_at = Instant::now();
+        if !self.state.settle_blocked.swap(false, Ordering::SeqCst) && !self.outage.is_on() {
+            return;
+        }
+        self.outage.recovered();
+        let dropped = self.dropped + self.state.dropped_chunks.swap(0, Ordering::Relaxed);
+        self.dropped = 0;
+        if dropped > 0 {
+            log::warn!(
+                "{dropped} events (chunks, claimed, start) were dropped while Redis could not take \
+                 them; the jobs' results carry their whole output"
+            );
+        }
+    }
+
+    fn connection(&mut self) -> RedisResult<(&mut Connection, &Scripts)> {
+        if self.conn.is_none() {
+            let s = &self.state.settings;
+            let mut conn = redis_conn::connect(&s.redis_url, s.redis_timeout, s.redis_timeout)?;
+            let scripts = Scripts::load(&mut conn)?;
+            self.conn = Some((conn, scripts));
+        }
+        let (conn, scripts) = self.conn.as_mut().expect("connection just set");
+        Ok((conn, scripts))
     }
 
     fn check_cancel_keys(&mut self) {
         let running: Vec<_> = self
-            .shared
+            .state
             .inflight
             .snapshot()
             .into_iter()
@@ -296,7 +338,9 @@ impl Settler {
             pipe.cmd("EXISTS")
                 .arg(cancel_key(e.job_id.as_deref().unwrap_or_default()));
         }
-        let found = self.connection().and_then(|c| pipe.query::<Vec<bool>>(c));
+        let found = self
+            .connection()
+            .and_then(|(c, _)| pipe.query::<Vec<bool>>(c));
         match found {
             Ok(found) => {
                 for (e, yes) in running.iter().zip(found) {
@@ -313,65 +357,124 @@ impl Settler {
         }
     }
 
-    fn renew_leases(&mut self) {
-        let shared = self.shared.clone();
-        let held = self.connection().and_then(|c| shared.lock.hold(c));
-        match held {
+    /// Keep this process's claim on its consumer name.
+    fn renew_name(&mut self) {
+        let st = self.state.clone();
+        match self.connection().and_then(|(c, _)| st.lock.hold(c)) {
             Ok(Ok(())) => {}
             Ok(Err(holder)) => {
-                if !self.shared.lock_lost.swap(true, Ordering::SeqCst) {
-                    log::error!(
-                        "consumer name '{}' was taken by {holder}; reading stops",
-                        self.shared.consumer
-                    );
+                let known = st.lock_lost.swap(true, Ordering::SeqCst);
+                let running = st.inflight.snapshot();
+                if known && running.is_empty() && self.backlog.is_empty() {
+                    return;
                 }
+                log::error!(
+                    "consumer name '{}' was taken by {} (this worker was cut off from Redis \
+                     longer than its claim on the name); its {} jobs here are stopped unsettled, \
+                     since that worker owns them now, and reading stops",
+                    st.consumer,
+                    holder.name,
+                    running.len()
+                );
+                for e in running {
+                    e.mark_lost();
+                    st.inflight.remove(&e.stream, &e.id);
+                }
+                self.backlog.clear();
+                self.unblocked();
             }
-            Err(e) => return self.failed_aside(e),
+            Err(e) => self.failed_aside(e),
         }
+    }
+
+    fn renew_leases(&mut self) {
         let mut by_stream: BTreeMap<Arc<str>, Vec<String>> = BTreeMap::new();
-        for e in self.shared.inflight.snapshot() {
-            by_stream
-                .entry(e.stream.clone())
-                .or_default()
-                .push(e.id.clone());
+        for e in self.state.inflight.snapshot() {
+            if !e.is_lost() {
+                by_stream
+                    .entry(e.stream.clone())
+                    .or_default()
+                    .push(e.id.clone());
+            }
         }
         for (stream, ids) in by_stream {
-            let s = &self.shared.settings;
+            let st = self.state.clone();
             let mut eval = redis::cmd("EVAL");
             eval.arg(RENEW_LEASE)
                 .arg(1)
                 .arg(&*stream)
-                .arg(&s.group)
-                .arg(&self.shared.consumer)
+                .arg(&st.settings.group)
+                .arg(&st.consumer)
                 .arg(&ids);
-            match self.connection().and_then(|c| eval.query::<Vec<String>>(c)) {
+            match self
+                .connection()
+                .and_then(|(c, _)| eval.query::<Vec<String>>(c))
+            {
                 Ok(lost) => {
                     for id in lost {
-                        if self.lost.insert((stream.clone(), id.clone())) {
-                            log::warn!(
-                                "lost the lease of entry {id} on {stream}: another worker reclaimed it \
-                                 (this worker was unreachable longer than claim-idle)"
-                            );
-                        }
+                        let Some(e) = st.inflight.get(&stream, &id) else {
+                            continue; // settled meanwhile
+                        };
+                        log::warn!(
+                            "lost the lease of entry {id} on {stream} (job {}): another worker \
+                             reclaimed it (this worker was unreachable longer than claim-idle); \
+                             its run here is stopped and nothing of it is published or settled",
+                            e.job_id.as_deref().unwrap_or("?")
+                        );
+                        e.mark_lost();
                     }
                 }
-                Err(e) => {
-                    self.failed_aside(e);
-                    return;
-                }
+                Err(e) => return self.failed_aside(e),
             }
         }
     }
 
     /// A periodic task failed: drop a broken connection; the next batch or
     /// tick retries.
-    fn failed_aside(&mut self, e: redis::RedisError) {
-        if redis_conn::is_connection_error(&e) {
-            self.conn = None;
-            self.outage.failed(&e);
-        } else {
-            log::warn!("lease/cancel check failed: {e}");
+    fn failed_aside(&mut self, e: RedisError) {
+        let fault = redis_conn::fault(&e);
+        match fault {
+            Fault::Reconnect | Fault::NoScript => {
+                self.conn = None;
+                self.outage.failed_as(fault.describe(), &e);
+            }
+            Fault::Full | Fault::Denied => {
+                self.outage.failed_as(fault.describe(), &e);
+            }
+            Fault::NoGroup | Fault::Refused => log::warn!("lease/cancel check failed: {e}"),
         }
+    }
+}
+
+/// The settle script call for one outcome (`None`: acknowledge only).
+fn settle_cmd(
+    scripts: &Scripts,
+    st: &StreamsState,
+    e: &Entry,
+    outcome: Option<&Outcome>,
+) -> redis::Cmd {
+    let event = |kind, data| Some(event_json(e, kind, data, &st.node));
+    match outcome {
+        None | Some(Outcome::Abandoned) => scripts.settle(st, e, "", None, None, None),
+        Some(Outcome::Success(v)) => {
+            scripts.settle(st, e, "completed", None, event("end", events::end(v)), None)
+        }
+        Some(Outcome::Failed { reason, error }) => scripts.settle(
+            st,
+            e,
+            "failed",
+            Some(error),
+            event("error", events::error(error, false)),
+            Some((reason, error)),
+        ),
+        Some(Outcome::Cancelled(r)) => scripts.settle(
+            st,
+            e,
+            "cancelled",
+            None,
+            event("cancelled", events::cancelled(r)),
+            None,
+        ),
     }
 }
 
@@ -383,11 +486,4 @@ pub fn cancel_key(job_id: &str) -> String {
 pub fn event_json(e: &Entry, kind: &str, data: serde_json::Value, node: &NodeFacts) -> String {
     let job_id = e.job_id.as_deref().unwrap_or_default();
     events::event(kind, job_id, e.ray_id.as_deref(), data, node)
-}
-
-fn publish_cmd(job_id: &str, json: &str) -> Cmd {
-    redis::cmd("PUBLISH")
-        .arg(events::channel(job_id))
-        .arg(json)
-        .clone()
 }

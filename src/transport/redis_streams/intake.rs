@@ -1,0 +1,205 @@
+//! What to do with an entry once it was read: run it, dead-letter it
+//! (malformed, or delivered too often), settle it at once (cancelled before
+//! it started, deleted from its stream), and where a running job's progress
+//! goes ([`RedisReport`]: into the settle queue). Every entry handed on is
+//! in the in-flight set until the settle thread forgets it. Nothing here
+//! reads from Redis except the cancel keys of the jobs about to start.
+
+use super::entry::{Entry, RawEntry};
+use super::settler::{cancel_key, event_json, Msg};
+use super::StreamsState;
+use crate::events;
+use crate::job::Job;
+use crate::worker::exec::{Executor, Outcome};
+use crate::worker::pool::{Report, Task};
+use crate::worker::slots::Slot;
+use crossbeam_channel::Sender;
+use redis::Connection;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+pub struct Intake {
+    pub state: Arc<StreamsState>,
+    pub exec: Arc<Executor>,
+    pub tasks: Sender<Task>,
+}
+
+enum Verdict {
+    Run(Job),
+    Reject(&'static str, String),
+    Gone,
+}
+
+/// What became of a batch of entries.
+#[derive(Default)]
+pub struct Taken {
+    /// Entries now held (running or on their way to be settled).
+    pub held: usize,
+    /// Runnable entries left pending for lack of a free slot (a blocking
+    /// read over several streams can return one per stream): this
+    /// consumer's own pending entries, taken back when a slot frees.
+    pub left_pending: usize,
+}
+
+impl Intake {
+    /// Hand on `raws` of `stream`, each with Redis's delivery count. None
+    /// of them may be in flight here already (the reader filters them out
+    /// before asking for delivery counts). Runnable ones take a slot from
+    /// `slots`.
+    pub fn take(
+        &self,
+        conn: &mut Connection,
+        stream: &Arc<str>,
+        raws: Vec<(RawEntry, u64)>,
+        slots: &mut Vec<Slot>,
+    ) -> Taken {
+        let st = &self.state;
+        let mut batch: Vec<(Entry, Verdict)> = Vec::with_capacity(raws.len());
+        for (raw, deliveries) in raws {
+            let gone = raw.fields.is_none();
+            let mut e = Entry::new(stream.clone(), raw, deliveries);
+            let verdict = if gone {
+                Verdict::Gone
+            } else if deliveries > st.settings.max_deliveries {
+                Verdict::Reject(
+                    "exceeded max deliveries",
+                    format!(
+                        "delivered {deliveries} times, more than max-deliveries ({}); last runs crashed or timed out",
+                        st.settings.max_deliveries
+                    ),
+                )
+            } else {
+                match e.parse(&self.exec.registry, st.settings.max_job_size) {
+                    Ok(job) => Verdict::Run(job),
+                    Err(why) => Verdict::Reject("malformed job", why),
+                }
+            };
+            batch.push((e, verdict));
+        }
+        let cancelled = cancelled_before_start(conn, &batch);
+        let mut taken = Taken::default();
+        for ((e, verdict), cancelled) in batch.into_iter().zip(cancelled) {
+            let e = Arc::new(e);
+            let slot = match verdict {
+                Verdict::Run(_) if !cancelled => match slots.pop() {
+                    Some(slot) => Some(slot),
+                    None => {
+                        taken.left_pending += 1;
+                        continue;
+                    }
+                },
+                _ => None,
+            };
+            st.inflight.insert(e.clone());
+            taken.held += 1;
+            match verdict {
+                Verdict::Gone => st.queue.push(Msg::Gone(e)),
+                Verdict::Reject(reason, error) => {
+                    log::warn!(
+                        "dead-lettering entry {} of {} ({reason}): {error}",
+                        e.id,
+                        e.stream
+                    );
+                    let outcome = Outcome::Failed {
+                        reason: reason.to_owned(),
+                        error,
+                    };
+                    st.queue.push(Msg::Finish(e, outcome));
+                }
+                Verdict::Run(_) if cancelled => {
+                    log::info!(
+                        "job {} was cancelled before it started",
+                        e.job_id.as_deref().unwrap_or("?")
+                    );
+                    let outcome = Outcome::Cancelled("cancelled before start".into());
+                    st.queue.push(Msg::Finish(e, outcome));
+                }
+                Verdict::Run(job) => {
+                    let claimed = event_json(&e, "claimed", events::claimed(), &st.node);
+                    st.queue.push(Msg::Claimed(e.clone(), claimed));
+                    let task = Task {
+                        job,
+                        token: e.token.clone(),
+                        report: Box::new(RedisReport {
+                            state: st.clone(),
+                            entry: e.clone(),
+                            index: 0,
+                        }),
+                        slot: slot.expect("a runnable entry took a slot"),
+                    };
+                    if self.tasks.send(task).is_err() {
+                        log::error!("handler pool is gone; entry {} stays pending", e.id);
+                    }
+                }
+            }
+        }
+        taken
+    }
+}
+
+/// One EXISTS per runnable job, pipelined. If Redis cannot answer, the
+/// jobs start and the settle thread's cancel check catches them.
+fn cancelled_before_start(conn: &mut Connection, batch: &[(Entry, Verdict)]) -> Vec<bool> {
+    let mut pipe = redis::pipe();
+    let mut asked = Vec::new();
+    for (i, (_, v)) in batch.iter().enumerate() {
+        if let Verdict::Run(job) = v {
+            pipe.cmd("EXISTS").arg(cancel_key(&job.id));
+            asked.push(i);
+        }
+    }
+    let mut out = vec![false; batch.len()];
+    if asked.is_empty() {
+        return out;
+    }
+    match pipe.query::<Vec<bool>>(conn) {
+        Ok(found) => {
+            for (i, yes) in asked.into_iter().zip(found) {
+                out[i] = yes;
+            }
+        }
+        Err(e) => log::debug!("cancel check before start failed: {e}"),
+    }
+    out
+}
+
+/// Where a running job's progress goes in Redis mode: into the settle
+/// queue. Chunks never wait for a Redis that cannot take them: while
+/// outcomes are blocked, they are dropped and counted (the job's result
+/// still carries its whole output).
+struct RedisReport {
+    state: Arc<StreamsState>,
+    entry: Arc<Entry>,
+    index: u64,
+}
+
+impl Report for RedisReport {
+    fn started(&mut self) {
+        let e = &self.entry;
+        let kind = e.kind.as_deref().unwrap_or("job");
+        let node = &self.state.node;
+        let text = format!("{kind} job started on {}", node.node_name);
+        let start = event_json(e, "start", events::start(&text), node);
+        self.state.queue.push(Msg::Started(e.clone(), start));
+    }
+
+    fn chunk(&mut self, text: &str) {
+        let e = &self.entry;
+        let st = &self.state;
+        let json = event_json(e, "chunk", events::chunk(text, self.index), &st.node);
+        self.index += 1;
+        let blocked = || st.settle_blocked.load(Ordering::SeqCst) || e.is_lost();
+        if !st
+            .queue
+            .push_bounded_unless(Msg::Chunk(e.clone(), json), blocked)
+        {
+            st.dropped_chunks.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    fn finished(self: Box<Self>, outcome: Outcome) {
+        self.state
+            .queue
+            .push(Msg::Finish(self.entry.clone(), outcome));
+    }
+}
