@@ -100,7 +100,7 @@ impl Outage {
                 );
             } else {
                 log::info!(
-                    "{}: {} works again after {secs:.1}s (it {})",
+                    "{}: {} works again after {secs:.1}s (it {} before)",
                     self.what,
                     self.peer,
                     self.state

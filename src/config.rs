@@ -276,7 +276,12 @@ impl Settings {
                 }
             }
             "claim-idle" => self.claim_idle = positive(parse_duration(v)?)?,
-            "max-deliveries" => self.max_deliveries = number(v)?,
+            "max-deliveries" => {
+                self.max_deliveries = number(v)?;
+                if self.max_deliveries == 0 {
+                    return Err("must be at least 1 (0 would dead-letter every job unrun)".into());
+                }
+            }
             "max-retries" => self.max_retries = number(v)?,
             "retry-base" => self.retry_base = parse_duration(v)?,
             "retry-cap" => self.retry_cap = parse_duration(v)?,
@@ -289,7 +294,14 @@ impl Settings {
                 self.status_ttl = positive(parse_duration(v)?)?.max(Duration::from_secs(1))
             }
             "dlq-maxlen" => self.dlq_maxlen = number(v)?,
-            "max-job-size" => self.max_job_size = number(v)?,
+            "max-job-size" => {
+                self.max_job_size = number(v)?;
+                if self.max_job_size < 64 {
+                    return Err(format!(
+                        "'{v}' bytes is too small for any job entry (at least 64)"
+                    ));
+                }
+            }
             "redis-timeout" => self.redis_timeout = positive(parse_duration(v)?)?,
             "vllm-url" => self.vllm_url = http_url(v)?,
             "ollama-url" => self.ollama_url = http_url(v)?,
@@ -455,6 +467,7 @@ mod tests {
                 "mode" => "auto",
                 n if n.ends_with("-url") => "http://127.0.0.1:1/",
                 "queue" | "group" | "consumer" | "node-name" => "x",
+                "max-job-size" => "4096",
                 n if n.contains("retries") || n.contains("max") || n == "concurrency" => "3",
                 _ => "2s",
             };
@@ -471,6 +484,14 @@ mod tests {
             .unwrap_err()
             .contains("invalid Redis URL"));
         assert!(s.set("concurrency", "0").is_err());
+        assert!(s
+            .set("max-deliveries", "0")
+            .unwrap_err()
+            .contains("at least 1"));
+        assert!(s
+            .set("max-job-size", "10")
+            .unwrap_err()
+            .contains("too small"));
         assert!(s
             .set("concurrency", "many")
             .unwrap_err()

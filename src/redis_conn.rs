@@ -59,6 +59,17 @@ pub fn fault(e: &RedisError) -> Fault {
     }
 }
 
+/// How an episode of `e` is logged: "Redis {this} ({e})".
+pub fn describe(e: &RedisError) -> &'static str {
+    match e.code() {
+        Some("READONLY") => "is a read-only replica now (failover?)",
+        Some("MASTERDOWN" | "LOADING" | "BUSY" | "TRYAGAIN" | "CLUSTERDOWN") => {
+            "is up but not serving"
+        }
+        _ => fault(e).describe(),
+    }
+}
+
 impl Fault {
     /// How an episode of this fault is logged: "Redis {this} (…)".
     pub fn describe(self) -> &'static str {

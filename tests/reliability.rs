@@ -541,7 +541,11 @@ fn panicking_job_is_retried_then_dead_lettered_at_once_with_the_panic_message() 
         .iter()
         .map(|e| event_type(e).to_owned())
         .collect();
-    assert_eq!(kinds, ["claimed", "start", "error"], "one delivery, one run");
+    assert_eq!(
+        kinds,
+        ["claimed", "start", "error"],
+        "one delivery, one run"
+    );
     let st = wait_status(&mut c, job, "failed", Duration::from_secs(5));
     assert!(st["error"].contains("asked to panic"), "{st:?}");
     wait_group_drained(&mut c, Duration::from_secs(5));

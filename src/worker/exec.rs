@@ -178,3 +178,71 @@ fn panic_message(p: &Box<dyn std::any::Any + Send>) -> String {
         .unwrap_or_else(|| "non-text panic".into());
     msg
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Settings;
+    use serde_json::json;
+
+    fn executor(max_retries: u32) -> Executor {
+        let node = NodeFacts {
+            node_id: "n".into(),
+            node_name: "n".into(),
+        };
+        let policy = RetryPolicy {
+            max_retries,
+            base: Duration::from_millis(1),
+            cap: Duration::from_millis(1),
+        };
+        Executor::new(Registry::from_settings(&Settings::default()), policy, node)
+    }
+
+    fn run(exec: &Executor, payload: serde_json::Value) -> (Outcome, usize) {
+        let job = Job {
+            id: "j".into(),
+            kind: "echo".into(),
+            payload: payload.as_object().unwrap().clone(),
+            ray_id: None,
+        };
+        let mut chunks = 0;
+        let token = Arc::new(CancelToken::new());
+        let outcome = exec.execute(&job, &token, &mut |_| chunks += 1);
+        (outcome, chunks)
+    }
+
+    #[test]
+    fn a_panic_is_a_failed_attempt_retried_then_dead_lettered_with_its_message() {
+        let (outcome, _) = run(&executor(2), json!({"fail": "panic"}));
+        let Outcome::Failed { reason, error } = outcome else {
+            panic!("{outcome:?}");
+        };
+        assert_eq!(reason, "handler panicked: echo: asked to panic");
+        assert!(error.contains("gave up after 3 attempts"), "{error}");
+    }
+
+    #[test]
+    fn nothing_is_retried_once_a_chunk_was_streamed() {
+        let exec = executor(5);
+        let (outcome, chunks) = run(&exec, json!({"chunks": 2, "fail": "retryable"}));
+        assert_eq!(chunks, 2, "one attempt only");
+        let Outcome::Failed { reason, error } = outcome else {
+            panic!("{outcome:?}");
+        };
+        assert_eq!(reason, "permanent error");
+        assert!(error.contains("not retried: 2 chunks were already streamed"), "{error}");
+
+        let (outcome, chunks) = run(&exec, json!({"chunks": 1, "fail": "panic"}));
+        assert_eq!(chunks, 1, "one attempt only");
+        assert!(
+            matches!(&outcome, Outcome::Failed { reason, .. } if reason.starts_with("handler panicked")),
+            "{outcome:?}"
+        );
+        let (outcome, chunks) = run(&exec, json!({"fail": "retryable"}));
+        assert_eq!(chunks, 0);
+        assert!(
+            matches!(&outcome, Outcome::Failed { error, .. } if error.contains("after 6 attempts")),
+            "{outcome:?}"
+        );
+    }
+}

@@ -1,5 +1,8 @@
 //! Deadlines: one thread that cancels a job's token when its `timeout_ms`
-//! passes, so handlers need no timer of their own.
+//! passes, so handlers need no timer of their own. It holds tokens weakly:
+//! a job that ended drops its token, and the heap sheds such dead entries
+//! whenever it has doubled since it last did, so memory follows the jobs
+//! that run, not those that ran.
 
 use super::cancel::{CancelReason, CancelToken};
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
@@ -50,7 +53,12 @@ impl Ord for Due {
 
 fn run(rx: Receiver<(Instant, Weak<CancelToken>)>) {
     let mut heap: BinaryHeap<Reverse<Due>> = BinaryHeap::new();
+    let mut shed_at = 64;
     loop {
+        if heap.len() >= shed_at {
+            heap = shed(heap);
+            shed_at = (heap.len() * 2).max(64);
+        }
         let now = Instant::now();
         while heap.peek().is_some_and(|Reverse(d)| d.0 <= now) {
             if let Some(Reverse(Due(_, token))) = heap.pop() {
@@ -71,6 +79,13 @@ fn run(rx: Receiver<(Instant, Weak<CancelToken>)>) {
     }
 }
 
+/// The heap without the deadlines of jobs that already ended.
+fn shed(heap: BinaryHeap<Reverse<Due>>) -> BinaryHeap<Reverse<Due>> {
+    heap.into_iter()
+        .filter(|Reverse(d)| d.1.strong_count() > 0)
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -85,5 +100,20 @@ mod tests {
         assert!(soon.wait(Duration::from_secs(10)));
         assert_eq!(soon.reason(), Some(CancelReason::Deadline));
         assert!(!late.is_cancelled());
+    }
+
+    #[test]
+    fn deadlines_of_ended_jobs_are_shed() {
+        let far = Instant::now() + Duration::from_secs(3600);
+        let live = Arc::new(CancelToken::new());
+        let mut heap = BinaryHeap::new();
+        heap.push(Reverse(Due(far, Arc::downgrade(&live))));
+        for _ in 0..1000 {
+            let ended = Arc::new(CancelToken::new());
+            heap.push(Reverse(Due(far, Arc::downgrade(&ended))));
+        }
+        let heap = shed(heap);
+        assert_eq!(heap.len(), 1);
+        assert!(heap.peek().unwrap().0 .1.upgrade().is_some());
     }
 }

@@ -9,6 +9,8 @@
 
 pub mod fake_engine;
 pub mod fake_nexus;
+pub mod observe;
+pub mod stall_proxy;
 
 use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};

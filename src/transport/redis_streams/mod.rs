@@ -140,8 +140,13 @@ impl RedisStreams {
 
     /// Start (again) taking entries; the settle thread never stopped.
     pub fn resume_reading(&mut self) {
-        if self.reader.is_some() {
-            return;
+        if let Some(old) = self.reader.take() {
+            if !self.shared.stop_reading.is_set() {
+                self.reader = Some(old); // reading already
+                return;
+            }
+            // A reader told to stop that was still waiting for Redis.
+            let _ = old.join();
         }
         self.shared.stop_reading.clear();
         let (shared, exec, tasks) = (self.shared.clone(), self.exec.clone(), self.tasks.clone());
@@ -155,12 +160,20 @@ impl RedisStreams {
 }
 
 impl Transport for RedisStreams {
+    /// Returns within about a second and a half even when Redis hangs: a
+    /// reader still stuck in a connect then is left to notice the stop by
+    /// itself (it checks before every read, so it takes nothing more).
     fn stop_reading(&mut self) {
         self.shared.stop_reading.set();
         self.shared.slots.wake();
         if let Some(reader) = self.reader.take() {
             unblock_reader(&self.shared, &reader);
-            let _ = reader.join();
+            if reader.is_finished() {
+                let _ = reader.join();
+            } else {
+                log::debug!("the reader is still waiting for Redis; not waiting for it");
+                self.reader = Some(reader);
+            }
         }
     }
 
@@ -170,12 +183,21 @@ impl Transport for RedisStreams {
         }
     }
 
+    /// Returns by `hard_deadline` even if a Redis call of the settle thread
+    /// hangs: what it had not settled stays pending in Redis.
     fn finish(mut self: Box<Self>, hard_deadline: Instant) {
         self.stop_reading();
         *lock(&self.shared.hard_stop) = Some(hard_deadline);
         self.shared.stop_settling.store(true, Ordering::SeqCst);
         if let Some(settler) = self.settler.take() {
-            let _ = settler.join();
+            while !settler.is_finished() && Instant::now() < hard_deadline {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            if settler.is_finished() {
+                let _ = settler.join();
+            } else {
+                log::warn!("Redis did not answer the last settle in time; exiting without it");
+            }
         }
     }
 }
@@ -185,18 +207,15 @@ impl Transport for RedisStreams {
 /// the signal may land between two reads.
 fn unblock_reader(shared: &StreamsState, reader: &JoinHandle<()>) {
     let s = &shared.settings;
-    let until = Instant::now() + s.redis_timeout + Duration::from_secs(1);
+    let until = Instant::now() + Duration::from_millis(1500);
     let mut conn = None;
     while !reader.is_finished() && Instant::now() < until {
         let id = shared.reader_client.load(Ordering::SeqCst);
         if id != 0 {
             if conn.is_none() {
-                conn = redis_conn::connect(
-                    &s.redis_url,
-                    Duration::from_secs(1),
-                    Duration::from_secs(1),
-                )
-                .ok();
+                let left = until.saturating_duration_since(Instant::now());
+                let t = left.clamp(Duration::from_millis(1), Duration::from_millis(500));
+                conn = redis_conn::connect(&s.redis_url, t, t).ok();
             }
             if let Some(c) = conn.as_mut() {
                 if redis::cmd("CLIENT")

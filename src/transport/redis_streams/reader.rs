@@ -96,7 +96,7 @@ impl Reader {
                 if fault == Fault::Reconnect {
                     self.conn = None;
                 }
-                self.outage.failed_as(fault.describe(), e)
+                self.outage.failed_as(redis_conn::describe(e), e)
             }
             Fault::NoGroup => {
                 log::warn!(
@@ -117,6 +117,9 @@ impl Reader {
     fn step(&mut self, free: &mut Vec<Slot>) -> RedisResult<()> {
         if self.conn.is_none() {
             self.conn = Some(self.open()?);
+            if self.state.stopping() {
+                return Ok(()); // the connect outlasted a stop: read nothing
+            }
             self.outage.recovered();
             // A read cut off by the outage may have delivered entries to this
             // consumer that nobody runs: take back own pending entries first.

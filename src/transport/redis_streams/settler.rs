@@ -289,7 +289,7 @@ impl Settler {
         if matches!(fault, Fault::Reconnect | Fault::NoScript) {
             self.conn = None;
         }
-        let wait = self.outage.failed_as(fault.describe(), e);
+        let wait = self.outage.failed_as(redis_conn::describe(e), e);
         self.retry_at = Instant::now() + wait.min(Duration::from_secs(2));
         let blocked = !self.backlog.is_empty();
         self.state.settle_blocked.store(blocked, Ordering::SeqCst);
@@ -436,10 +436,10 @@ impl Settler {
         match fault {
             Fault::Reconnect | Fault::NoScript => {
                 self.conn = None;
-                self.outage.failed_as(fault.describe(), &e);
+                self.outage.failed_as(redis_conn::describe(&e), &e);
             }
             Fault::Full | Fault::Denied => {
-                self.outage.failed_as(fault.describe(), &e);
+                self.outage.failed_as(redis_conn::describe(&e), &e);
             }
             Fault::NoGroup | Fault::Refused => log::warn!("lease/cancel check failed: {e}"),
         }

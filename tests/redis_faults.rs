@@ -1,0 +1,479 @@
+//! `citadel work` against a Redis that refuses writes, stalls, fails over,
+//! restarts, deletes the group, or hands a job to another consumer: no
+//! outcome is lost, none is written twice, no job runs in a loop. Each test
+//! runs the real binary against real redis-server processes.
+
+mod support;
+
+use serde_json::json;
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+use support::fake_nexus::FakeNexus;
+use support::observe::{
+    command_calls, events_of, info_field, is_terminal, kinds_of, pending_rows, status,
+    sync_subscriber, wait_drained, wait_status,
+};
+use support::stall_proxy::StallProxy;
+use support::{
+    free_port, wait_until, xadd_job, xlen, xrange_all, Citadel, RedisServer, Subscriber,
+};
+
+const QUEUE: &str = "jobs:v1:gpu-general";
+const DLQ: &str = "dlq:v1:gpu-general";
+const GROUP: &str = "workers";
+const EVENTS: &str = "stream:v1:*";
+
+fn worker(redis: &RedisServer, node: &str, extra: &[&str]) -> Citadel {
+    let mut args = vec!["--node-name", node, "--cancel-poll", "100ms"];
+    args.extend_from_slice(extra);
+    Citadel::work(redis, &args, &[])
+}
+
+fn config_set(conn: &mut redis::Connection, key: &str, value: &str) {
+    redis::cmd("CONFIG")
+        .arg("SET")
+        .arg(key)
+        .arg(value)
+        .query::<()>(conn)
+        .unwrap_or_else(|e| panic!("CONFIG SET {key} {value}: {e}"));
+}
+
+/// `n` jobs that fail for good (`bad-*`) and `n` that succeed (`good-*`),
+/// each sleeping `sleep_ms` first.
+fn enqueue_mixed(
+    conn: &mut redis::Connection,
+    prefix: &str,
+    n: usize,
+    sleep_ms: u64,
+) -> Vec<String> {
+    let mut jobs = Vec::new();
+    for i in 0..n {
+        let bad = format!("{prefix}-bad-{i}");
+        let payload = json!({"fail": "permanent", "sleep_ms": sleep_ms}).to_string();
+        xadd_job(conn, QUEUE, &bad, "echo", &payload);
+        let good = format!("{prefix}-good-{i}");
+        let payload = json!({"n": i, "sleep_ms": sleep_ms}).to_string();
+        xadd_job(conn, QUEUE, &good, "echo", &payload);
+        jobs.extend([bad, good]);
+    }
+    jobs
+}
+
+/// Every job ended exactly once: one terminal event (and nothing after it),
+/// one run, the right status, and each failed one exactly one dead letter.
+fn assert_each_ended_once(redis: &RedisServer, sub: &Subscriber, jobs: &[String]) {
+    let mut c = redis.conn();
+    for job in jobs {
+        let want = if job.contains("-bad-") {
+            "failed"
+        } else {
+            "completed"
+        };
+        wait_status(&mut c, job, want, Duration::from_secs(30));
+    }
+    wait_drained(&mut c, QUEUE, GROUP, Duration::from_secs(30));
+    sync_subscriber(redis, sub);
+    for job in jobs {
+        let kinds = kinds_of(sub, job);
+        let ends: Vec<usize> = (0..kinds.len())
+            .filter(|&i| is_terminal(&kinds[i]))
+            .collect();
+        assert_eq!(ends.len(), 1, "{job}: one terminal event, got {kinds:?}");
+        assert_eq!(
+            ends[0],
+            kinds.len() - 1,
+            "{job}: events after the end: {kinds:?}"
+        );
+        assert!(
+            events_of(sub, job, "start").len() <= 1,
+            "{job} ran twice: {kinds:?}"
+        );
+    }
+    let mut per_job: HashMap<String, usize> = HashMap::new();
+    for (_, dl) in xrange_all(&mut c, DLQ) {
+        *per_job.entry(dl["jobId"].clone()).or_default() += 1;
+    }
+    let bad: Vec<&String> = jobs.iter().filter(|j| j.contains("-bad-")).collect();
+    assert_eq!(per_job.len(), bad.len(), "dead letters: {per_job:?}");
+    for job in bad {
+        assert_eq!(
+            per_job.get(job),
+            Some(&1),
+            "dead letters of {job}: {per_job:?}"
+        );
+    }
+}
+
+/// While Redis is at `maxmemory` (noeviction) every job's outcome waits:
+/// nothing is acknowledged without it. Once Redis has room again, every
+/// job completes or is dead-lettered, each exactly once.
+#[test]
+fn outcomes_wait_while_redis_is_full_then_land_exactly_once() {
+    let redis = RedisServer::start();
+    let mut c = redis.conn();
+    let sub = Subscriber::new(&redis, EVENTS);
+    let jobs = enqueue_mixed(&mut c, "oom", 20, 1500);
+    let w = worker(&redis, "node-oom", &["--concurrency", "40"]);
+    for job in &jobs {
+        sub.wait_for(job, "start", Duration::from_secs(30));
+    }
+    // Every job runs; now Redis is full: no write that grows memory passes.
+    config_set(&mut c, "maxmemory-policy", "noeviction");
+    config_set(&mut c, "maxmemory", "1");
+    // The jobs ended here; Redis took none of their outcomes, and none was
+    // acknowledged without one.
+    wait_until(
+        "every job to have ended on the worker",
+        Duration::from_secs(30),
+        || {
+            (w.log().matches(") failed in ").count() + w.log().matches(") completed in ").count()
+                >= jobs.len())
+            .then_some(())
+        },
+    );
+    let pending: HashSet<String> = pending_rows(&mut c, QUEUE, GROUP)
+        .into_iter()
+        .map(|p| p.id)
+        .collect();
+    assert_eq!(pending.len(), jobs.len(), "acked without an outcome");
+    assert_eq!(xlen(&mut c, DLQ), 0);
+    for job in &jobs {
+        assert_eq!(status(&mut c, job)["status"], "processing", "{job}");
+    }
+    let log = w.log();
+    assert_eq!(
+        log.lines()
+            .filter(|l| l.contains("settle: Redis is out of memory"))
+            .count(),
+        1,
+        "logged once per episode: {log}"
+    );
+
+    config_set(&mut c, "maxmemory", "0");
+    assert_each_ended_once(&redis, &sub, &jobs);
+    w.wait_for_log("settle: Redis works again", Duration::from_secs(10));
+}
+
+/// The connected Redis is demoted to a replica of another (a failover seen
+/// from a node that kept its address), then promoted back. Jobs finishing
+/// meanwhile keep their outcomes; none runs in a loop; each dead letter is
+/// written once.
+#[test]
+fn a_demoted_primary_loses_no_outcome_and_reruns_no_job() {
+    let a = RedisServer::start();
+    let b = RedisServer::start();
+    let (mut ca, mut cb) = (a.conn(), b.conn());
+    let replicaof = |c: &mut redis::Connection, port: Option<u16>| {
+        let mut cmd = redis::cmd("REPLICAOF");
+        match port {
+            Some(p) => cmd.arg("127.0.0.1").arg(p),
+            None => cmd.arg("NO").arg("ONE"),
+        };
+        cmd.query::<()>(c).expect("REPLICAOF");
+    };
+    let synced = |c: &mut redis::Connection| {
+        wait_until("replication link up", Duration::from_secs(20), || {
+            (info_field(c, "replication", "master_link_status").as_deref() == Some("up"))
+                .then_some(())
+        })
+    };
+    let caught_up = |from: &mut redis::Connection, to: &mut redis::Connection| {
+        wait_until("the replica to catch up", Duration::from_secs(20), || {
+            let p = info_field(from, "replication", "master_repl_offset");
+            let r = info_field(to, "replication", "master_repl_offset");
+            (p.is_some() && p == r).then_some(())
+        })
+    };
+    replicaof(&mut cb, Some(a.port()));
+    synced(&mut cb);
+
+    let sub = Subscriber::new(&a, EVENTS);
+    let w = worker(
+        &a,
+        "node-fo",
+        &["--concurrency", "10", "--redis-timeout", "1s"],
+    );
+    let jobs = enqueue_mixed(&mut ca, "fo", 5, 2500);
+    for job in &jobs {
+        sub.wait_for(job, "start", Duration::from_secs(30));
+    }
+    // Failover: B takes over, A becomes its replica (read-only).
+    caught_up(&mut ca, &mut cb);
+    replicaof(&mut cb, None);
+    replicaof(&mut ca, Some(b.port()));
+    synced(&mut ca);
+    wait_until(
+        "every job to have ended on the worker",
+        Duration::from_secs(30),
+        || {
+            (w.log().matches(") failed in ").count() + w.log().matches(") completed in ").count()
+                >= jobs.len())
+            .then_some(())
+        },
+    );
+    // And back: A is the primary again (with B's data, which is its own).
+    caught_up(&mut cb, &mut ca);
+    replicaof(&mut ca, None);
+    assert_each_ended_once(&a, &sub, &jobs);
+    let log = w.log();
+    for job in &jobs {
+        let runs = log.matches(&format!("job {job} (echo) started")).count();
+        assert_eq!(runs, 1, "{job} ran {runs} times: {log}");
+    }
+    assert!(log.contains("Redis is a read-only replica now"), "{log}");
+}
+
+/// A settle batch that Redis runs but whose reply comes too late (held back
+/// by a proxy past the worker's read timeout): the worker sends it again,
+/// and the second time it writes nothing.
+#[test]
+fn a_settle_reply_lost_after_redis_ran_it_writes_each_outcome_once() {
+    let redis = RedisServer::start();
+    let proxy = StallProxy::start(redis.port());
+    let mut c = redis.conn();
+    let sub = Subscriber::new(&redis, EVENTS);
+    let url = proxy.url();
+    let w = Citadel::spawn(
+        &[
+            "work",
+            "--redis-url",
+            &url,
+            "--node-name",
+            "node-stall",
+            "--concurrency",
+            "20",
+            "--redis-timeout",
+            "300ms",
+        ],
+        &[],
+    );
+    w.wait_for_log("working: streams", Duration::from_secs(10));
+    let jobs = enqueue_mixed(&mut c, "stall", 10, 1000);
+    for job in &jobs {
+        sub.wait_for(job, "start", Duration::from_secs(30));
+    }
+    // The first batch with a failed job's outcome reaches Redis; its reply
+    // is kept back for 2 s, well past the worker's 300 ms read timeout.
+    proxy.hold_replies_after("\"type\":\"error\"", Duration::from_secs(2));
+    assert_each_ended_once(&redis, &sub, &jobs);
+    assert!(proxy.was_triggered());
+    // The batch was sent again and found nothing left to do.
+    assert!(w.log().contains("settle: Redis unreachable"), "{}", w.log());
+}
+
+/// A job that runs through five Redis restarts is delivered once: taking
+/// back own pending entries after a reconnect skips those running here.
+#[test]
+fn a_job_running_through_five_redis_restarts_keeps_one_delivery() {
+    let mut redis = RedisServer::start();
+    let mut c = redis.conn();
+    let w = worker(
+        &redis,
+        "node-rs",
+        &["--redis-timeout", "500ms", "--block", "500ms"],
+    );
+    let job = "restarts-1";
+    let id = xadd_job(&mut c, QUEUE, job, "echo", r#"{"sleep_ms":60000}"#);
+    wait_status(&mut c, job, "processing", Duration::from_secs(10));
+    for round in 1..=5 {
+        redis.kill();
+        redis.restart();
+        let restored = "reader: Redis connection restored";
+        wait_until(
+            &format!("reconnect {round}"),
+            Duration::from_secs(20),
+            || (w.log().matches(restored).count() >= round).then_some(()),
+        );
+        // The take-back after the reconnect has run once the reader reads again.
+        let mut c = redis.conn();
+        wait_until(
+            "the reader to take no more",
+            Duration::from_secs(10),
+            || (command_calls(&mut c).get("xpending").copied().unwrap_or(0) >= 1).then_some(()),
+        );
+        let rows = pending_rows(&mut c, QUEUE, GROUP);
+        assert_eq!(rows.len(), 1, "{rows:?}");
+        assert_eq!(rows[0].id, id);
+        assert_eq!(rows[0].deliveries, 1, "after restart {round}: {rows:?}");
+    }
+    let log = w.log();
+    assert_eq!(
+        log.matches(&format!("job {job} (echo) started")).count(),
+        1,
+        "{log}"
+    );
+    assert!(!log.contains("resuming"), "{log}");
+}
+
+/// Another consumer took the entry over (as after this worker was cut off
+/// longer than claim-idle): the local run stops at the next renewal and
+/// nothing more of it is published or written.
+#[test]
+fn a_lost_lease_stops_the_local_run_and_settles_nothing() {
+    let redis = RedisServer::start();
+    let mut c = redis.conn();
+    let sub = Subscriber::new(&redis, EVENTS);
+    // claim-idle 3 s: leases renewed every second.
+    let w = worker(&redis, "node-lease", &["--claim-idle", "3s"]);
+    let job = "lease-1";
+    let id = xadd_job(&mut c, QUEUE, job, "echo", r#"{"sleep_ms":60000}"#);
+    sub.wait_for(job, "start", Duration::from_secs(10));
+    redis::cmd("XCLAIM")
+        .arg(QUEUE)
+        .arg(GROUP)
+        .arg("thief")
+        .arg(0)
+        .arg(&id)
+        .query::<redis::Value>(&mut c)
+        .expect("XCLAIM");
+    w.wait_for_log("lost the lease of entry", Duration::from_secs(10));
+    w.wait_for_log(
+        &format!("job {job} (echo) abandoned"),
+        Duration::from_secs(10),
+    );
+    sync_subscriber(&redis, &sub);
+    assert_eq!(kinds_of(&sub, job), ["claimed", "start"]);
+    assert_eq!(status(&mut c, job)["status"], "processing");
+    let rows = pending_rows(&mut c, QUEUE, GROUP);
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    assert_eq!(rows[0].consumer, "thief");
+    assert_eq!(xlen(&mut c, DLQ), 0);
+}
+
+/// An idle worker at concurrency 1 reading two streams (its queue and its
+/// node's own stream) costs Redis about one command a second or less, and
+/// still starts a job on either stream at once.
+#[test]
+fn an_idle_worker_is_cheap_and_still_starts_node_jobs_at_once() {
+    let redis = RedisServer::start();
+    let mut c = redis.conn();
+    let sub = Subscriber::new(&redis, EVENTS);
+    // BLOCK 20 s: a job that starts within 10 s was not waiting out a block.
+    let w = worker(
+        &redis,
+        "node-idle",
+        &["--concurrency", "1", "--block", "20s"],
+    );
+    w.wait_for_log("working: streams", Duration::from_secs(10));
+    wait_until("the first blocking read", Duration::from_secs(10), || {
+        (command_calls(&mut c)
+            .get("xreadgroup")
+            .copied()
+            .unwrap_or(0)
+            >= 1)
+            .then_some(())
+    });
+    redis::cmd("CONFIG")
+        .arg("RESETSTAT")
+        .query::<()>(&mut c)
+        .expect("CONFIG RESETSTAT");
+    // A measurement window, not a synchronisation: count what 10 s cost.
+    std::thread::sleep(Duration::from_secs(10));
+    let calls = command_calls(&mut c);
+    let worker_calls: u64 = calls
+        .iter()
+        .filter(|(cmd, _)| !matches!(cmd.as_str(), "info" | "config" | "config|resetstat"))
+        .map(|(_, n)| n)
+        .sum();
+    assert!(
+        worker_calls <= 20,
+        "an idle worker sent {worker_calls} commands in 10 s: {calls:?}"
+    );
+
+    let node_stream = "jobs:v1:node:node-idle";
+    xadd_job(&mut c, node_stream, "node-job", "echo", r#"{"x":1}"#);
+    sub.wait_for("node-job", "end", Duration::from_secs(10));
+    xadd_job(&mut c, QUEUE, "queue-job", "echo", r#"{"x":2}"#);
+    sub.wait_for("queue-job", "end", Duration::from_secs(10));
+}
+
+/// The consumer group is deleted under a running worker: it creates it
+/// again, says so once, and runs the next job.
+#[test]
+fn a_deleted_group_is_created_again() {
+    let redis = RedisServer::start();
+    let mut c = redis.conn();
+    let sub = Subscriber::new(&redis, EVENTS);
+    let w = worker(&redis, "node-ng", &["--block", "1s"]);
+    w.wait_for_log("working: streams", Duration::from_secs(10));
+    wait_until("the group to exist", Duration::from_secs(10), || {
+        redis::cmd("XINFO")
+            .arg("GROUPS")
+            .arg(QUEUE)
+            .query::<redis::Value>(&mut c)
+            .ok()
+    });
+    redis::cmd("XGROUP")
+        .arg("DESTROY")
+        .arg(QUEUE)
+        .arg(GROUP)
+        .query::<i64>(&mut c)
+        .expect("XGROUP DESTROY");
+    w.wait_for_log("is gone", Duration::from_secs(10));
+    xadd_job(&mut c, QUEUE, "after-ng", "echo", r#"{"x":1}"#);
+    sub.wait_for("after-ng", "end", Duration::from_secs(10));
+    assert_eq!(
+        w.log().lines().filter(|l| l.contains("is gone")).count(),
+        1,
+        "{}",
+        w.log()
+    );
+}
+
+/// `citadel agent` at concurrency 1: Redis dies while its one job runs.
+/// The job's outcome waits for Redis without holding the handler, so after
+/// the fallback delay the agent takes and runs Nexus jobs; when Redis is
+/// back, the Redis job's outcome lands, once.
+#[test]
+fn auto_mode_falls_back_to_nexus_while_a_redis_outcome_waits() {
+    let nexus = FakeNexus::start();
+    let state = support::fresh_temp_dir("auto-state");
+    let port = free_port();
+    let mut redis = RedisServer::start_on(port);
+    let redis_url = redis.url();
+    let (nexus_url, state_arg) = (nexus.url(), state.display().to_string());
+    let a = Citadel::spawn(
+        &[
+            "agent",
+            "--nexus-url",
+            &nexus_url,
+            "--state-dir",
+            &state_arg,
+            "--redis-url",
+            &redis_url,
+            "--redis-fallback",
+            "1s",
+            "--redis-probe",
+            "200ms",
+            "--redis-timeout",
+            "500ms",
+            "--block",
+            "200ms",
+            "--concurrency",
+            "1",
+            "--poll-interval",
+            "50ms",
+            "--nexus-retry-cap",
+            "200ms",
+            "--node-name",
+            "auto-node",
+        ],
+        &[],
+    );
+    a.wait_for_log("mode: redis", Duration::from_secs(20));
+    let mut c = redis.conn();
+    xadd_job(&mut c, QUEUE, "r-1", "echo", r#"{"sleep_ms":1500}"#);
+    wait_status(&mut c, "r-1", "processing", Duration::from_secs(10));
+    redis.kill();
+    a.wait_for_log("job r-1 (echo) completed", Duration::from_secs(20));
+    a.wait_for_log("mode: nexus", Duration::from_secs(20));
+    nexus.push_job("n-1", "echo", json!({"x": 1}));
+    let report = nexus.wait_for_report("n-1", Duration::from_secs(20));
+    assert_eq!(report.status, "SUCCESS");
+
+    redis.restart();
+    let mut c = redis.conn();
+    wait_status(&mut c, "r-1", "completed", Duration::from_secs(30));
+    wait_drained(&mut c, QUEUE, GROUP, Duration::from_secs(30));
+    assert_eq!(a.log().matches("job r-1 (echo) started").count(), 1);
+}

@@ -1,0 +1,140 @@
+//! What a test looks at to judge a worker: its jobs' events, status hashes,
+//! the consumer group's pending list, Redis's own command counts. Read-only
+//! helpers over a connection or a [`Subscriber`]; every wait has a deadline.
+
+use super::{hgetall, pending_count, wait_until, RedisServer, Subscriber};
+use redis::Value;
+use serde_json::Value as Json;
+use std::collections::HashMap;
+use std::time::Duration;
+
+pub fn event_type(ev: &Json) -> &str {
+    ev.get("type").and_then(Json::as_str).unwrap_or_default()
+}
+
+/// The types of a job's events, in the order they came.
+pub fn kinds_of(sub: &Subscriber, job: &str) -> Vec<String> {
+    sub.events_for(job)
+        .iter()
+        .map(|e| event_type(e).to_owned())
+        .collect()
+}
+
+/// The job's events of one type, in order.
+pub fn events_of(sub: &Subscriber, job: &str, kind: &str) -> Vec<Json> {
+    sub.events_for(job)
+        .into_iter()
+        .filter(|ev| event_type(ev) == kind)
+        .collect()
+}
+
+pub fn is_terminal(kind: &str) -> bool {
+    matches!(kind, "end" | "error" | "cancelled")
+}
+
+/// Returns once every message published before this call has reached `sub`:
+/// publishes a marker and waits for it (Redis delivers to one subscriber in
+/// the order it ran the PUBLISHes). Lets a test assert that an event did NOT
+/// come, without sleeping.
+pub fn sync_subscriber(redis: &RedisServer, sub: &Subscriber) {
+    static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let marker = format!(
+        "marker-{}",
+        N.fetch_add(1, std::sync::atomic::Ordering::SeqCst)
+    );
+    let msg = serde_json::json!({"type": "marker", "jobId": marker}).to_string();
+    redis::cmd("PUBLISH")
+        .arg(format!("stream:v1:{marker}"))
+        .arg(msg)
+        .query::<i64>(&mut redis.conn())
+        .expect("PUBLISH marker");
+    sub.wait_for(&marker, "marker", Duration::from_secs(10));
+}
+
+pub fn status(conn: &mut redis::Connection, job: &str) -> HashMap<String, String> {
+    hgetall(conn, &format!("job:{job}:status"))
+}
+
+/// Waits until `job:{job}:status` has `status == want`; returns the hash.
+pub fn wait_status(
+    conn: &mut redis::Connection,
+    job: &str,
+    want: &str,
+    timeout: Duration,
+) -> HashMap<String, String> {
+    wait_until(&format!("job {job} status {want}"), timeout, || {
+        let h = status(conn, job);
+        (h.get("status").map(String::as_str) == Some(want)).then_some(h)
+    })
+}
+
+pub fn wait_drained(conn: &mut redis::Connection, stream: &str, group: &str, timeout: Duration) {
+    wait_until(&format!("no entry pending on {stream}"), timeout, || {
+        (pending_count(conn, stream, group) == 0).then_some(())
+    });
+}
+
+/// One row of `XPENDING stream group - + n`.
+#[derive(Debug, Clone)]
+pub struct Pending {
+    pub id: String,
+    pub consumer: String,
+    pub deliveries: i64,
+}
+
+pub fn pending_rows(conn: &mut redis::Connection, stream: &str, group: &str) -> Vec<Pending> {
+    let reply: Value = redis::cmd("XPENDING")
+        .arg(stream)
+        .arg(group)
+        .arg("-")
+        .arg("+")
+        .arg(10_000)
+        .query(conn)
+        .unwrap_or_else(|e| panic!("XPENDING {stream} {group}: {e}"));
+    let Value::Array(rows) = reply else {
+        return Vec::new();
+    };
+    rows.into_iter()
+        .filter_map(|row| match row {
+            Value::Array(cols) => match (&cols[0], &cols[1], &cols[3]) {
+                (Value::BulkString(id), Value::BulkString(c), Value::Int(n)) => Some(Pending {
+                    id: String::from_utf8_lossy(id).into_owned(),
+                    consumer: String::from_utf8_lossy(c).into_owned(),
+                    deliveries: *n,
+                }),
+                _ => None,
+            },
+            _ => None,
+        })
+        .collect()
+}
+
+/// Calls per command since the last `CONFIG RESETSTAT`, from `INFO
+/// commandstats` (`cmdstat_xreadgroup:calls=3,…` → "xreadgroup" → 3).
+pub fn command_calls(conn: &mut redis::Connection) -> HashMap<String, u64> {
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query(conn)
+        .expect("INFO commandstats");
+    info.lines()
+        .filter_map(|l| {
+            let (name, rest) = l.strip_prefix("cmdstat_")?.split_once(':')?;
+            let calls = rest
+                .strip_prefix("calls=")?
+                .split(',')
+                .next()?
+                .parse()
+                .ok()?;
+            Some((name.to_owned(), calls))
+        })
+        .collect()
+}
+
+/// A field of `INFO <section>`, e.g. `info_field(c, "replication", "role")`.
+pub fn info_field(conn: &mut redis::Connection, section: &str, field: &str) -> Option<String> {
+    let info: String = redis::cmd("INFO").arg(section).query(conn).ok()?;
+    info.lines().find_map(|l| {
+        l.strip_prefix(&format!("{field}:"))
+            .map(|v| v.trim().to_owned())
+    })
+}

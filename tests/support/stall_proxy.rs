@@ -1,0 +1,157 @@
+//! A TCP proxy on 127.0.0.1 in front of a real redis-server that can hold
+//! back the server's replies while still passing the client's commands on:
+//! Redis runs a command, the client never hears back in time. That is the
+//! case of a reply lost after the work was done (a stalled network, a proxy
+//! restart), which DEBUG SLEEP or CLIENT PAUSE cannot produce on loopback:
+//! there, a client that gives up resets its connection and Redis drops what
+//! it had not read yet.
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+pub struct StallProxy {
+    port: u16,
+    hold: Arc<Hold>,
+    stop: Arc<AtomicBool>,
+}
+
+/// When replies are kept back: while `on`, or until `until` once a command
+/// containing `trigger` passed.
+#[derive(Default)]
+struct Hold {
+    on: AtomicBool,
+    trigger: Mutex<Option<(Vec<u8>, Duration)>>,
+    until: Mutex<Option<Instant>>,
+}
+
+impl Hold {
+    fn saw(&self, bytes: &[u8]) {
+        let mut trigger = self.trigger.lock().unwrap();
+        if let Some((pattern, d)) = trigger.as_ref() {
+            if bytes
+                .windows(pattern.len())
+                .any(|w| w == pattern.as_slice())
+            {
+                *self.until.lock().unwrap() = Some(Instant::now() + *d);
+                *trigger = None;
+            }
+        }
+    }
+
+    fn holding(&self) -> bool {
+        self.on.load(Ordering::SeqCst)
+            || self
+                .until
+                .lock()
+                .unwrap()
+                .is_some_and(|t| Instant::now() < t)
+    }
+}
+
+impl StallProxy {
+    pub fn start(target_port: u16) -> StallProxy {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("binding the proxy");
+        let port = listener.local_addr().expect("proxy address").port();
+        listener
+            .set_nonblocking(true)
+            .expect("nonblocking listener");
+        let hold = Arc::new(Hold::default());
+        let stop = Arc::new(AtomicBool::new(false));
+        let (h, s) = (hold.clone(), stop.clone());
+        thread::spawn(move || {
+            while !s.load(Ordering::SeqCst) {
+                match listener.accept() {
+                    Ok((client, _)) => {
+                        let Ok(server) = TcpStream::connect(("127.0.0.1", target_port)) else {
+                            continue;
+                        };
+                        pipe_both(client, server, h.clone(), s.clone());
+                    }
+                    Err(_) => thread::sleep(Duration::from_millis(5)),
+                }
+            }
+        });
+        StallProxy { port, hold, stop }
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.port)
+    }
+
+    /// While on, replies from Redis are kept back (commands still pass).
+    pub fn hold_replies(&self, on: bool) {
+        self.hold.on.store(on, Ordering::SeqCst);
+    }
+
+    /// The first time a client sends bytes containing `pattern`, keep every
+    /// reply back for `d` from then on (the command itself still runs).
+    pub fn hold_replies_after(&self, pattern: &str, d: Duration) {
+        *self.hold.trigger.lock().unwrap() = Some((pattern.as_bytes().to_vec(), d));
+    }
+
+    /// Whether that has happened.
+    pub fn was_triggered(&self) -> bool {
+        self.hold.until.lock().unwrap().is_some()
+    }
+}
+
+impl Drop for StallProxy {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+    }
+}
+
+fn pipe_both(client: TcpStream, server: TcpStream, hold: Arc<Hold>, stop: Arc<AtomicBool>) {
+    let closed = Arc::new(AtomicBool::new(false));
+    let (c2, s2) = (client.try_clone().unwrap(), server.try_clone().unwrap());
+    let (done, seen) = (closed.clone(), hold.clone());
+    // Client → server: always passed on at once.
+    thread::spawn(move || {
+        copy(c2, s2, &|b| seen.saw(b), &|| false, &done);
+    });
+    // Server → client: kept back while held.
+    thread::spawn(move || {
+        let held = || hold.holding() && !stop.load(Ordering::SeqCst);
+        copy(server, client, &|_| {}, &held, &closed);
+    });
+}
+
+fn copy(
+    mut from: TcpStream,
+    mut to: TcpStream,
+    saw: &dyn Fn(&[u8]),
+    held: &dyn Fn() -> bool,
+    closed: &AtomicBool,
+) {
+    let mut buf = [0u8; 16 * 1024];
+    let _ = from.set_read_timeout(Some(Duration::from_millis(50)));
+    while !closed.load(Ordering::SeqCst) {
+        let n = match from.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                continue
+            }
+            Err(_) => break,
+        };
+        saw(&buf[..n]);
+        while held() && !closed.load(Ordering::SeqCst) {
+            thread::sleep(Duration::from_millis(5));
+        }
+        if to.write_all(&buf[..n]).is_err() {
+            break;
+        }
+    }
+    closed.store(true, Ordering::SeqCst);
+    let _ = from.shutdown(Shutdown::Both);
+    let _ = to.shutdown(Shutdown::Both);
+}
