@@ -86,6 +86,8 @@ fn engine_or_skip(test: &str) -> Option<(PathBuf, PathBuf)> {
 struct LlamaServer {
     child: Child,
     url: String,
+    /// Holds the log; removed on drop unless a test failed.
+    dir: PathBuf,
     log: PathBuf,
 }
 
@@ -109,9 +111,11 @@ fn local_agent(timeout: Duration) -> ureq::Agent {
 impl LlamaServer {
     /// `ctx` tokens of context shared by `slots` slots (requests served at once).
     fn start(server: &Path, model: &Path, ctx: u32, slots: u32) -> LlamaServer {
-        let dir = fresh_temp_dir("llama");
-        let log = dir.join("llama-server.log");
+        let mut last_log = String::new();
         for _ in 0..3 {
+            // A dir per attempt: a failed attempt's drop removes its own.
+            let dir = fresh_temp_dir("llama");
+            let log = dir.join("llama-server.log");
             let port = support::free_port();
             let file = std::fs::File::create(&log).expect("creating the llama-server log");
             let child = Command::new(server)
@@ -132,20 +136,19 @@ impl LlamaServer {
             let mut s = LlamaServer {
                 child,
                 url: format!("http://127.0.0.1:{port}"),
-                log: log.clone(),
+                dir,
+                log,
             };
             if s.wait_healthy() {
                 return s;
             }
             // Exited: the port was taken between the probe and the bind?
-            if !s.log_text().to_lowercase().contains("bind") {
-                panic!("llama-server did not start:\n{}", s.log_text());
+            last_log = s.log_text();
+            if !last_log.to_lowercase().contains("bind") {
+                panic!("llama-server did not start:\n{last_log}");
             }
         }
-        panic!(
-            "llama-server could not get a port:\n{}",
-            std::fs::read_to_string(&log).unwrap_or_default()
-        );
+        panic!("llama-server could not get a port:\n{last_log}");
     }
 
     /// Polls GET /health until 200 (true) or the process exits (false).
@@ -211,6 +214,8 @@ impl Drop for LlamaServer {
         let _ = self.child.wait();
         if std::thread::panicking() {
             eprintln!("--- llama-server log ---\n{}", self.log_text());
+        } else {
+            let _ = std::fs::remove_dir_all(&self.dir);
         }
     }
 }
