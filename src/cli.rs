@@ -349,7 +349,7 @@ mod tests {
             .contains("--all"));
         assert!(parse_args(&["work", "--redis-url", "nope"])
             .unwrap_err()
-            .contains("invalid Redis URL"));
+            .contains("--redis-url: 'nope' is not a Redis URL"));
     }
 
     #[test]

@@ -250,7 +250,7 @@ impl Settings {
         let v = value.trim();
         match name {
             "redis-url" => {
-                redis::Client::open(v).map_err(|e| format!("invalid Redis URL '{v}': {e}"))?;
+                check_redis_url(v)?;
                 self.redis_url = v.to_owned();
                 self.redis_url_set = true;
             }
@@ -406,6 +406,98 @@ fn http_url(v: &str) -> Result<String, String> {
     Ok(v.trim_end_matches('/').to_owned())
 }
 
+/// The forms of Redis URL accepted, for error messages.
+const REDIS_URL_FORMS: &str =
+    "write redis://HOST[:PORT][/DB], rediss://… for TLS, or unix:///PATH/TO/SOCKET";
+
+/// Whether `v` is a Redis URL the client can open; if not, what is wrong,
+/// in plain words (the client's own errors name an error kind, not the
+/// mistake). A password in the URL is not repeated in the message.
+fn check_redis_url(v: &str) -> Result<(), String> {
+    let shown = redact_password(v);
+    let wrong = |what: &str| {
+        Err(format!(
+            "'{shown}' is not a Redis URL: {what} ({REDIS_URL_FORMS})"
+        ))
+    };
+    let Some((scheme, rest)) = v.split_once("://") else {
+        return if v.is_empty() {
+            Err(format!("the Redis URL is empty ({REDIS_URL_FORMS})"))
+        } else {
+            wrong("it does not start with redis://")
+        };
+    };
+    match scheme.to_ascii_lowercase().as_str() {
+        // The schemes the redis crate opens (valkey* are its aliases).
+        "redis" | "rediss" | "valkey" | "valkeys" => {
+            let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+            let (authority, tail) = rest.split_at(end);
+            let host_port = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+            let (host, port) = match host_port.strip_prefix('[') {
+                Some(v6) => match v6.split_once(']') {
+                    Some((h, "")) => (h, None),
+                    Some((h, p)) if p.starts_with(':') => (h, Some(&p[1..])),
+                    _ => return wrong("its IPv6 host is not closed with ]"),
+                },
+                None => match host_port.rsplit_once(':') {
+                    Some((h, p)) => (h, Some(p)),
+                    None => (host_port, None),
+                },
+            };
+            if host.is_empty() {
+                return wrong("it names no host");
+            }
+            if host == "0.0.0.0" || host == "::" {
+                return wrong(&format!(
+                    "{host} is an address to listen on, not one to connect to"
+                ));
+            }
+            match port {
+                Some(p) if !p.is_empty() && !matches!(p.parse::<u16>(), Ok(1..)) => {
+                    return wrong(&format!(
+                        "the port must be a number from 1 to 65535, not '{p}'"
+                    ))
+                }
+                _ => {}
+            }
+            let path = tail.split(['?', '#']).next().unwrap_or_default();
+            let db = path.trim_matches('/');
+            if !db.is_empty() && db.parse::<u32>().is_err() {
+                return wrong(&format!(
+                    "the database after the host must be a number (/0, /1, …), not '{db}'"
+                ));
+            }
+        }
+        "unix" | "redis+unix" | "valkey+unix" => {
+            if !rest.starts_with('/') || rest.len() < 2 {
+                return wrong("it names no socket path");
+            }
+        }
+        other => return wrong(&format!("{other}:// is not a Redis scheme")),
+    }
+    // The client's own parser has the last word (query options, fragments).
+    match redis::Client::open(v) {
+        Ok(_) => Ok(()),
+        Err(_) => wrong("the Redis client cannot read it"),
+    }
+}
+
+/// `redis://user:secret@host` → `redis://user:***@host`.
+fn redact_password(v: &str) -> String {
+    let Some((scheme, rest)) = v.split_once("://") else {
+        return v.to_owned();
+    };
+    let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    match rest[..end].rsplit_once('@') {
+        Some((user_info, _)) if user_info.contains(':') => {
+            let user = user_info.split(':').next().unwrap_or_default();
+            let at = user_info.len();
+            format!("{scheme}://{user}:***{}", &rest[at..])
+        }
+        _ => v.to_owned(),
+    }
+}
+
 fn non_empty(v: &str) -> Result<String, String> {
     if v.is_empty() {
         Err("must not be empty".into())
@@ -482,7 +574,7 @@ mod tests {
         assert!(s
             .set("redis-url", "not a url")
             .unwrap_err()
-            .contains("invalid Redis URL"));
+            .contains("is not a Redis URL"));
         assert!(s.set("concurrency", "0").is_err());
         assert!(s
             .set("max-deliveries", "0")
@@ -525,6 +617,54 @@ mod tests {
             .unwrap_err()
             .contains("not a JSON object"));
         assert!(s.apply_file(r#"{"concurrency":"x"}"#).is_err());
+    }
+
+    #[test]
+    fn bad_redis_urls_say_in_plain_words_what_is_wrong() {
+        let cases = [
+            ("nonsense", "it does not start with redis://"),
+            ("http://x", "http:// is not a Redis scheme"),
+            ("redis://:99999", "it names no host"),
+            ("redis://", "it names no host"),
+            (
+                "redis://h:99999",
+                "the port must be a number from 1 to 65535, not '99999'",
+            ),
+            ("redis://h:0", "not '0'"),
+            ("redis://h:abc", "not 'abc'"),
+            (
+                "redis://h/x",
+                "the database after the host must be a number",
+            ),
+            ("redis://0.0.0.0:6379", "an address to listen on"),
+            ("redis://[::1:6379", "not closed with ]"),
+            ("unix://", "it names no socket path"),
+            ("rediss://h#verify", "the Redis client cannot read it"),
+            ("", "the Redis URL is empty"),
+        ];
+        for (url, want) in cases {
+            let err = check_redis_url(url).unwrap_err();
+            assert!(err.contains(want), "{url}: {err}");
+            assert!(!err.contains("InvalidClientConfig"), "{url}: {err}");
+            assert!(
+                err.contains("write redis://HOST[:PORT][/DB]"),
+                "{url}: {err}"
+            );
+        }
+        let err = check_redis_url("redis://u:s3cret@h:99999").unwrap_err();
+        assert!(err.contains("'redis://u:***@h:99999'"), "{err}");
+        for good in [
+            "redis://127.0.0.1:6379",
+            "redis://127.0.0.1:6379/",
+            "redis://queue-host",
+            "rediss://user:pw@queue-host:6380/2",
+            "redis://:pw@h:6379/0?protocol=resp3",
+            "rediss://h:6380/#insecure",
+            "redis://[::1]:6379",
+            "unix:///run/redis.sock",
+        ] {
+            assert_eq!(check_redis_url(good), Ok(()), "{good}");
+        }
     }
 
     #[test]

@@ -1,6 +1,8 @@
 //! Shared integration-test harness: a real `redis-server` per test, the real
-//! `citadel` binary as a child process, a Pub/Sub listener and a few Redis
-//! helpers. Test files use it through `mod support;`.
+//! `citadel` binary as a child process (in a clean environment: no inherited
+//! `CITADEL_*`, no `/etc/citadel/config.json`, a temp state directory), a
+//! Pub/Sub listener and a few Redis helpers. Test files use it through
+//! `mod support;`.
 //!
 //! Everything here waits by polling with a deadline (never a blind sleep), and
 //! every test gets its own Redis server on its own port in its own temp dir,
@@ -355,12 +357,56 @@ pub fn citadel_bin() -> &'static str {
     }
 }
 
-/// A `Command` for the citadel binary with `args`, `RUST_LOG` unset, for
-/// one-shot commands (`citadel submit …`) whose output the test captures.
+/// A `Command` for the citadel binary with `args`, `RUST_LOG` unset and a
+/// clean environment (see [`clean_env`]; its state directory is a fresh path
+/// under cargo's target tmp dir, created only if the command writes state),
+/// for one-shot commands (`citadel submit …`) whose output the test captures.
 pub fn citadel_cmd(args: &[&str]) -> Command {
+    static CALLS: AtomicU64 = AtomicU64::new(0);
+    let n = CALLS.fetch_add(1, Ordering::SeqCst);
+    let scratch = target_tmp_dir().join(format!("cmd-{}-{n}", std::process::id()));
     let mut cmd = Command::new(citadel_bin());
     cmd.args(args).env_remove("RUST_LOG");
+    clean_env(&mut cmd, &scratch);
     cmd
+}
+
+/// Makes `cmd` see none of the machine's citadel setup: no inherited
+/// `CITADEL_*` variable, `CITADEL_CONFIG` naming an empty JSON object file
+/// (so `/etc/citadel/config.json` is never read), and the state directory
+/// (`CITADEL_STATE_DIR`, and `XDG_STATE_HOME` for its default) under
+/// `scratch`. Variables a test sets on `cmd` afterwards win.
+pub fn clean_env(cmd: &mut Command, scratch: &Path) {
+    for (key, _) in std::env::vars_os() {
+        if key.to_string_lossy().starts_with("CITADEL_") {
+            cmd.env_remove(&key);
+        }
+    }
+    cmd.env("CITADEL_CONFIG", empty_config_file())
+        .env("CITADEL_STATE_DIR", scratch.join("state"))
+        .env("XDG_STATE_HOME", scratch.join("xdg-state"));
+}
+
+/// Cargo's scratch directory for integration tests (inside `target/`).
+fn target_tmp_dir() -> PathBuf {
+    option_env!("CARGO_TARGET_TMPDIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(std::env::temp_dir)
+}
+
+/// A config file holding `{}`, shared by every test: written once per test
+/// process, atomically (a reader never sees half of it).
+fn empty_config_file() -> &'static Path {
+    static FILE: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    FILE.get_or_init(|| {
+        let dir = target_tmp_dir();
+        fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("creating {}: {e}", dir.display()));
+        let path = dir.join("citadel-empty-config.json");
+        let tmp = dir.join(format!("citadel-empty-config.json.{}", std::process::id()));
+        fs::write(&tmp, "{}").unwrap_or_else(|e| panic!("writing {}: {e}", tmp.display()));
+        fs::rename(&tmp, &path).unwrap_or_else(|e| panic!("renaming to {}: {e}", path.display()));
+        path
+    })
 }
 
 /// The real `citadel` binary running as a child process, its stdout and
@@ -384,12 +430,15 @@ impl Citadel {
         Citadel::spawn(&args, &env)
     }
 
-    /// Runs `citadel <args>` with `env` added to the inherited environment.
+    /// Runs `citadel <args>` in a clean environment (see [`clean_env`]; its
+    /// state directory inside this child's own temp dir) with `env` added.
     pub fn spawn(args: &[&str], env: &[(&str, &str)]) -> Citadel {
         let dir = fresh_temp_dir("citadel");
         let log = dir.join("citadel.log");
         let file = open_log(&log);
-        let child = Command::new(citadel_bin())
+        let mut cmd = Command::new(citadel_bin());
+        clean_env(&mut cmd, &dir);
+        let child = cmd
             .args(args)
             .envs(env.iter().copied())
             .stdin(Stdio::null())
