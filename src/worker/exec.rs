@@ -230,7 +230,10 @@ mod tests {
             panic!("{outcome:?}");
         };
         assert_eq!(reason, "permanent error");
-        assert!(error.contains("not retried: 2 chunks were already streamed"), "{error}");
+        assert!(
+            error.contains("not retried: 2 chunks were already streamed"),
+            "{error}"
+        );
 
         let (outcome, chunks) = run(&exec, json!({"chunks": 1, "fail": "panic"}));
         assert_eq!(chunks, 1, "one attempt only");
