@@ -58,9 +58,9 @@ impl ConsumerLock {
         }
     }
 
-    /// A few seconds: short enough that a restarted agent is never refused
-    /// for long, long enough that renewals every third of it are not missed.
-    /// Never longer than claim-idle, so tests with short leases stay short.
+    /// Claim-idle, but between 1 s and 10 s: short enough that a restarted
+    /// agent waits seconds, not claim-idle, for a killed one's name; long
+    /// enough that renewals every third of it are not missed.
     pub fn ttl(claim_idle: Duration) -> Duration {
         claim_idle.clamp(Duration::from_secs(1), Duration::from_secs(10))
     }

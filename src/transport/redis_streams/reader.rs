@@ -213,72 +213,89 @@ impl Reader {
 
     /// This consumer's own pending entries that do not run here: what an
     /// earlier run of it left unfinished, or what a read cut off by an
-    /// outage delivered. XCLAIM counts one delivery for each (they are
-    /// delivered again); entries running here are left alone, and an entry
-    /// acknowledged meanwhile is simply not returned by XCLAIM.
+    /// outage delivered. Goes on, stream by stream, until every one was
+    /// taken back (more free slots may be needed than there are now).
     fn take_back_own(&mut self, conn: &mut Connection, free: &mut Vec<Slot>) -> RedisResult<()> {
-        let st = self.state.clone();
         let mut cursors = self.own.take().unwrap_or_default();
-        let result = (|| {
-            for (i, stream) in st.streams.iter().enumerate() {
-                let Some(start) = cursors[i].clone() else {
-                    continue;
-                };
-                if free.is_empty() {
-                    return Ok(());
-                }
-                let page = free.len() + st.inflight.len() + 16;
-                let rows = pending_rows(conn, &st, stream, &start, page, &st.consumer)?;
-                let after = |id: &str| Some(format!("({id}"));
-                let candidates: Vec<(String, u64)> = rows
-                    .iter()
-                    .filter(|(id, _)| !st.inflight.contains(stream, id))
-                    .cloned()
-                    .collect();
-                let mine: Vec<(String, u64)> =
-                    candidates.iter().take(free.len()).cloned().collect();
-                cursors[i] = match (mine.last(), rows.last()) {
-                    // More to take back than slots: resume after the last taken.
-                    (Some((id, _)), _) if mine.len() < candidates.len() => after(id),
-                    // A full page: there may be more rows after it.
-                    (_, Some((id, _))) if rows.len() >= page => after(id),
-                    _ => None,
-                };
-                if mine.is_empty() {
-                    continue;
-                }
-                let counts: HashMap<String, u64> = mine.iter().cloned().collect();
-                let mut claim = redis::cmd("XCLAIM");
-                claim
-                    .arg(&**stream)
-                    .arg(&st.settings.group)
-                    .arg(&st.consumer)
-                    .arg(0);
-                for (id, _) in &mine {
-                    claim.arg(id);
-                }
-                let raws = entry::parse_entries(claim.query(conn)?).map_err(parse_error)?;
-                let with_counts = raws
-                    .into_iter()
-                    .map(|r| {
-                        let n = counts.get(&r.id).copied().unwrap_or(0) + 1;
-                        (r, n)
-                    })
-                    .collect();
-                let taken = self.intake.take(conn, stream, with_counts, free);
-                if taken.held > 0 {
-                    log::info!(
-                        "resuming {} of this consumer's own pending entries on {stream}",
-                        taken.held
-                    );
+        for i in 0..cursors.len() {
+            if free.is_empty() {
+                break;
+            }
+            let Some(start) = cursors[i].take() else {
+                continue;
+            };
+            match self.take_back_stream(conn, i, &start, free) {
+                Ok(next) => cursors[i] = next,
+                Err(e) => {
+                    cursors[i] = Some(start);
+                    self.own = Some(cursors);
+                    return Err(e);
                 }
             }
-            Ok(())
-        })();
-        if result.is_err() || cursors.iter().any(Option::is_some) {
+        }
+        if cursors.iter().any(Option::is_some) {
             self.own = Some(cursors);
         }
-        result
+        Ok(())
+    }
+
+    /// One page of own pending entries of stream `i` from `start`: XPENDING,
+    /// then XCLAIM of those not running here (one delivery counted each:
+    /// they are delivered again); an entry acknowledged meanwhile is simply
+    /// not returned by XCLAIM. Returns where to go on, `None` when done.
+    fn take_back_stream(
+        &mut self,
+        conn: &mut Connection,
+        i: usize,
+        start: &str,
+        free: &mut Vec<Slot>,
+    ) -> RedisResult<Option<String>> {
+        let st = self.state.clone();
+        let stream = &st.streams[i];
+        let page = free.len() + st.inflight.len() + 16;
+        let rows = pending_rows(conn, &st, stream, start, page, &st.consumer)?;
+        let candidates: Vec<&(String, u64)> = rows
+            .iter()
+            .filter(|(id, _)| !st.inflight.contains(stream, id))
+            .collect();
+        let mine = &candidates[..candidates.len().min(free.len())];
+        let after = |id: &str| Some(format!("({id}"));
+        let next = match (mine.last(), rows.last()) {
+            // More to take back than slots: resume after the last taken.
+            (Some((id, _)), _) if mine.len() < candidates.len() => after(id),
+            // A full page: there may be more rows after it.
+            (_, Some((id, _))) if rows.len() >= page => after(id),
+            _ => None,
+        };
+        if mine.is_empty() {
+            return Ok(next);
+        }
+        let counts: HashMap<&str, u64> = mine.iter().map(|(id, n)| (id.as_str(), *n)).collect();
+        let mut claim = redis::cmd("XCLAIM");
+        claim
+            .arg(&**stream)
+            .arg(&st.settings.group)
+            .arg(&st.consumer)
+            .arg(0);
+        for (id, _) in mine {
+            claim.arg(id);
+        }
+        let raws = entry::parse_entries(claim.query(conn)?).map_err(parse_error)?;
+        let with_counts = raws
+            .into_iter()
+            .map(|r| {
+                let n = counts.get(r.id.as_str()).copied().unwrap_or(0) + 1;
+                (r, n)
+            })
+            .collect();
+        let taken = self.intake.take(conn, stream, with_counts, free);
+        if taken.held > 0 {
+            log::info!(
+                "resuming {} of this consumer's own pending entries on {stream}",
+                taken.held
+            );
+        }
+        Ok(next)
     }
 
     /// XAUTOCLAIM entries idle longer than claim-idle, up to the free slots.
