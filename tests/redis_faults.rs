@@ -59,6 +59,20 @@ fn enqueue_mixed(
     jobs
 }
 
+/// Waits until the worker logged the end of `n` runs (whether or not Redis
+/// took their outcomes).
+fn wait_ended_on_worker(w: &Citadel, n: usize) {
+    wait_until(
+        "the jobs to end on the worker",
+        Duration::from_secs(30),
+        || {
+            let log = w.log();
+            (log.matches(") failed in ").count() + log.matches(") completed in ").count() >= n)
+                .then_some(())
+        },
+    );
+}
+
 /// Every job ended exactly once: one terminal event (and nothing after it),
 /// one run, the right status, and each failed one exactly one dead letter.
 fn assert_each_ended_once(redis: &RedisServer, sub: &Subscriber, jobs: &[String]) {
@@ -122,15 +136,7 @@ fn outcomes_wait_while_redis_is_full_then_land_exactly_once() {
     config_set(&mut c, "maxmemory", "1");
     // The jobs ended here; Redis took none of their outcomes, and none was
     // acknowledged without one.
-    wait_until(
-        "every job to have ended on the worker",
-        Duration::from_secs(30),
-        || {
-            (w.log().matches(") failed in ").count() + w.log().matches(") completed in ").count()
-                >= jobs.len())
-            .then_some(())
-        },
-    );
+    wait_ended_on_worker(&w, jobs.len());
     let pending: HashSet<String> = pending_rows(&mut c, QUEUE, GROUP)
         .into_iter()
         .map(|p| p.id)
@@ -202,15 +208,7 @@ fn a_demoted_primary_loses_no_outcome_and_reruns_no_job() {
     replicaof(&mut cb, None);
     replicaof(&mut ca, Some(b.port()));
     synced(&mut ca);
-    wait_until(
-        "every job to have ended on the worker",
-        Duration::from_secs(30),
-        || {
-            (w.log().matches(") failed in ").count() + w.log().matches(") completed in ").count()
-                >= jobs.len())
-            .then_some(())
-        },
-    );
+    wait_ended_on_worker(&w, jobs.len());
     // And back: A is the primary again (with B's data, which is its own).
     caught_up(&mut cb, &mut ca);
     replicaof(&mut ca, None);

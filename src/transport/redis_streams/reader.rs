@@ -253,7 +253,7 @@ impl Reader {
         let st = self.state.clone();
         let stream = &st.streams[i];
         let page = free.len() + st.inflight.len() + 16;
-        let rows = pending_rows(conn, &st, stream, start, page, &st.consumer)?;
+        let rows = pending_rows(conn, &st, stream, (start, "+"), page)?;
         let candidates: Vec<&(String, u64)> = rows
             .iter()
             .filter(|(id, _)| !st.inflight.contains(stream, id))
@@ -421,37 +421,38 @@ fn xreadgroup(
     entry::parse_read_reply(cmd.query(conn)?).map_err(parse_error)
 }
 
-/// `XPENDING stream group start + count consumer`: (id, delivery count) of
-/// each row.
+/// `XPENDING stream group start end count <this consumer>`: (id, delivery
+/// count) of each row.
 fn pending_rows(
     conn: &mut Connection,
     st: &StreamsState,
     stream: &str,
-    start: &str,
+    (start, end): (&str, &str),
     count: usize,
-    consumer: &str,
 ) -> RedisResult<Vec<(String, u64)>> {
     let reply: Value = redis::cmd("XPENDING")
         .arg(stream)
         .arg(&st.settings.group)
         .arg(start)
-        .arg("+")
+        .arg(end)
         .arg(count)
-        .arg(consumer)
+        .arg(&st.consumer)
         .query(conn)?;
-    let mut rows = Vec::new();
-    if let Value::Array(items) = reply {
-        for row in items {
-            if let Value::Array(cols) = row {
-                if let (Some(Value::BulkString(id)), Some(Value::Int(n))) =
-                    (cols.first(), cols.get(3))
-                {
-                    rows.push((String::from_utf8_lossy(id).into_owned(), *n as u64));
+    let Value::Array(items) = reply else {
+        return Ok(Vec::new());
+    };
+    Ok(items
+        .into_iter()
+        .filter_map(|row| match row {
+            Value::Array(cols) => match (cols.first(), cols.get(3)) {
+                (Some(Value::BulkString(id)), Some(Value::Int(n))) => {
+                    Some((String::from_utf8_lossy(id).into_owned(), *n as u64))
                 }
-            }
-        }
-    }
-    Ok(rows)
+                _ => None,
+            },
+            _ => None,
+        })
+        .collect())
 }
 
 /// Redis's delivery counts of `raws`, from this consumer's pending list.
@@ -462,27 +463,10 @@ fn delivery_counts(
     raws: &[RawEntry],
 ) -> RedisResult<HashMap<String, u64>> {
     let (first, last) = (&raws[0].id, &raws[raws.len() - 1].id);
-    let reply: Value = redis::cmd("XPENDING")
-        .arg(&**stream)
-        .arg(&st.settings.group)
-        .arg(first)
-        .arg(last)
-        .arg(raws.len() + st.inflight.len() + 16)
-        .arg(&st.consumer)
-        .query(conn)?;
-    let mut counts = HashMap::new();
-    if let Value::Array(rows) = reply {
-        for row in rows {
-            if let Value::Array(cols) = row {
-                if let (Some(Value::BulkString(id)), Some(Value::Int(n))) =
-                    (cols.first(), cols.get(3))
-                {
-                    counts.insert(String::from_utf8_lossy(id).into_owned(), *n as u64);
-                }
-            }
-        }
-    }
-    Ok(counts)
+    let n = raws.len() + st.inflight.len() + 16;
+    Ok(pending_rows(conn, st, stream, (first, last), n)?
+        .into_iter()
+        .collect())
 }
 
 fn parse_error(msg: String) -> redis::RedisError {
