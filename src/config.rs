@@ -74,6 +74,22 @@ pub const SETTINGS: &[(&str, &str)] = &[
         "base URL of the llama.cpp server (llm_inference) [http://127.0.0.1:8080]",
     ),
     (
+        "extraction-url",
+        "base URL of the node's extraction service (extraction) [http://127.0.0.1:8202]",
+    ),
+    (
+        "extraction-ready-timeout",
+        "longest wait for the extraction service's GET /health to answer 2xx [60s]",
+    ),
+    (
+        "extraction-timeout",
+        "longest wait for the extraction service's answer to POST /extract [2m]",
+    ),
+    (
+        "extraction-max-bytes",
+        "largest extraction request (text and schema as JSON), in bytes [1048576]",
+    ),
+    (
         "engine-connect-timeout",
         "longest wait for an engine to accept a connection [5s]",
     ),
@@ -127,6 +143,10 @@ pub struct Settings {
     pub vllm_url: String,
     pub ollama_url: String,
     pub llamacpp_url: String,
+    pub extraction_url: String,
+    pub extraction_ready_timeout: Duration,
+    pub extraction_timeout: Duration,
+    pub extraction_max_bytes: usize,
     pub engine_connect_timeout: Duration,
     pub engine_first_token_timeout: Duration,
     pub engine_idle_timeout: Duration,
@@ -167,6 +187,10 @@ impl Default for Settings {
             vllm_url: "http://127.0.0.1:8000".into(),
             ollama_url: "http://127.0.0.1:11434".into(),
             llamacpp_url: "http://127.0.0.1:8080".into(),
+            extraction_url: "http://127.0.0.1:8202".into(),
+            extraction_ready_timeout: Duration::from_secs(60),
+            extraction_timeout: Duration::from_secs(120),
+            extraction_max_bytes: 1 << 20,
             engine_connect_timeout: Duration::from_secs(5),
             engine_first_token_timeout: Duration::from_secs(120),
             engine_idle_timeout: Duration::from_secs(30),
@@ -306,6 +330,17 @@ impl Settings {
             "vllm-url" => self.vllm_url = http_url(v)?,
             "ollama-url" => self.ollama_url = http_url(v)?,
             "llamacpp-url" => self.llamacpp_url = http_url(v)?,
+            "extraction-url" => self.extraction_url = http_url(v)?,
+            "extraction-ready-timeout" => {
+                self.extraction_ready_timeout = positive(parse_duration(v)?)?
+            }
+            "extraction-timeout" => self.extraction_timeout = positive(parse_duration(v)?)?,
+            "extraction-max-bytes" => {
+                self.extraction_max_bytes = number(v)?;
+                if self.extraction_max_bytes == 0 {
+                    return Err("must be at least 1 (0 would refuse every extraction)".into());
+                }
+            }
             "engine-connect-timeout" => self.engine_connect_timeout = positive(parse_duration(v)?)?,
             "engine-first-token-timeout" => {
                 self.engine_first_token_timeout = positive(parse_duration(v)?)?

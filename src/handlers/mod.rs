@@ -5,6 +5,7 @@
 //! under Redis Streams, Nexus polling and `citadel run-job`.
 
 mod echo;
+mod extraction;
 pub mod inference;
 
 use crate::config::Settings;
@@ -91,6 +92,10 @@ impl Registry {
         Registry {
             entries: vec![
                 (&["echo"], Arc::new(echo::Echo)),
+                (
+                    &["extraction", "GLINER_EXTRACTION", "EXTRACTION"],
+                    Arc::new(extraction::Extraction::new(settings)),
+                ),
                 (
                     &["llm_inference"],
                     Arc::new(inference::Inference::new(settings)),
