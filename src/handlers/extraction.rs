@@ -168,25 +168,31 @@ impl Call<'_> {
         let until = Instant::now() + limit;
         let url = format!("{}/health", self.base());
         let mut pause = FIRST_PAUSE;
+        // What the last probe heard; a probe cut off by the ready deadline
+        // itself adds nothing to an answer heard before.
+        let mut heard: Option<String> = None;
         loop {
             if ctx.is_cancelled() {
                 return Err(cancelled());
             }
             self.deadline.set(Some(until));
-            let last = match self.agent.get(&url).call() {
+            match self.agent.get(&url).call() {
                 Ok(response) => {
                     let status = response.status().as_u16();
                     if (200..300).contains(&status) {
                         return Ok(());
                     }
                     let text = read_limited(response, MAX_ERROR_BODY).unwrap_or_default();
-                    format!("HTTP {status}: {}", service_message(&text))
+                    heard = Some(format!("HTTP {status}: {}", service_message(&text)));
                 }
                 Err(e) => match self.classify(ctx, e.into_io(), "its health")? {
-                    Some(why) => why,
-                    None => format!("no answer within {}", human(limit)),
+                    Some(why) => heard = Some(why),
+                    None => {
+                        heard.get_or_insert_with(|| format!("no answer within {}", human(limit)));
+                    }
                 },
-            };
+            }
+            let last = heard.as_deref().unwrap_or_default();
             let left = until.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 return Err(JobError::Retryable(format!(

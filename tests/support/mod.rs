@@ -10,6 +10,7 @@
 #![allow(dead_code)]
 
 pub mod fake_engine;
+pub mod fake_extraction;
 pub mod fake_nexus;
 pub mod observe;
 pub mod stall_proxy;
