@@ -425,3 +425,53 @@ fn cancellation_closes_the_service_connection() {
         status(&mut conn, "j-cancel")
     );
 }
+
+// ---------------------------------------------------------------------------
+// citadel status
+// ---------------------------------------------------------------------------
+
+#[test]
+fn status_says_whether_the_extraction_service_is_ready() {
+    let loading = FakeExtraction::ready_after(usize::MAX, Answer::Hang);
+    let ready = FakeExtraction::start(Answer::Hang);
+    let dead = dead_url();
+    let line = |url: &str| {
+        let out = citadel_cmd(&[
+            "status",
+            "--extraction-url",
+            url,
+            "--vllm-url",
+            &dead,
+            "--ollama-url",
+            &dead,
+            "--llamacpp-url",
+            &dead,
+        ])
+        .output()
+        .expect("running citadel status");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert_eq!(out.status.code(), Some(0), "{text}");
+        text.lines()
+            .find(|l| l.starts_with("extraction "))
+            .unwrap_or_else(|| panic!("no extraction line in:\n{text}"))
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    assert_eq!(
+        line(&loading.url()),
+        format!(
+            "extraction {} not ready: HTTP 503: loading model",
+            loading.url()
+        )
+    );
+    assert_eq!(
+        line(&ready.url()),
+        format!("extraction {} ready", ready.url())
+    );
+    assert_eq!(
+        line(&dead),
+        format!("extraction {dead} not answering: connection refused")
+    );
+    assert_eq!(ready.requests(), ["GET /health"]);
+}

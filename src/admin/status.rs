@@ -1,7 +1,8 @@
 //! `citadel status`: the mode a `citadel agent` last recorded in
 //! `{state-dir}/agent-status.json`, then which inference engines answer at
 //! their configured URLs (vLLM `GET /v1/models`, Ollama `GET /api/tags`,
-//! llama.cpp `GET /health`); and the engines' state as one log line when
+//! llama.cpp `GET /health`) and whether the extraction service does
+//! (`GET /health`); and the engines' state as one log line when
 //! `citadel work` starts. Nothing here fails the command: a missing status or
 //! an engine that does not answer is a state to report, not an error (exit 0).
 
@@ -36,11 +37,20 @@ impl Readiness {
     }
 }
 
-/// `citadel status`: the agent's mode, then one line per engine; exit 0.
+/// `citadel status`: the agent's mode, then one line per engine and one for
+/// the extraction service; exit 0.
 pub fn run(settings: &Settings) -> Result<i32, Exit> {
     println!("{}", agent_mode(&settings.state_dir));
+    let (engines, extraction) = std::thread::scope(|s| {
+        let extraction = s.spawn(|| probe_extraction(settings));
+        let engines = probe_all(settings);
+        let extraction = extraction
+            .join()
+            .unwrap_or_else(|_| Readiness::Down("probe panicked".into()));
+        (engines, extraction)
+    });
     println!("{:<10} {:<32} STATE", "ENGINE", "URL");
-    for (backend, readiness) in probe_all(settings) {
+    for (backend, readiness) in engines {
         println!(
             "{:<10} {:<32} {}",
             backend.name(),
@@ -48,7 +58,20 @@ pub fn run(settings: &Settings) -> Result<i32, Exit> {
             readiness.describe()
         );
     }
+    println!(
+        "{:<10} {:<32} {}",
+        "extraction",
+        settings.extraction_url,
+        extraction.describe()
+    );
     Ok(0)
+}
+
+/// The extraction service's `GET /health`, probed like an engine.
+fn probe_extraction(settings: &Settings) -> Readiness {
+    let client = HttpClient::new(settings.engine_connect_timeout);
+    let url = format!("{}/health", settings.extraction_url);
+    probe(&client, &url, settings.engine_connect_timeout * 2)
 }
 
 /// What `{state_dir}/agent-status.json` (written by adaptive mode) says.
@@ -151,6 +174,7 @@ fn probe(client: &HttpClient, url: &str, budget: Duration) -> Readiness {
             .pointer("/error/message")
             .or_else(|| json.get("error"))
             .or_else(|| json.get("message"))
+            .or_else(|| json.get("detail"))
             .and_then(Value::as_str)
             .map(str::to_owned)
             .unwrap_or_else(|| one_line(&String::from_utf8_lossy(&body)));
