@@ -214,23 +214,19 @@ fn service_never_healthy_is_retryable_and_names_its_setting() {
     let _w = worker(
         &redis,
         &service.url(),
-        &["--extraction-ready-timeout", "300ms", "--max-retries", "1"],
+        &["--extraction-ready-timeout", "1s"],
     );
     let t0 = Instant::now();
     let events = run(&redis, &sub, "j-cold", "extraction", json!({"text": "x"}));
     let want = format!(
-        "the extraction service at {} did not become ready within 300ms \
+        "the extraction service at {} did not become ready within 1s \
          (extraction-ready-timeout); last answer to GET /health: HTTP 503: loading model \
-         (gave up after 2 attempts)",
+         (gave up after 1 attempts)",
         service.url()
     );
     assert_eq!(error_text(&events), want);
     assert_eq!(dead_letter(&redis, "j-cold").0, "retries exhausted");
-    assert!(
-        t0.elapsed() >= Duration::from_millis(600),
-        "{:?}",
-        t0.elapsed()
-    );
+    assert!(t0.elapsed() >= Duration::from_secs(1), "{:?}", t0.elapsed());
     assert!(service.health_probes() >= 2, "{:?}", service.requests());
     assert!(service.extracts().is_empty(), "{:?}", service.requests());
 }
