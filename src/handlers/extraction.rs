@@ -185,7 +185,7 @@ impl Call<'_> {
                     let text = read_limited(response, MAX_ERROR_BODY).unwrap_or_default();
                     heard = Some(format!("HTTP {status}: {}", service_message(&text)));
                 }
-                Err(e) => match self.classify(ctx, e.into_io(), "its health")? {
+                Err(e) => match self.classify(ctx, e.into_io(), "GET /health")? {
                     Some(why) => heard = Some(why),
                     None => {
                         heard.get_or_insert_with(|| format!("no answer within {}", human(limit)));
@@ -252,7 +252,7 @@ impl Call<'_> {
 
     /// A failed `POST /extract` (send or read), by what caused it.
     fn failed(&self, ctx: &Context<'_>, e: std::io::Error) -> JobError {
-        match self.classify(ctx, e, "an answer to POST /extract") {
+        match self.classify(ctx, e, "POST /extract") {
             Err(e) => e,
             Ok(None) => JobError::Retryable(format!(
                 "the extraction service at {} sent no answer within {} (extraction-timeout)",
