@@ -107,6 +107,22 @@ pub const SETTINGS: &[(&str, &str)] = &[
     ("poll-interval", "how often Nexus is asked for a job while idle (jittered) [5s]"),
     ("nexus-timeout", "longest single request to Nexus [10s]"),
     ("nexus-retry-cap", "largest backoff between failed Nexus requests [60s]"),
+    (
+        "nexus-gone-after-attempts",
+        "a report Nexus answers 404 this many times in a row (over --nexus-gone-after) is given up, kept in {state-dir}/nexus-rejected [5]",
+    ),
+    (
+        "nexus-gone-after",
+        "a report is given up on 404s only when they span at least this long [5m]",
+    ),
+    (
+        "nexus-report-max-output",
+        "on HTTP 413 a report's output is cut to this many bytes (marked) and sent again; at least 1024 [262144]",
+    ),
+    (
+        "nexus-spool-max",
+        "most undelivered reports kept; when reached, no Nexus job is taken until Nexus accepts some [1000]",
+    ),
     ("state-dir", "where the report spool and the agent status live [/var/lib/citadel as root, else ~/.local/state/citadel]"),
     ("redis-fallback", "auto mode: Redis unreachable this long → poll Nexus instead [30s]"),
     ("redis-probe", "auto mode: how often Redis is probed while polling Nexus [30s]"),
@@ -158,6 +174,10 @@ pub struct Settings {
     pub poll_interval: Duration,
     pub nexus_timeout: Duration,
     pub nexus_retry_cap: Duration,
+    pub nexus_gone_after_attempts: u32,
+    pub nexus_gone_after: Duration,
+    pub nexus_report_max_output: usize,
+    pub nexus_spool_max: usize,
     pub state_dir: std::path::PathBuf,
     pub redis_fallback: Duration,
     pub redis_probe: Duration,
@@ -201,6 +221,10 @@ impl Default for Settings {
             poll_interval: Duration::from_secs(5),
             nexus_timeout: Duration::from_secs(10),
             nexus_retry_cap: Duration::from_secs(60),
+            nexus_gone_after_attempts: 5,
+            nexus_gone_after: Duration::from_secs(300),
+            nexus_report_max_output: 256 << 10,
+            nexus_spool_max: 1000,
             state_dir: default_state_dir(),
             redis_fallback: Duration::from_secs(30),
             redis_probe: Duration::from_secs(30),
@@ -359,6 +383,19 @@ impl Settings {
             "poll-interval" => self.poll_interval = positive(parse_duration(v)?)?,
             "nexus-timeout" => self.nexus_timeout = positive(parse_duration(v)?)?,
             "nexus-retry-cap" => self.nexus_retry_cap = positive(parse_duration(v)?)?,
+            "nexus-gone-after-attempts" => {
+                self.nexus_gone_after_attempts = number::<u32>(v)?.max(1)
+            }
+            "nexus-gone-after" => self.nexus_gone_after = parse_duration(v)?,
+            "nexus-report-max-output" => {
+                self.nexus_report_max_output = number::<usize>(v)?.max(1024)
+            }
+            "nexus-spool-max" => {
+                self.nexus_spool_max = number(v)?;
+                if self.nexus_spool_max == 0 {
+                    return Err("must be at least 1".into());
+                }
+            }
             "state-dir" => self.state_dir = non_empty(v)?.into(),
             "redis-fallback" => self.redis_fallback = positive(parse_duration(v)?)?,
             "redis-probe" => self.redis_probe = positive(parse_duration(v)?)?,
@@ -595,7 +632,13 @@ mod tests {
                 n if n.ends_with("-url") => "http://127.0.0.1:1/",
                 "queue" | "group" | "consumer" | "node-name" => "x",
                 "max-job-size" => "4096",
-                n if n.contains("retries") || n.contains("max") || n == "concurrency" => "3",
+                n if n.contains("retries")
+                    || n.contains("max")
+                    || n.ends_with("-attempts")
+                    || n == "concurrency" =>
+                {
+                    "3"
+                }
                 _ => "2s",
             };
             s.set(name, value).unwrap_or_else(|e| panic!("{name}: {e}"));

@@ -23,7 +23,12 @@ use support::{citadel_cmd, free_port, hgetall, wait_until, xadd_job, xlen, Citad
 
 const QUEUE: &str = "jobs:v1:gpu-general";
 const DLQ: &str = "dlq:v1:gpu-general";
-const SPOOL: &str = "nexus-reports.json";
+/// The single-file spool of older versions, migrated at start.
+const LEGACY_SPOOL: &str = "nexus-reports.json";
+/// One file per undelivered report.
+const SPOOL_DIR: &str = "nexus-spool";
+/// Reports Nexus said it will never take.
+const REJECTED_DIR: &str = "nexus-rejected";
 const STATUS_FILE: &str = "agent-status.json";
 
 // ---------------------------------------------------------------------------
@@ -50,6 +55,38 @@ impl StateDir {
     /// The file's content, `None` if it does not exist (or cannot be read).
     fn read(&self, name: &str) -> Option<String> {
         fs::read_to_string(self.file(name)).ok()
+    }
+
+    /// The reports spooled for delivery, each file parsed (a torn one
+    /// panics).
+    fn spooled(&self) -> Vec<Json> {
+        self.reports_in(SPOOL_DIR)
+    }
+
+    /// The reports in the rejected store.
+    fn rejected(&self) -> Vec<Json> {
+        self.reports_in(REJECTED_DIR)
+    }
+
+    /// Every `*.json` of `state/dir` (none if the directory is not there);
+    /// a file removed while this reads is skipped.
+    fn reports_in(&self, dir: &str) -> Vec<Json> {
+        let Ok(entries) = fs::read_dir(self.file(dir)) else {
+            return Vec::new();
+        };
+        entries
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().ends_with(".json"))
+            .filter_map(|e| {
+                let text = fs::read_to_string(e.path()).ok()?;
+                Some(serde_json::from_str(&text).unwrap_or_else(|err| {
+                    panic!(
+                        "a torn report file {} ({err}): {text:?}",
+                        e.path().display()
+                    )
+                }))
+            })
+            .collect()
     }
 }
 
@@ -886,53 +923,6 @@ fn status_post_retried_through_every_kind_of_failure() {
 }
 
 #[test]
-fn report_refused_with_4xx_is_dropped_not_retried() {
-    let nexus = FakeNexus::start();
-    let state = StateDir::new();
-    nexus.push_report(Report::Status(
-        404,
-        Vec::new(),
-        r#"{"error":"no such job"}"#.into(),
-    ));
-    nexus.push_report(Report::Status(409, Vec::new(), String::new()));
-    nexus.push_job("gone-404", "echo", json!({}));
-    nexus.push_job("gone-409", "echo", json!({}));
-    nexus.push_job("after-4xx", "echo", json!({}));
-    let a = agent(&nexus, &state, &[]);
-
-    nexus.wait_for_report("after-4xx", Duration::from_secs(15));
-    let polls = nexus.polls().len();
-    wait_more_polls(&nexus, polls, 5);
-    for job in ["gone-404", "gone-409"] {
-        let n = nexus
-            .report_attempts()
-            .iter()
-            .filter(|r| report_job_is(r, job))
-            .count();
-        assert_eq!(n, 1, "{job}: a 4xx report is dropped\n{}", nexus.summary());
-        assert!(nexus.reports_for(job).is_empty());
-    }
-    let errors = log_lines(&a)
-        .into_iter()
-        .filter(|l| l.contains(" ERROR ") && (l.contains("gone-404") || l.contains("gone-409")))
-        .count();
-    assert!(
-        errors >= 2,
-        "each dropped report is logged as an error:\n{}",
-        a.log()
-    );
-    // Nothing left to deliver.
-    wait_until(
-        "the spool to forget the dropped reports",
-        Duration::from_secs(5),
-        || {
-            let spool = state.read(SPOOL).unwrap_or_default();
-            (!spool.contains("gone-404") && !spool.contains("gone-409")).then_some(())
-        },
-    );
-}
-
-#[test]
 fn killed_agent_delivers_its_spooled_report_after_restart() {
     let nexus = FakeNexus::start();
     let state = StateDir::new();
@@ -946,16 +936,15 @@ fn killed_agent_delivers_its_spooled_report_after_restart() {
         Duration::from_secs(15),
         |r| report_job_is(r, "spooled"),
     );
-    let spool = wait_until(
-        "the spool file to hold the report",
+    let spooled = wait_until(
+        "the spool to hold the report",
         Duration::from_secs(5),
-        || state.read(SPOOL).filter(|s| s.contains("spooled")),
+        || state.spooled().into_iter().find(|r| r["id"] == "spooled"),
     );
-    serde_json::from_str::<Json>(&spool)
-        .unwrap_or_else(|e| panic!("the spool file is not JSON ({e}): {spool}"));
+    assert_eq!(spooled["status"], "SUCCESS", "{spooled}");
     assert_eq!(starts(&first, "spooled"), 1);
     first.kill9();
-    assert!(state.file(SPOOL).exists());
+    assert_eq!(state.spooled().len(), 1);
 
     nexus.set_default_report(None);
     let before = nexus.report_attempts().len();
@@ -976,7 +965,7 @@ fn killed_agent_delivers_its_spooled_report_after_restart() {
     wait_until(
         "the spool to forget the delivered report",
         Duration::from_secs(5),
-        || (!state.read(SPOOL).unwrap_or_default().contains("spooled")).then_some(()),
+        || state.spooled().is_empty().then_some(()),
     );
 
     // A third start has nothing left to send.
@@ -994,7 +983,7 @@ fn killed_agent_delivers_its_spooled_report_after_restart() {
 }
 
 #[test]
-fn spool_file_is_always_whole_json_while_reports_churn() {
+fn spool_files_are_always_whole_json_while_reports_churn() {
     let nexus = FakeNexus::start();
     let state = StateDir::new();
     // Every other report attempt fails, so the spool is rewritten often.
@@ -1006,32 +995,39 @@ fn spool_file_is_always_whole_json_while_reports_churn() {
         nexus.push_job(&format!("churn-{i}"), "echo", json!({"chunks": 20}));
     }
     let _a = agent(&nexus, &state, &["--concurrency", "4"]);
-    let deadline = Instant::now() + Duration::from_secs(30);
     let mut reads = 0;
-    while nexus.accepted().len() < 30 {
-        assert!(
-            Instant::now() < deadline,
-            "not all reports delivered:\n{}",
-            nexus.summary()
-        );
-        if let Some(text) = state.read(SPOOL) {
-            reads += 1;
-            let v: Json = serde_json::from_str(&text)
-                .unwrap_or_else(|e| panic!("a torn spool file ({e}): {text:?}"));
-            assert!(v.is_array(), "{text}");
-        }
+    wait_until("all 30 reports delivered", Duration::from_secs(30), || {
+        // Every file parses whole (`spooled` panics on a torn one).
+        reads += state.spooled().len();
+        (nexus.accepted().len() >= 30).then_some(())
+    });
+    assert!(reads > 10, "only {reads} spool files read");
+    let polls = nexus.polls().len();
+    wait_more_polls(&nexus, polls, 5);
+    assert_reported_once_each(&nexus, (0..30).map(|i| format!("churn-{i}")));
+}
+
+/// Every accepted report is of one of `jobs`, and each of them was
+/// accepted exactly once (every report counts, not a set of ids).
+fn assert_reported_once_each(nexus: &FakeNexus, jobs: impl IntoIterator<Item = String>) {
+    let mut count: std::collections::BTreeMap<String, usize> =
+        jobs.into_iter().map(|j| (j, 0)).collect();
+    for (job, _, _) in nexus.reports() {
+        *count.entry(job).or_default() += 1;
     }
-    assert!(reads > 10, "only {reads} reads of the spool");
-    let ids: std::collections::BTreeSet<String> =
-        nexus.reports().into_iter().map(|r| r.0).collect();
-    assert_eq!(ids.len(), 30, "each job reported once: {ids:?}");
+    let wrong: Vec<_> = count.iter().filter(|(_, n)| **n != 1).collect();
+    assert!(
+        wrong.is_empty(),
+        "reports per job, where not exactly one: {wrong:?}\n{}",
+        nexus.summary()
+    );
 }
 
 #[test]
 fn unreadable_spool_is_set_aside_and_the_agent_runs() {
     let nexus = FakeNexus::start();
     let state = StateDir::new();
-    fs::write(state.file(SPOOL), "{ this is not a spool").unwrap();
+    fs::write(state.file(LEGACY_SPOOL), "{ this is not a spool").unwrap();
     nexus.push_job("after-corrupt", "echo", json!({}));
     let a = agent(&nexus, &state, &[]);
     nexus.wait_for_report("after-corrupt", Duration::from_secs(15));
@@ -1054,6 +1050,416 @@ fn unreadable_spool_is_set_aside_and_the_agent_runs() {
         "{}",
         a.log()
     );
+}
+
+// ---------------------------------------------------------------------------
+// Each report on its own: refusals, the rejected store, 413, the bound
+// ---------------------------------------------------------------------------
+
+/// Every status POST of `job` so far.
+fn attempts_of(nexus: &FakeNexus, job: &str) -> Vec<Request> {
+    nexus
+        .report_attempts()
+        .into_iter()
+        .filter(|r| report_job_is(r, job))
+        .collect()
+}
+
+fn refuse(code: u16) -> Option<Report> {
+    Some(Report::Status(code, Vec::new(), String::new()))
+}
+
+#[test]
+fn a_report_nexus_keeps_refusing_holds_back_no_other_report() {
+    let nexus = FakeNexus::start();
+    let state = StateDir::new();
+    // Run first, so that today's "front of the spool first" would block
+    // everything behind them.
+    let stuck = [
+        ("stuck-401", 401),
+        ("stuck-403", 403),
+        ("stuck-404", 404),
+        ("stuck-409", 409),
+        ("stuck-503", 503),
+    ];
+    for (job, code) in stuck {
+        nexus.set_report_for(job, refuse(code));
+        nexus.push_job(job, "echo", json!({}));
+    }
+    let free: Vec<String> = (0..5).map(|i| format!("free-{i}")).collect();
+    for job in &free {
+        nexus.push_job(job, "echo", json!({}));
+    }
+    let a = agent(&nexus, &state, &[]);
+
+    for job in &free {
+        nexus.wait_for_report(job, Duration::from_secs(20));
+    }
+    // The refused ones are retried (a single 404 is not "gone": that takes
+    // 5 of them over 5 minutes by default), not dropped, not accepted.
+    for (job, _) in stuck {
+        nexus.wait_for_requests(
+            &format!("3 attempts of {job}"),
+            3,
+            Duration::from_secs(20),
+            |r| report_job_is(r, job),
+        );
+        assert!(nexus.reports_for(job).is_empty());
+    }
+    // Nexus takes them now: each is delivered.
+    for (job, _) in stuck {
+        nexus.set_report_for(job, None);
+    }
+    for (job, _) in stuck {
+        nexus.wait_for_report(job, Duration::from_secs(20));
+    }
+    let polls = nexus.polls().len();
+    wait_more_polls(&nexus, polls, 5);
+    let all = stuck.iter().map(|(j, _)| j.to_string()).chain(free);
+    assert_reported_once_each(&nexus, all);
+    assert!(state.rejected().is_empty(), "{:?}", state.rejected());
+    assert_eq!(
+        count_log(&a, "Nexus rejected the token"),
+        1,
+        "one episode of refused tokens, logged once:\n{}",
+        a.log()
+    );
+    wait_log_count(
+        &a,
+        "Nexus accepts the token again",
+        1,
+        Duration::from_secs(5),
+    );
+}
+
+#[test]
+fn reports_of_jobs_nexus_no_longer_knows_are_kept_in_the_rejected_store() {
+    let nexus = FakeNexus::start();
+    let state = StateDir::new();
+    nexus.set_report_for(
+        "gone-410",
+        Some(Report::Status(
+            410,
+            Vec::new(),
+            r#"{"error":"gone"}"#.into(),
+        )),
+    );
+    nexus.set_report_for("gone-404", refuse(404));
+    // One 404 (a proxy during a deploy), then accepted.
+    nexus.push_report_for("blip-404", Report::Status(404, Vec::new(), String::new()));
+    for job in ["gone-410", "gone-404", "blip-404", "after-gone"] {
+        nexus.push_job(job, "echo", json!({"chunks": 1}));
+    }
+    let a = agent(
+        &nexus,
+        &state,
+        &[
+            "--nexus-gone-after-attempts",
+            "4",
+            "--nexus-gone-after",
+            "1s",
+        ],
+    );
+
+    let rejected = wait_until(
+        "two reports in the rejected store",
+        Duration::from_secs(20),
+        || Some(state.rejected()).filter(|r| r.len() >= 2),
+    );
+    nexus.wait_for_report("blip-404", Duration::from_secs(10));
+    nexus.wait_for_report("after-gone", Duration::from_secs(10));
+    let polls = nexus.polls().len();
+    wait_more_polls(&nexus, polls, 5);
+
+    assert_eq!(attempts_of(&nexus, "gone-410").len(), 1, "410 is final");
+    let tries = attempts_of(&nexus, "gone-404");
+    assert!(tries.len() >= 4, "{}", nexus.summary());
+    let span = tries.last().unwrap().at.duration_since(tries[0].at);
+    assert!(
+        span >= Duration::from_secs(1),
+        "404s were given up after spanning {span:?} (--nexus-gone-after 1s)"
+    );
+    assert_eq!(
+        attempts_of(&nexus, "blip-404").len(),
+        2,
+        "one 404 is retried"
+    );
+    for (job, code) in [("gone-410", "410"), ("gone-404", "404")] {
+        assert!(nexus.reports_for(job).is_empty());
+        let r = rejected
+            .iter()
+            .find(|r| r["id"] == job)
+            .unwrap_or_else(|| panic!("{job} not in the rejected store: {rejected:?}"));
+        assert_eq!(r["status"], "SUCCESS", "{r}");
+        assert_output(
+            r["output"].as_str().unwrap(),
+            "chunk 0\n",
+            &json!({"chunks": 1}),
+        );
+        assert!(r["reason"].as_str().unwrap().contains(code), "{r}");
+    }
+    assert_eq!(state.rejected().len(), 2);
+    wait_until("the spool to be empty", Duration::from_secs(5), || {
+        state.spooled().is_empty().then_some(())
+    });
+    let says_where = log_lines(&a)
+        .iter()
+        .filter(|l| l.contains(" ERROR ") && l.contains(REJECTED_DIR))
+        .count();
+    assert_eq!(says_where, 2, "{}", a.log());
+}
+
+#[test]
+fn a_report_too_large_for_nexus_is_sent_again_with_its_output_cut() {
+    let nexus = FakeNexus::start();
+    let state = StateDir::new();
+    nexus.set_max_report_body(Some(8000));
+    nexus.push_job("huge", "echo", json!({"chunks": 2000}));
+    nexus.push_job("small", "echo", json!({"chunks": 1}));
+    let _a = agent(&nexus, &state, &["--nexus-report-max-output", "4000"]);
+
+    let r = nexus.wait_for_report("huge", Duration::from_secs(20));
+    assert_eq!(r.status, "SUCCESS");
+    assert!(r.output.len() <= 4000, "{} bytes", r.output.len());
+    assert!(r.output.starts_with("chunk 0\nchunk 1\n"), "{}", r.output);
+    assert!(
+        r.output.ends_with("\n{\"chunks\":2000}"),
+        "the end (the result) is kept: {}",
+        r.output
+    );
+    let marker = r
+        .output
+        .lines()
+        .find(|l| l.starts_with("[citadel: ") && l.contains("bytes of output cut here"))
+        .unwrap_or_else(|| panic!("no truncation marker in {}", r.output));
+    assert!(marker.contains("413"), "{marker}");
+    let answers: Vec<String> = attempts_of(&nexus, "huge")
+        .into_iter()
+        .map(|r| r.answer)
+        .collect();
+    assert_eq!(answers, ["413", "200 accepted"]);
+    nexus.wait_for_report("small", Duration::from_secs(10));
+    assert_eq!(attempts_of(&nexus, "small").len(), 1);
+}
+
+#[test]
+fn a_full_spool_stops_polling_until_nexus_accepts_reports() {
+    let nexus = FakeNexus::start();
+    let state = StateDir::new();
+    nexus.set_default_report(refuse(503));
+    for i in 0..3 {
+        nexus.push_job(&format!("bounded-{i}"), "echo", json!({}));
+    }
+    let a = agent(&nexus, &state, &["--nexus-spool-max", "2"]);
+
+    a.wait_for_log("the report spool is full", Duration::from_secs(15));
+    let polls = nexus.polls().len();
+    let tried = nexus.report_attempts().len();
+    // It keeps trying to deliver, and asks for no job meanwhile.
+    nexus.wait_for_requests(
+        "6 more report attempts",
+        tried + 6,
+        Duration::from_secs(20),
+        |r| r.report_job_id().is_some(),
+    );
+    assert_eq!(
+        nexus.polls().len(),
+        polls,
+        "polled with a full spool:\n{}",
+        nexus.summary()
+    );
+    assert_eq!(nexus.queued_next(), 1, "the third job waits in Nexus");
+    assert_eq!(state.spooled().len(), 2);
+
+    nexus.set_default_report(None);
+    for i in 0..3 {
+        nexus.wait_for_report(&format!("bounded-{i}"), Duration::from_secs(20));
+    }
+    a.wait_for_log("the report spool has room again", Duration::from_secs(5));
+    let polls = nexus.polls().len();
+    wait_more_polls(&nexus, polls, 3);
+    assert_reported_once_each(&nexus, (0..3).map(|i| format!("bounded-{i}")));
+}
+
+#[test]
+fn ten_thousand_reports_left_by_an_older_version_are_migrated_and_each_delivered_once() {
+    let nexus = FakeNexus::start();
+    let state = StateDir::new();
+    let n = 10_000;
+    let old: Vec<Json> = (0..n)
+        .map(|i| json!({"id": format!("old-{i}"), "status": "SUCCESS", "output": format!("out {i}")}))
+        .collect();
+    fs::write(state.file(LEGACY_SPOOL), serde_json::to_vec(&old).unwrap()).unwrap();
+    // RUST_LOG=info: a debug line per request would dwarf the test.
+    let args = args_with_defaults(
+        &[
+            "work",
+            "--mode",
+            "nexus",
+            "--nexus-url",
+            &nexus.url(),
+            "--state-dir",
+            &state.arg(),
+        ],
+        &[],
+    );
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let a = Citadel::spawn(&args, &[("RUST_LOG", "info")]);
+
+    nexus.wait_for_reports(n, Duration::from_secs(300));
+    assert!(!state.file(LEGACY_SPOOL).exists(), "migrated, then removed");
+    let polls = nexus.polls().len();
+    wait_more_polls(&nexus, polls, 3);
+    assert_reported_once_each(&nexus, (0..n).map(|i| format!("old-{i}")));
+    for r in nexus.reports_for("old-9999") {
+        assert_eq!(
+            (r.status.as_str(), r.output.as_str()),
+            ("SUCCESS", "out 9999")
+        );
+    }
+    wait_until("the spool to be empty", Duration::from_secs(5), || {
+        state.spooled().is_empty().then_some(())
+    });
+    // The default bound (1000) held polling back until the backlog drained.
+    assert!(
+        count_log(&a, "the report spool has room again") >= 1,
+        "{}",
+        a.log()
+    );
+}
+
+// ---------------------------------------------------------------------------
+// Shutdown is bounded, whatever Nexus does
+// ---------------------------------------------------------------------------
+
+fn unavailable_for_an_hour() -> (u16, Vec<(String, String)>, String) {
+    (
+        503,
+        vec![("Retry-After".into(), "3600".into())],
+        "maintenance".into(),
+    )
+}
+
+#[test]
+fn sigterm_during_a_nexus_outage_with_retry_after_exits_within_the_grace() {
+    let nexus = FakeNexus::start();
+    let state = StateDir::new();
+    nexus.push_job("refused", "echo", json!({}));
+    nexus.push_job("cut-short", "echo", json!({"sleep_ms": 60_000}));
+    let (code, headers, body) = unavailable_for_an_hour();
+    nexus.set_default_next(vec![Next::Status(code, headers.clone(), body.clone())]);
+    nexus.set_default_report(Some(Report::Status(code, headers, body)));
+    // Two handlers, so that the poller goes on polling while a job runs.
+    let mut a = agent(
+        &nexus,
+        &state,
+        &["--shutdown-grace", "1s", "--concurrency", "2"],
+    );
+    a.wait_for_log("job cut-short (echo) started", Duration::from_secs(10));
+    // A report was refused with Retry-After: 3600, and the poller has met
+    // the outage too: both wait out the hour.
+    nexus.wait_for_requests("the refused report", 1, Duration::from_secs(10), |r| {
+        report_job_is(r, "refused")
+    });
+    nexus.wait_for_requests("a refused poll", 1, Duration::from_secs(10), |r| {
+        r.is_poll() && r.answer == "503"
+    });
+
+    a.sigterm();
+    let status = a.wait_exit(Duration::from_secs(1 + 2)).unwrap_or_else(|| {
+        panic!(
+            "still running 3 s after SIGTERM (--shutdown-grace 1s):\n{}",
+            a.log()
+        )
+    });
+    assert!(status.success(), "exit status {status}:\n{}", a.log());
+    // Both reports wait in the spool for the next run: the refused one, and
+    // the FAILURE of the job the grace cut short.
+    let mut spooled: Vec<(String, String)> = state
+        .spooled()
+        .iter()
+        .map(|r| {
+            (
+                r["id"].as_str().unwrap().into(),
+                r["status"].as_str().unwrap().into(),
+            )
+        })
+        .collect();
+    spooled.sort();
+    assert_eq!(
+        spooled,
+        [
+            ("cut-short".to_owned(), "FAILURE".to_owned()),
+            ("refused".to_owned(), "SUCCESS".to_owned())
+        ]
+    );
+
+    nexus.set_default_next(Vec::new());
+    nexus.set_default_report(None);
+    let b = agent(&nexus, &state, &[]);
+    let r = nexus.wait_for_report("cut-short", Duration::from_secs(15));
+    assert_eq!(r.status, "FAILURE");
+    assert!(
+        r.output
+            .contains("the agent stopped before the job finished"),
+        "{r:?}"
+    );
+    nexus.wait_for_report("refused", Duration::from_secs(15));
+    assert_eq!(starts(&b, "cut-short"), 0, "reported, not run again");
+}
+
+#[test]
+fn sigterm_while_a_poll_hangs_exits_within_the_grace() {
+    let nexus = FakeNexus::start();
+    let state = StateDir::new();
+    // Never answered while the agent lives.
+    nexus.push_next(Next::Held(Box::new(Next::NoJob)));
+    let mut a = agent(
+        &nexus,
+        &state,
+        &["--shutdown-grace", "1s", "--nexus-timeout", "60s"],
+    );
+    nexus.wait_for_polls(1, Duration::from_secs(10));
+
+    a.sigterm();
+    let status = a.wait_exit(Duration::from_secs(1 + 2)).unwrap_or_else(|| {
+        panic!(
+            "still running 3 s after SIGTERM with a poll hanging (--shutdown-grace 1s):\n{}",
+            a.log()
+        )
+    });
+    assert!(status.success(), "exit status {status}:\n{}", a.log());
+}
+
+#[test]
+fn a_job_from_a_poll_in_flight_at_sigterm_is_reported_not_run_and_never_started() {
+    let nexus = FakeNexus::start();
+    let state = StateDir::new();
+    nexus.push_next(Next::Held(Box::new(Next::Job(
+        json!({"id": "late", "type": "echo", "payload": {}}),
+    ))));
+    // A request timeout that cannot end the held poll first.
+    let mut a = agent(
+        &nexus,
+        &state,
+        &["--shutdown-grace", "10s", "--nexus-timeout", "60s"],
+    );
+    nexus.wait_for_polls(1, Duration::from_secs(10));
+
+    a.sigterm();
+    // The agent has taken in the signal while the poll is in flight.
+    a.wait_for_log("signal received", Duration::from_secs(10));
+    nexus.release_held();
+    let status = a
+        .wait_exit(Duration::from_secs(15))
+        .unwrap_or_else(|| panic!("the agent did not exit after SIGTERM:\n{}", a.log()));
+    assert!(status.success(), "exit status {status}:\n{}", a.log());
+    let r = nexus.reports_for("late");
+    assert_eq!(r.len(), 1, "{}", nexus.summary());
+    assert_eq!(r[0].status, "FAILURE");
+    assert_eq!(r[0].output, "not run: the agent was stopping");
+    assert_eq!(starts(&a, "late"), 0, "{}", a.log());
+    assert!(state.spooled().is_empty());
 }
 
 // ---------------------------------------------------------------------------

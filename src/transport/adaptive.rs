@@ -116,7 +116,7 @@ fn supervise(parts: &Mutex<Parts>, stop: &StopFlag) {
         let mut p = lock(parts);
         match (p.on_redis, up) {
             (false, true) => {
-                p.nexus.stop_reading();
+                p.nexus.pause_reading();
                 let Parts {
                     settings,
                     exec,

@@ -7,13 +7,16 @@
 //! replies (a job, 204, any status with headers, garbage, a stall, a dropped
 //! connection), then from a cycling "default" list (204 unless set with
 //! [`FakeNexus::set_default_next`]). `POST /api/v1/jobs/{id}/status` answers
-//! from a queue of [`Report`] replies, then from a default (200 unless set
-//! with [`FakeNexus::set_default_report`]). Every request is
+//! from that job's own queue and default ([`FakeNexus::push_report_for`],
+//! [`FakeNexus::set_report_for`]), then from a queue of [`Report`] replies
+//! for any job, then from a default (200 unless set with
+//! [`FakeNexus::set_default_report`]); a body over
+//! [`FakeNexus::set_max_report_body`] gets 413. Every request is
 //! recorded with the `Instant` it was fully read; accepted reports are kept
 //! apart ([`FakeNexus::reports`]).
 #![allow(dead_code)]
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -44,6 +47,9 @@ pub enum Next {
     Garbage,
     /// Waits this long (or until the fake is dropped), then answers 204.
     Stall(Duration),
+    /// Waits until [`FakeNexus::release_held`] (or until the fake is
+    /// dropped), then answers with the inner reply.
+    Held(Box<Next>),
     /// Closes the connection without answering.
     Drop,
 }
@@ -131,6 +137,11 @@ struct State {
     report: VecDeque<Report>,
     /// Used when `report` is empty; `None` = accept.
     default_report: Option<Report>,
+    /// Per job: used before `report` and `default_report`.
+    report_for: HashMap<String, VecDeque<Report>>,
+    default_report_for: HashMap<String, Report>,
+    /// A report body longer than this gets 413.
+    max_report_body: Option<usize>,
     requests: Vec<Request>,
     accepted: Vec<Accepted>,
 }
@@ -140,12 +151,26 @@ struct Shared {
     /// Notified on every recorded request, and on stop.
     changed: Condvar,
     stop: AtomicBool,
+    /// Set by `release_held`: held replies go.
+    released: AtomicBool,
     conns: AtomicU64,
 }
 
 impl Shared {
     fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Waits until held replies are released or the fake stops.
+    fn wait_released(&self) {
+        let mut guard = self.lock();
+        while !self.stop.load(Ordering::SeqCst) && !self.released.load(Ordering::SeqCst) {
+            guard = self
+                .changed
+                .wait_timeout(guard, IDLE_TICK)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
     }
 
     /// Sleeps up to `d`, returning early when the fake stops.
@@ -202,6 +227,7 @@ impl FakeNexus {
             state: Mutex::new(State::default()),
             changed: Condvar::new(),
             stop: AtomicBool::new(false),
+            released: AtomicBool::new(false),
             conns: AtomicU64::new(0),
         });
         let s = Arc::clone(&shared);
@@ -263,6 +289,39 @@ impl FakeNexus {
     /// initial setting) accepts, `Some(r)` answers `r` every time.
     pub fn set_default_report(&self, reply: Option<Report>) {
         self.shared.lock().default_report = reply;
+    }
+
+    /// Queues a reply for a later status POST of `job_id`.
+    pub fn push_report_for(&self, job_id: &str, reply: Report) {
+        self.shared
+            .lock()
+            .report_for
+            .entry(job_id.to_owned())
+            .or_default()
+            .push_back(reply);
+    }
+
+    /// The reply to status POSTs of `job_id` once its queue is empty:
+    /// `Some(r)` answers `r` every time, `None` (the initial setting) falls
+    /// through to the replies for any job.
+    pub fn set_report_for(&self, job_id: &str, reply: Option<Report>) {
+        let mut st = self.shared.lock();
+        match reply {
+            Some(r) => st.default_report_for.insert(job_id.to_owned(), r),
+            None => st.default_report_for.remove(job_id),
+        };
+    }
+
+    /// Status POSTs whose body is longer than `max` bytes get 413 (before
+    /// any scripted reply); `None` lifts the limit.
+    pub fn set_max_report_body(&self, max: Option<usize>) {
+        self.shared.lock().max_report_body = max;
+    }
+
+    /// Lets every [`Next::Held`] reply go, now and from now on.
+    pub fn release_held(&self) {
+        self.shared.released.store(true, Ordering::SeqCst);
+        self.shared.changed.notify_all();
     }
 
     /// The next `n` status POSTs (any job) get `code` with an empty body.
@@ -610,29 +669,41 @@ fn serve_conn(stream: TcpStream, conn: u64, shared: &Shared) -> std::io::Result<
             answer: String::new(),
         };
         let action = decide(&mut req, shared);
-        let keep = match action {
-            Action::Drop => {
-                let _ = writer.shutdown(Shutdown::Both);
-                return Ok(());
-            }
-            Action::Stall(d, code) => {
-                shared.sleep(d);
-                if shared.stop.load(Ordering::SeqCst) {
-                    let _ = writer.shutdown(Shutdown::Both);
-                    return Ok(());
-                }
-                respond(&mut writer, code, &[], "", close_asked)?
-            }
-            Action::Respond {
-                code,
-                headers,
-                body,
-            } => respond(&mut writer, code, &headers, &body, close_asked)?,
-        };
-        if !keep {
+        if !perform(action, &mut writer, close_asked, shared)? {
             let _ = writer.shutdown(Shutdown::Both);
             return Ok(());
         }
+    }
+}
+
+/// Carries out `action`; returns whether the connection stays open.
+fn perform(
+    action: Action,
+    writer: &mut TcpStream,
+    close_asked: bool,
+    shared: &Shared,
+) -> std::io::Result<bool> {
+    match action {
+        Action::Drop => Ok(false),
+        Action::Stall(d, code) => {
+            shared.sleep(d);
+            if shared.stop.load(Ordering::SeqCst) {
+                return Ok(false);
+            }
+            respond(writer, code, &[], "", close_asked)
+        }
+        Action::Held(inner) => {
+            shared.wait_released();
+            if shared.stop.load(Ordering::SeqCst) {
+                return Ok(false);
+            }
+            perform(*inner, writer, close_asked, shared)
+        }
+        Action::Respond {
+            code,
+            headers,
+            body,
+        } => respond(writer, code, &headers, &body, close_asked),
     }
 }
 
@@ -672,6 +743,8 @@ enum Action {
     },
     /// Wait, then answer with this code and an empty body.
     Stall(Duration, u16),
+    /// Wait for `release_held`, then do this.
+    Held(Box<Action>),
     Drop,
 }
 
@@ -691,9 +764,18 @@ fn decide(req: &mut Request, shared: &Shared) -> Action {
         };
         next_action(reply)
     } else if let Some(job_id) = req.report_job_id() {
-        let reply = match st.report.pop_front() {
-            Some(r) => r,
-            None => st.default_report.clone().unwrap_or(Report::Accept),
+        let too_large = st.max_report_body.is_some_and(|max| req.body.len() > max);
+        let own = st.report_for.get_mut(&job_id).and_then(VecDeque::pop_front);
+        let reply = match (too_large, own) {
+            (true, _) => Report::Status(413, Vec::new(), "request entity too large".into()),
+            (false, Some(r)) => r,
+            (false, None) => match st.default_report_for.get(&job_id) {
+                Some(r) => r.clone(),
+                None => match st.report.pop_front() {
+                    Some(r) => r,
+                    None => st.default_report.clone().unwrap_or(Report::Accept),
+                },
+            },
         };
         let (action, answer) = report_action(reply);
         if let Action::Respond { code, .. } = &action {
@@ -766,6 +848,13 @@ fn next_action(reply: Next) -> (Action, String) {
             "200 garbage".to_owned(),
         ),
         Next::Stall(d) => (Action::Stall(d, 204), format!("stall {d:?} then 204")),
+        Next::Held(inner) => {
+            let (action, answer) = next_action(*inner);
+            (
+                Action::Held(Box::new(action)),
+                format!("held, then {answer}"),
+            )
+        }
         Next::Drop => (Action::Drop, "drop".to_owned()),
     }
 }
@@ -812,9 +901,13 @@ fn respond(
         200 => "OK",
         204 => "No Content",
         400 => "Bad Request",
+        401 => "Unauthorized",
+        403 => "Forbidden",
         404 => "Not Found",
         408 => "Request Timeout",
         409 => "Conflict",
+        410 => "Gone",
+        413 => "Content Too Large",
         429 => "Too Many Requests",
         500 => "Internal Server Error",
         502 => "Bad Gateway",

@@ -1,6 +1,7 @@
 //! The Nexus control plane's HTTP API (PROTOCOL.md §3): take the next job,
 //! report a job's outcome. One request per call, no retries here: the
-//! poller and the reporter decide what a failure means.
+//! poller and the reporter decide what a failure means. Each of them has its
+//! own client, so that one can be interrupted without the other.
 
 use crate::config::Settings;
 use crate::job::Job;
@@ -23,13 +24,15 @@ pub enum NexusError {
     Unreachable(String),
     /// An answer that is not what the API promises (5xx, garbage).
     Bad(String),
-    /// 429/503: come back later, after `Retry-After` when given.
+    /// 408/429/503: come back later, after `Retry-After` when given.
     Busy {
         status: u16,
         retry_after: Option<Duration>,
     },
-    /// A 4xx on a report: Nexus will never accept this one.
-    Rejected(u16, String),
+    /// 401/403: the token is wrong (rotated, revoked).
+    Token(u16),
+    /// Another 4xx on a report: about this report (404, 410, 413…).
+    Refused(u16, String),
 }
 
 impl fmt::Display for NexusError {
@@ -47,7 +50,8 @@ impl fmt::Display for NexusError {
                 status,
                 retry_after: None,
             } => write!(f, "HTTP {status}"),
-            NexusError::Rejected(status, body) => write!(f, "HTTP {status}: {body}"),
+            NexusError::Token(status) => write!(f, "HTTP {status}: Nexus rejected the token"),
+            NexusError::Refused(status, body) => write!(f, "HTTP {status}: {body}"),
         }
     }
 }
@@ -84,6 +88,7 @@ impl NexusClient {
                 status,
                 retry_after,
             }),
+            401 | 403 => Err(NexusError::Token(status)),
             _ => Err(NexusError::Bad(format!(
                 "HTTP {status} from jobs/next: {}",
                 excerpt(&body.unwrap_or_default())
@@ -91,10 +96,23 @@ impl NexusClient {
         }
     }
 
-    /// `POST /api/v1/jobs/{id}/status`; Ok once Nexus accepted it (2xx).
-    pub fn report(&self, id: &str, status: &str, output: &str) -> Result<(), NexusError> {
+    /// `POST /api/v1/jobs/{id}/status`, taking at most `timeout`; Ok once
+    /// Nexus accepted it (2xx).
+    pub fn report(
+        &self,
+        id: &str,
+        status: &str,
+        output: &str,
+        timeout: Duration,
+    ) -> Result<(), NexusError> {
         let url = format!("{}/api/v1/jobs/{}/status", self.base, encode_segment(id));
-        let mut req = self.agent.post(url).content_type("application/json");
+        let mut req = self
+            .agent
+            .post(url)
+            .config()
+            .timeout_global(Some(timeout))
+            .build()
+            .content_type("application/json");
         if let Some(t) = &self.token {
             req = req.header("Authorization", format!("Bearer {t}"));
         }
@@ -114,12 +132,18 @@ impl NexusClient {
                 status: code,
                 retry_after,
             }),
-            400..=499 => Err(NexusError::Rejected(code, excerpt(&text))),
+            401 | 403 => Err(NexusError::Token(code)),
+            400..=499 => Err(NexusError::Refused(code, excerpt(&text))),
             _ => Err(NexusError::Bad(format!(
                 "HTTP {code} from jobs/status: {}",
                 excerpt(&text)
             ))),
         }
+    }
+
+    /// End the request in progress at once (it fails) and refuse new ones.
+    pub fn interrupt(&self) {
+        self.agent.clone().shutdown();
     }
 }
 

@@ -1,10 +1,17 @@
 //! Nexus HTTP polling (`citadel work --mode nexus`, PROTOCOL.md §3).
 //!
 //! Threads: one poller, which asks `GET /api/v1/jobs/next` only while a
-//! handler slot is free (every `--poll-interval` with jitter, and at once
-//! after a job finishes), and one reporter, which delivers each job's
-//! `SUCCESS`/`FAILURE` report from a spool file until Nexus accepts it.
-//! Nexus has no leases: a job abandoned at shutdown is reported as failed.
+//! handler slot is free and the report spool has room (every
+//! `--poll-interval` with jitter, and at once after a job finishes), and one
+//! reporter (`reporter.rs`), which delivers each job's `SUCCESS`/`FAILURE`
+//! report from the spool (`spool.rs`) until Nexus accepts it.
+//!
+//! Nexus has no leases: a job abandoned at shutdown is reported as failed,
+//! and so is a job that arrives from a poll still in flight when the agent
+//! is told to stop (`not run: the agent was stopping`), so that the control
+//! plane can give it to another node. Shutdown never waits longer than the
+//! deadline it is given: a poll in flight is not waited for at the signal,
+//! and is cut off when the grace is over.
 
 pub mod client;
 mod reporter;
@@ -19,9 +26,9 @@ use crate::worker::exec::{Executor, Outcome};
 use crate::worker::lifecycle::Transport;
 use crate::worker::pool::{Report as PoolReport, Task};
 use crate::worker::slots::{Slot, Slots};
-use crate::worker::stop::{Doorbell, StopFlag};
+use crate::worker::stop::Doorbell;
 use client::{parse_job, NexusClient, NexusError};
-use crossbeam_channel::Sender;
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use reporter::Reporter;
 use spool::{Report, Spool};
 use std::collections::HashMap;
@@ -32,23 +39,34 @@ use std::time::{Duration, Instant};
 /// Output kept per job; past it the rest is dropped and the cut marked.
 const MAX_OUTPUT: usize = 1 << 20;
 
+/// Whether the poller takes jobs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Reading {
+    Polling,
+    /// Adaptive mode is on Redis: no polls; a job from a poll in flight runs.
+    Paused,
+    /// Shutdown: no polls; a job from a poll in flight is reported, not run.
+    Stopping,
+}
+
 struct NexusState {
     settings: Settings,
-    client: Arc<NexusClient>,
+    /// The poller's own client, so that a poll can be cut off alone.
+    client: NexusClient,
     exec: Arc<Executor>,
     slots: Arc<Slots>,
     reporter: Arc<Reporter>,
-    stop: StopFlag,
-    /// Rung when a job finishes (poll again now) and on stop.
-    bell: Doorbell,
+    reading: Mutex<Reading>,
+    /// Rung when a job finishes (poll again now), when a report leaves the
+    /// spool (room), and when `reading` changes.
+    bell: Arc<Doorbell>,
     running: Mutex<HashMap<String, Arc<CancelToken>>>,
 }
 
 pub struct NexusPolling {
     shared: Arc<NexusState>,
-    tasks: Sender<Task>,
-    poller: Option<JoinHandle<()>>,
-    reporter: Option<JoinHandle<()>>,
+    poller: Option<Thread>,
+    reporter: Option<Thread>,
 }
 
 impl NexusPolling {
@@ -59,69 +77,140 @@ impl NexusPolling {
         tasks: Sender<Task>,
         slots: Arc<Slots>,
     ) -> Result<Self, String> {
-        let client = Arc::new(NexusClient::new(&settings, url));
-        let spool = Spool::open(&settings.state_dir)?;
-        let (reporter, reporter_thread) =
-            Reporter::start(client.clone(), spool, settings.nexus_retry_cap);
+        let (spool, left_over) = Spool::open(&settings.state_dir)?;
+        let bell = Arc::new(Doorbell::default());
+        let reporter = Arc::new(Reporter::new(
+            NexusClient::new(&settings, url),
+            spool,
+            left_over,
+            &settings,
+            bell.clone(),
+        ));
+        let reporter_thread = Thread::spawn("nexus-report", {
+            let r = reporter.clone();
+            move || r.run()
+        });
         let shared = Arc::new(NexusState {
+            client: NexusClient::new(&settings, url),
             settings,
-            client,
             exec,
             slots,
             reporter,
-            stop: StopFlag::default(),
-            bell: Doorbell::default(),
+            reading: Mutex::new(Reading::Polling),
+            bell,
             running: Mutex::new(HashMap::new()),
         });
-        let mut me = NexusPolling {
+        let poller = Thread::spawn("nexus-poll", {
+            let s = shared.clone();
+            move || poll(&s, &tasks)
+        });
+        Ok(NexusPolling {
             shared,
-            tasks,
-            poller: None,
+            poller: Some(poller),
             reporter: Some(reporter_thread),
-        };
-        me.resume_reading();
-        Ok(me)
+        })
     }
 
-    /// Start (again) taking jobs from Nexus.
+    /// Stop taking jobs for a while (adaptive mode switched to Redis). A
+    /// job from a poll in flight still runs: it holds a handler slot.
+    pub fn pause_reading(&mut self) {
+        self.set_reading(Reading::Paused);
+    }
+
+    /// Take jobs from Nexus again.
     pub fn resume_reading(&mut self) {
-        if self.poller.is_some() {
-            return;
+        self.set_reading(Reading::Polling);
+    }
+
+    /// Stopping is for good.
+    fn set_reading(&self, to: Reading) {
+        let mut r = lock(&self.shared.reading);
+        if *r != Reading::Stopping {
+            *r = to;
         }
-        self.shared.stop.clear();
-        let (shared, tasks) = (self.shared.clone(), self.tasks.clone());
-        self.poller = Some(
-            std::thread::Builder::new()
-                .name("nexus-poll".into())
-                .spawn(move || poll(&shared, &tasks))
-                .expect("spawn poller thread"),
-        );
+        drop(r);
+        self.shared.bell.ring();
+        self.shared.slots.wake();
     }
 }
 
 impl Transport for NexusPolling {
+    /// Returns at once: a poll in flight may take `--nexus-timeout`, and
+    /// the job it brings is reported `not run` instead of started.
     fn stop_reading(&mut self) {
-        self.shared.stop.set();
-        self.shared.bell.ring();
-        self.shared.slots.wake();
-        if let Some(p) = self.poller.take() {
-            let _ = p.join();
-        }
+        self.set_reading(Reading::Stopping);
     }
 
     fn abandon(&self) {
         for token in lock(&self.shared.running).values() {
             token.cancel(CancelReason::Shutdown);
         }
+        // The grace is over: a poll still in flight is cut off (its slot
+        // is what the lifecycle waits for).
+        self.shared.client.interrupt();
     }
 
     fn finish(mut self: Box<Self>, hard_deadline: Instant) {
         self.stop_reading();
+        if let Some(p) = self.poller.take() {
+            if !p.join_by(hard_deadline) {
+                log::warn!("a poll of Nexus was still in flight at the shutdown deadline; cut off");
+                self.shared.client.interrupt();
+            }
+        }
+        // The poller is done: nothing more comes into the spool.
         self.shared.reporter.finish(hard_deadline);
         if let Some(r) = self.reporter.take() {
-            let _ = r.join();
+            if !r.join_by(hard_deadline) {
+                log::warn!(
+                    "a status report was still being sent at the shutdown deadline; \
+                     it stays in the spool for the next run"
+                );
+            }
         }
     }
+}
+
+/// A named thread that can be waited for until a deadline.
+struct Thread {
+    handle: JoinHandle<()>,
+    /// Disconnected when the thread ends (its sender is dropped).
+    done: Receiver<()>,
+}
+
+impl Thread {
+    fn spawn(name: &str, f: impl FnOnce() + Send + 'static) -> Thread {
+        let (tx, done) = crossbeam_channel::bounded::<()>(0);
+        let handle = std::thread::Builder::new()
+            .name(name.into())
+            .spawn(move || {
+                let _done = tx;
+                f()
+            })
+            .unwrap_or_else(|e| panic!("spawn the {name} thread: {e}"));
+        Thread { handle, done }
+    }
+
+    /// Join it if it ends by `deadline`; false (left running) if not.
+    fn join_by(self, deadline: Instant) -> bool {
+        match self.done.recv_deadline(deadline) {
+            Err(RecvTimeoutError::Timeout) => false,
+            _ => {
+                let _ = self.handle.join();
+                true
+            }
+        }
+    }
+}
+
+fn reading(s: &NexusState) -> Reading {
+    *lock(&s.reading)
+}
+
+/// Another job may be taken: its report will fit in the spool's bound
+/// (every running job will add one).
+fn has_room(s: &NexusState) -> bool {
+    s.reporter.len() + lock(&s.running).len() < s.settings.nexus_spool_max
 }
 
 fn poll(s: &Arc<NexusState>, tasks: &Sender<Task>) {
@@ -131,29 +220,54 @@ fn poll(s: &Arc<NexusState>, tasks: &Sender<Task>) {
         s.settings.poll_interval
     );
     let mut outage = Outage::new("poller", "Nexus", s.settings.nexus_retry_cap);
-    while !s.stop.is_set() {
-        let mut free = s.slots.take(Duration::from_millis(250), || usize::MAX);
-        if free.is_empty() {
+    let mut next_poll = Instant::now();
+    // Whether a finished job may cut the wait for `next_poll` short (not
+    // when Nexus said when to come back).
+    let mut cut_short = true;
+    let mut full_since: Option<Instant> = None;
+    loop {
+        match reading(s) {
+            Reading::Stopping => break,
+            Reading::Paused => {
+                s.bell.wait(Duration::from_secs(3600));
+                continue;
+            }
+            Reading::Polling => {}
+        }
+        let now = Instant::now();
+        if now < next_poll {
+            if s.bell.wait(next_poll - now) && cut_short {
+                next_poll = Instant::now();
+            }
             continue;
         }
-        if s.stop.is_set() {
-            break;
+        if !has_room(s) {
+            if full_since.is_none() {
+                full_since = Some(now);
+                log::warn!(
+                    "the report spool is full ({} undelivered reports, --nexus-spool-max {}): \
+                     no new Nexus jobs are taken until Nexus accepts some",
+                    s.reporter.len(),
+                    s.settings.nexus_spool_max
+                );
+            }
+            s.bell.wait(s.settings.poll_interval);
+            continue;
         }
-        // How long to wait before the next poll, and whether a finished job
-        // may cut the wait short (not when Nexus said when to come back).
+        if let Some(since) = full_since.take() {
+            log::info!(
+                "the report spool has room again after {:.1}s: taking Nexus jobs",
+                since.elapsed().as_secs_f64()
+            );
+        }
+        let mut free = s.slots.take(Duration::from_millis(250), || usize::MAX);
         let mut wait: Option<(Duration, bool)> = None;
-        while !free.is_empty() && !s.stop.is_set() {
+        while !free.is_empty() && reading(s) == Reading::Polling && has_room(s) {
             let failure = match s.client.next_job() {
                 Ok(Some(body)) => match parse_job(&body) {
                     Ok(job) => {
                         outage.recovered();
-                        if s.exec.registry.find(&job.kind).is_none() {
-                            let why = s.exec.registry.unknown_type(&job.kind);
-                            reject(s, &job.id, &why);
-                        } else {
-                            let slot = free.pop().expect("a free slot");
-                            dispatch(s, tasks, job, slot);
-                        }
+                        take(s, tasks, job, &mut free);
                         continue;
                     }
                     Err((Some(id), why)) => {
@@ -182,17 +296,39 @@ fn poll(s: &Arc<NexusState>, tasks: &Sender<Task>) {
             break;
         }
         drop(free);
-        match wait {
-            Some((d, true)) => {
-                s.bell.wait(d);
-            }
-            Some((d, false)) => {
-                s.stop.sleep(d);
-            }
-            None => {}
+        if let Some((d, c)) = wait {
+            next_poll = Instant::now() + d;
+            cut_short = c;
         }
     }
     log::debug!("Nexus poller stopped");
+}
+
+/// A job Nexus handed out: run it on one of `free`, or report why not.
+fn take(s: &Arc<NexusState>, tasks: &Sender<Task>, job: Job, free: &mut Vec<Slot>) {
+    if s.exec.registry.find(&job.kind).is_none() {
+        let why = s.exec.registry.unknown_type(&job.kind);
+        return reject(s, &job.id, &why);
+    }
+    // Under the lock, so that a stop is either before (not run) or after
+    // (it runs, and was taken before the stop).
+    let r = lock(&s.reading);
+    if *r == Reading::Stopping {
+        drop(r);
+        log::warn!(
+            "job {} arrived from a poll in flight when the agent was told to stop; \
+             reporting FAILURE instead of running it",
+            job.id
+        );
+        return s.reporter.submit(Report {
+            id: job.id,
+            status: "FAILURE".into(),
+            output: "not run: the agent was stopping".into(),
+        });
+    }
+    let slot = free.pop().expect("a free slot");
+    dispatch(s, tasks, job, slot);
+    drop(r);
 }
 
 /// A job Nexus sent that cannot run: report it failed at once.
@@ -267,12 +403,13 @@ impl PoolReport for NexusReport {
         }
         self.output.push_str(&tail);
         let s = self.shared.clone();
-        lock(&s.running).remove(&self.id);
         s.reporter.submit(Report {
-            id: std::mem::take(&mut self.id),
+            id: self.id.clone(),
             status: status.into(),
             output: std::mem::take(&mut self.output),
         });
+        // After the submit: the spool's bound counts it all along.
+        lock(&s.running).remove(&self.id);
         s.bell.ring();
     }
 }
