@@ -1847,12 +1847,18 @@ fn citadel_status_shows_the_mode() {
         assert!(out.status.success(), "citadel status: {out:?}");
         String::from_utf8_lossy(&out.stdout).into_owned()
     };
-    let text = show();
-    assert!(text.contains("nexus"), "citadel status: {text}");
+    // The first line names the mode and the live agent's pid; a fallback
+    // ("no status recorded in …nexus-state…") must not pass for it.
+    let mode_line = |text: &str| text.lines().next().unwrap_or_default().to_owned();
+    let alive = format!("(pid {})", a.pid());
+    let line = mode_line(&show());
+    assert!(line.starts_with("agent: mode nexus since "), "{line}");
+    assert!(line.ends_with(&alive), "{line}");
     let _redis = RedisServer::start_on(port);
     wait_status_mode(&state, "redis", Duration::from_secs(10));
-    let text = show();
-    assert!(text.contains("redis"), "citadel status: {text}");
+    let line = mode_line(&show());
+    assert!(line.starts_with("agent: mode redis since "), "{line}");
+    assert!(line.ends_with(&alive), "{line}");
 }
 
 #[test]
