@@ -1934,3 +1934,31 @@ fn bad_nexus_settings_are_rejected_with_exit_code_2() {
         assert_eq!(stderr.lines().count(), 1, "{all:?}: {stderr}");
     }
 }
+
+/// A handler panic under Nexus is what it is under Redis: a failed attempt,
+/// retried, then one FAILURE report naming the panic; the agent runs on.
+#[test]
+fn a_panicking_job_is_retried_then_reported_failed_once() {
+    let nexus = FakeNexus::start();
+    let state = StateDir::new();
+    let a = nexus_worker(&nexus.url(), &state, &["--max-retries", "2"], &[]);
+    nexus.push_job("panics", "echo", json!({"fail": "panic"}));
+    nexus.push_job("after", "echo", json!({"x": 1}));
+    let report = nexus.wait_for_report("panics", Duration::from_secs(20));
+    assert_eq!(report.status, "FAILURE");
+    assert!(
+        report
+            .output
+            .starts_with("handler panicked: echo: asked to panic (gave up after 3 attempts)"),
+        "{}",
+        report.output
+    );
+    assert_eq!(
+        nexus
+            .wait_for_report("after", Duration::from_secs(20))
+            .status,
+        "SUCCESS"
+    );
+    assert_eq!(nexus.reports_for("panics").len(), 1);
+    assert_eq!(a.log().matches("job panics (echo) started").count(), 1);
+}

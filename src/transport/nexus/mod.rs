@@ -385,6 +385,8 @@ impl PoolReport for NexusReport {
     fn finished(mut self: Box<Self>, outcome: Outcome) {
         let (status, tail) = match outcome {
             Outcome::Success(v) => ("SUCCESS", v.to_string()),
+            // A panic's error already starts with its reason.
+            Outcome::Failed { reason, error } if error.starts_with(&reason) => ("FAILURE", error),
             Outcome::Failed { reason, error } => ("FAILURE", format!("{reason}: {error}")),
             Outcome::Cancelled(r) => ("FAILURE", format!("cancelled: {r}")),
             Outcome::Abandoned => (
