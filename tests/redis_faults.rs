@@ -475,3 +475,52 @@ fn auto_mode_falls_back_to_nexus_while_a_redis_outcome_waits() {
     wait_drained(&mut c, QUEUE, GROUP, Duration::from_secs(30));
     assert_eq!(a.log().matches("job r-1 (echo) started").count(), 1);
 }
+
+/// SIGTERM while Redis hangs (takes commands, answers nothing): the worker
+/// still exits within the shutdown grace plus 2 s.
+#[test]
+fn sigterm_while_redis_hangs_exits_within_the_grace() {
+    let redis = RedisServer::start();
+    let proxy = StallProxy::start(redis.port());
+    let mut c = redis.conn();
+    let url = proxy.url();
+    let mut w = Citadel::spawn(
+        &[
+            "work",
+            "--redis-url",
+            &url,
+            "--node-name",
+            "node-hang",
+            "--shutdown-grace",
+            "1s",
+            "--redis-timeout",
+            "10s",
+            "--block",
+            "1s",
+        ],
+        &[],
+    );
+    xadd_job(&mut c, QUEUE, "hang-1", "echo", r#"{"sleep_ms":300}"#);
+    wait_status(&mut c, "hang-1", "processing", Duration::from_secs(10));
+    proxy.hold_replies(true);
+    w.wait_for_log("job hang-1 (echo) completed", Duration::from_secs(10));
+    let t0 = std::time::Instant::now();
+    w.sigterm();
+    let exited = w.wait_exit(Duration::from_secs(10));
+    let took = t0.elapsed();
+    assert!(
+        exited.is_some(),
+        "still running 10 s after SIGTERM: {}",
+        w.log()
+    );
+    assert!(
+        took < Duration::from_secs(3),
+        "exited {took:?} after SIGTERM: {}",
+        w.log()
+    );
+    proxy.hold_replies(false);
+    // Redis ran the settle batch it was sent (only its reply was held): the
+    // job is settled once, by the script, not lost.
+    assert_eq!(status(&mut c, "hang-1")["status"], "completed");
+    wait_drained(&mut c, QUEUE, GROUP, Duration::from_secs(5));
+}

@@ -52,6 +52,8 @@ pub fn run(
         recv(signals) -> _ => None,
         recv(fatal) -> msg => msg.ok(),
     };
+    // The grace counts from the signal, whatever stopping the reads takes.
+    let deadline = Instant::now() + grace;
     transport.stop_reading();
     match &failure {
         Some(msg) => log::error!("{msg}; stopping"),
@@ -61,7 +63,6 @@ pub fn run(
         ),
     }
 
-    let deadline = Instant::now() + grace;
     let hard = deadline + SETTLE_AFTER_GRACE;
     let mut forced = false;
     while !slots.wait_idle(deadline.min(Instant::now() + Duration::from_millis(50))) {

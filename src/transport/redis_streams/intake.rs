@@ -54,6 +54,11 @@ impl Intake {
         slots: &mut Vec<Slot>,
     ) -> Taken {
         let st = &self.state;
+        if st.stopping() {
+            // A read that returned after the stop: its entries stay pending
+            // for this consumer (taken back at its next start, or reclaimed).
+            return Taken::default();
+        }
         let mut batch: Vec<(Entry, Verdict)> = Vec::with_capacity(raws.len());
         for (raw, deliveries) in raws {
             let gone = raw.fields.is_none();

@@ -160,14 +160,18 @@ impl RedisStreams {
 }
 
 impl Transport for RedisStreams {
-    /// Returns within about a second and a half even when Redis hangs: a
-    /// reader still stuck in a connect then is left to notice the stop by
-    /// itself (it checks before every read, so it takes nothing more).
+    /// Returns within about half a second even when Redis hangs: a reader
+    /// still waiting for Redis then is left to notice the stop by itself;
+    /// whatever a read returns after the stop stays pending (see `intake`),
+    /// so no job starts after it.
     fn stop_reading(&mut self) {
+        let again = self.shared.stop_reading.is_set();
         self.shared.stop_reading.set();
         self.shared.slots.wake();
         if let Some(reader) = self.reader.take() {
-            unblock_reader(&self.shared, &reader);
+            if !again {
+                unblock_reader(&self.shared, &reader);
+            }
             if reader.is_finished() {
                 let _ = reader.join();
             } else {
@@ -186,7 +190,14 @@ impl Transport for RedisStreams {
     /// Returns by `hard_deadline` even if a Redis call of the settle thread
     /// hangs: what it had not settled stays pending in Redis.
     fn finish(mut self: Box<Self>, hard_deadline: Instant) {
-        self.stop_reading();
+        // stop_reading() came first; a reader still waiting for Redis then
+        // is not waited for again.
+        self.shared.stop_reading.set();
+        if let Some(reader) = self.reader.take() {
+            if reader.is_finished() {
+                let _ = reader.join();
+            }
+        }
         *lock(&self.shared.hard_stop) = Some(hard_deadline);
         self.shared.stop_settling.store(true, Ordering::SeqCst);
         if let Some(settler) = self.settler.take() {
@@ -207,14 +218,14 @@ impl Transport for RedisStreams {
 /// the signal may land between two reads.
 fn unblock_reader(shared: &StreamsState, reader: &JoinHandle<()>) {
     let s = &shared.settings;
-    let until = Instant::now() + Duration::from_millis(1500);
+    let until = Instant::now() + Duration::from_millis(500);
     let mut conn = None;
     while !reader.is_finished() && Instant::now() < until {
         let id = shared.reader_client.load(Ordering::SeqCst);
         if id != 0 {
             if conn.is_none() {
                 let left = until.saturating_duration_since(Instant::now());
-                let t = left.clamp(Duration::from_millis(1), Duration::from_millis(500));
+                let t = left.clamp(Duration::from_millis(1), Duration::from_millis(200));
                 conn = redis_conn::connect(&s.redis_url, t, t).ok();
             }
             if let Some(c) = conn.as_mut() {
