@@ -17,6 +17,12 @@ use std::time::{Duration, Instant};
 
 pub trait Handler: Send + Sync {
     fn run(&self, job: &Job, ctx: &mut Context<'_>) -> Result<Value, JobError>;
+
+    /// The deadline of a job of this type that gives no `timeout_ms`, and
+    /// the setting it comes from (`shell-timeout`); `None`: no deadline.
+    fn default_timeout(&self) -> Option<(Duration, &'static str)> {
+        None
+    }
 }
 
 /// Everything a handler may use besides its job.
