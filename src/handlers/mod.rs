@@ -6,6 +6,7 @@
 
 mod echo;
 pub mod inference;
+mod shell;
 
 use crate::config::Settings;
 use crate::events::NodeFacts;
@@ -100,6 +101,10 @@ impl Registry {
                 (
                     &["llm_inference"],
                     Arc::new(inference::Inference::new(settings)),
+                ),
+                (
+                    &["shell_command", "SHELL_COMMAND"],
+                    Arc::new(shell::Shell::new(settings)),
                 ),
             ],
         }
