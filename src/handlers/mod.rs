@@ -6,7 +6,7 @@
 
 mod echo;
 pub mod inference;
-mod shell;
+pub mod shell;
 
 use crate::config::Settings;
 use crate::events::NodeFacts;

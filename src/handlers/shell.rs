@@ -121,7 +121,7 @@ impl Handler for Shell {
                     _ => JobError::Retryable(msg),
                 }
             })?;
-        let group = Arc::new(Group::of(&child));
+        let group = Group::of(&child);
         log::debug!(
             "job {}: /bin/sh -c running in {} as process group {}",
             job.id,
@@ -134,6 +134,16 @@ impl Handler for Shell {
             capture: Capture::new(self.output_cap),
         };
         supervisor.run(&job.id, &mut child, ctx)
+    }
+}
+
+/// SIGKILLs what is left of every command still running, for an agent about
+/// to exit: its shutdown cancelled them, but a handler that did not finish
+/// in time must not leave processes behind.
+pub fn kill_running() {
+    let n = process::kill_all();
+    if n > 0 {
+        log::warn!("killed {n} shell command process group(s) still running at exit");
     }
 }
 
@@ -334,6 +344,7 @@ impl Supervisor {
                 }
             }
             if !killed && kill_at.is_some_and(|t| t <= now) {
+                log::debug!("job {job_id}: SIGKILL to process group {}", self.group.id());
                 self.group.signal(SIGKILL);
                 killed = true;
             }
@@ -348,12 +359,16 @@ impl Supervisor {
                     let st = self.group.reap(child).map_err(|e| {
                         JobError::Permanent(format!("shell_command: cannot reap /bin/sh: {e}"))
                     })?;
+                    log::debug!(
+                        "job {job_id}: process group {} is gone ({st})",
+                        self.group.id()
+                    );
                     status = Some(st);
                     drain_until = Some(now + DRAIN);
                 } else if kill_at.is_none() {
                     // The leader is done; what it left behind is stopped.
                     self.group.signal(SIGTERM);
-                    kill_at = Some(now + self.kill_grace);
+                    kill_at = Some(now + self.grace(ctx));
                 }
             }
             if status.is_some() && (open == [false, false] || drain_until.is_some_and(|t| t <= now))
@@ -394,18 +409,18 @@ impl Supervisor {
                     Err(_) => pieces = crossbeam_channel::never(),
                 },
                 recv(controls) -> control => match control {
-                    Ok(Control::Exited) => exited = true,
+                    Ok(Control::Exited) => {
+                        exited = true;
+                        // The token is marked before its hook's SIGTERM is sent.
+                        cancelled_while_running = ctx.is_cancelled();
+                    }
                     Ok(Control::Cancelled) => {
-                        cancelled_while_running |= !exited;
-                        if kill_at.is_none() {
-                            let grace = match ctx.cancel_token().reason() {
-                                Some(CancelReason::Shutdown | CancelReason::LeaseLost) => {
-                                    self.kill_grace.min(SHUTDOWN_KILL_GRACE)
-                                }
-                                _ => self.kill_grace,
-                            };
-                            kill_at = Some(Instant::now() + grace);
-                        }
+                        log::debug!(
+                            "job {job_id}: cancelled; SIGTERM sent to process group {}",
+                            self.group.id()
+                        );
+                        let at = Instant::now() + self.grace(ctx);
+                        kill_at = Some(kill_at.map_or(at, |k| k.min(at)));
                     }
                     Err(_) => controls = crossbeam_channel::never(),
                 },
@@ -429,6 +444,17 @@ impl Supervisor {
                 "shell_command: the command {}{tail}",
                 describe(status)
             ))),
+        }
+    }
+
+    /// How long the group has between SIGTERM and SIGKILL: the kill grace,
+    /// shorter when the agent is stopping (or the job is someone else's now).
+    fn grace(&self, ctx: &Context<'_>) -> Duration {
+        match ctx.cancel_token().reason() {
+            Some(CancelReason::Shutdown | CancelReason::LeaseLost) => {
+                self.kill_grace.min(SHUTDOWN_KILL_GRACE)
+            }
+            _ => self.kill_grace,
         }
     }
 

@@ -6,13 +6,18 @@
 //! gone: until then its pid, which is the group's id, cannot be taken by
 //! another process, so a signal to the group never reaches a stranger.
 //! Its exit is awaited with `waitid(WNOWAIT)`, which leaves it a zombie.
+//! Every group not yet reaped is known here, so that the agent can kill
+//! what is left of them before it exits ([`kill_all`]).
 
 use crate::sync::lock;
 use std::io;
 use std::process::{Child, ExitStatus};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex, Weak};
 
 pub use libc::{SIGKILL, SIGTERM};
+
+/// Every group started, until it is reaped (dead ones are dropped lazily).
+static GROUPS: Mutex<Vec<Weak<Group>>> = Mutex::new(Vec::new());
 
 /// A running command's process group, led by the `/bin/sh` it started as.
 pub struct Group {
@@ -23,11 +28,15 @@ pub struct Group {
 
 impl Group {
     /// The group of `child`, spawned with `process_group(0)`.
-    pub fn of(child: &Child) -> Group {
-        Group {
+    pub fn of(child: &Child) -> Arc<Group> {
+        let group = Arc::new(Group {
             pgid: child.id() as i32,
             reaped: Mutex::new(false),
-        }
+        });
+        let mut groups = lock(&GROUPS);
+        groups.retain(|g| g.upgrade().is_some_and(|g| !*lock(&g.reaped)));
+        groups.push(Arc::downgrade(&group));
+        group
     }
 
     pub fn id(&self) -> i32 {
@@ -78,6 +87,19 @@ impl Group {
         *reaped = true;
         status
     }
+}
+
+/// SIGKILLs every group not yet reaped; returns how many there were.
+pub fn kill_all() -> usize {
+    let groups = lock(&GROUPS);
+    let mut n = 0;
+    for group in groups.iter().filter_map(Weak::upgrade) {
+        if !*lock(&group.reaped) {
+            group.signal(SIGKILL);
+            n += 1;
+        }
+    }
+    n
 }
 
 /// The state letter and process group of a `/proc/{pid}/stat` line:
