@@ -673,6 +673,17 @@ mod tests {
     }
 
     #[test]
+    fn allow_shell_is_off_by_default_and_a_json_boolean_in_the_file() {
+        let mut s = Settings::default();
+        assert!(!s.allow_shell);
+        s.apply_file(r#"{"allow_shell": true}"#).unwrap();
+        assert!(s.allow_shell);
+        s.apply_file(r#"{"allow-shell": "off"}"#).unwrap();
+        assert!(!s.allow_shell);
+        assert_eq!(s.workspace_dir(), s.state_dir.join("workspace"));
+    }
+
+    #[test]
     fn config_file_layers_under_the_environment() {
         let mut s = Settings::default();
         s.apply_file(r#"{"queue":["jobs:v1:a","jobs:v1:b"],"claim_idle":"2s","concurrency":8,"device_api_token":"t"}"#)
