@@ -74,6 +74,14 @@ pub fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Cli, String> {
             Short('V') | Long("version") if name.is_none() => name = Some("version".to_string()),
             Long("config") => config_path = Some(p.value().map_err(|e| e.to_string())?.into()),
             Long("queue") => queues.push(text(p.value())?),
+            Long(f) if config::is_boolean(f) => {
+                let f = f.to_owned();
+                let v = match p.optional_value() {
+                    Some(v) => text(Ok(v))?,
+                    None => "true".into(),
+                };
+                flags.push((f, v));
+            }
             Long(f) if SETTINGS.iter().any(|(n, _)| *n == f) => {
                 let f = f.to_owned();
                 flags.push((f, text(p.value())?));
@@ -330,6 +338,21 @@ mod tests {
         assert_eq!(cli.command, Command::Work);
         assert_eq!(cli.settings.queues, ["jobs:v1:a", "jobs:v1:b"]);
         assert_eq!(cli.settings.claim_idle, std::time::Duration::from_secs(2));
+    }
+
+    #[test]
+    fn a_boolean_flag_stands_alone_or_takes_a_value() {
+        let cli = parse_args(&["run-job", "--allow-shell", "{}"]).unwrap();
+        assert!(cli.settings.allow_shell);
+        assert_eq!(
+            cli.command,
+            Command::RunJob {
+                job: Some("{}".into())
+            }
+        );
+        let cli = parse_args(&["work", "--allow-shell=false"]).unwrap();
+        assert!(!cli.settings.allow_shell);
+        assert!(!parse_args(&["work"]).unwrap().settings.allow_shell);
     }
 
     #[test]

@@ -60,6 +60,26 @@ pub const SETTINGS: &[(&str, &str)] = &[
         "max-job-size",
         "largest stream entry accepted, in bytes [1048576]",
     ),
+    (
+        "allow-shell",
+        "run shell_command jobs on this node (a bare --allow-shell means true) [false]",
+    ),
+    (
+        "workspace-dir",
+        "working directory of shell_command jobs, created 0700 [{state-dir}/workspace]",
+    ),
+    (
+        "shell-timeout",
+        "deadline of a shell_command job that gives no timeout_ms [10m]",
+    ),
+    (
+        "shell-kill-grace",
+        "a stopped shell command's process group gets SIGKILL this long after SIGTERM [5s]",
+    ),
+    (
+        "shell-output-cap",
+        "most bytes of shell output kept in the job's result, in bytes [1048576]",
+    ),
     ("redis-timeout", "Redis connect and command timeout [5s]"),
     (
         "vllm-url",
@@ -155,6 +175,12 @@ pub struct Settings {
     pub status_ttl: Duration,
     pub dlq_maxlen: u64,
     pub max_job_size: usize,
+    pub allow_shell: bool,
+    /// `None`: `{state_dir}/workspace` (see [`Settings::workspace_dir`]).
+    pub workspace_dir: Option<PathBuf>,
+    pub shell_timeout: Duration,
+    pub shell_kill_grace: Duration,
+    pub shell_output_cap: usize,
     pub redis_timeout: Duration,
     pub vllm_url: String,
     pub ollama_url: String,
@@ -203,6 +229,11 @@ impl Default for Settings {
             status_ttl: Duration::from_secs(24 * 3600),
             dlq_maxlen: 10_000,
             max_job_size: 1 << 20,
+            allow_shell: false,
+            workspace_dir: None,
+            shell_timeout: Duration::from_secs(600),
+            shell_kill_grace: Duration::from_secs(5),
+            shell_output_cap: 1 << 20,
             redis_timeout: Duration::from_secs(5),
             vllm_url: "http://127.0.0.1:8000".into(),
             ollama_url: "http://127.0.0.1:11434".into(),
@@ -350,6 +381,11 @@ impl Settings {
                     ));
                 }
             }
+            "allow-shell" => self.allow_shell = boolean(v)?,
+            "workspace-dir" => self.workspace_dir = Some(non_empty(v)?.into()),
+            "shell-timeout" => self.shell_timeout = positive(parse_duration(v)?)?,
+            "shell-kill-grace" => self.shell_kill_grace = parse_duration(v)?,
+            "shell-output-cap" => self.shell_output_cap = number(v)?,
             "redis-timeout" => self.redis_timeout = positive(parse_duration(v)?)?,
             "vllm-url" => self.vllm_url = http_url(v)?,
             "ollama-url" => self.ollama_url = http_url(v)?,
@@ -408,6 +444,14 @@ impl Settings {
         self.consumer.as_deref().unwrap_or(&self.node_name)
     }
 
+    /// Where shell_command jobs run: `--workspace-dir`, else
+    /// `{state-dir}/workspace`.
+    pub fn workspace_dir(&self) -> PathBuf {
+        self.workspace_dir
+            .clone()
+            .unwrap_or_else(|| self.state_dir.join("workspace"))
+    }
+
     /// This node's own stream, read besides the queues.
     pub fn node_stream(&self) -> String {
         format!("jobs:v1:node:{}", self.node_name)
@@ -455,6 +499,21 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
 fn number<T: std::str::FromStr>(v: &str) -> Result<T, String> {
     v.parse()
         .map_err(|_| format!("'{v}' is not a whole number"))
+}
+
+/// Settings that are on or off. As flags they may stand alone
+/// (`--allow-shell` = `--allow-shell=true`).
+pub fn is_boolean(name: &str) -> bool {
+    matches!(name, "allow-shell")
+}
+
+/// `true`/`false`, `1`/`0`, `yes`/`no`, `on`/`off` (any case).
+fn boolean(v: &str) -> Result<bool, String> {
+    match v.to_ascii_lowercase().as_str() {
+        "true" | "1" | "yes" | "on" => Ok(true),
+        "false" | "0" | "no" | "off" => Ok(false),
+        _ => Err(format!("'{v}' is not a boolean (write true or false)")),
+    }
 }
 
 fn positive(d: Duration) -> Result<Duration, String> {
@@ -631,7 +690,8 @@ mod tests {
                 "mode" => "auto",
                 n if n.ends_with("-url") => "http://127.0.0.1:1/",
                 "queue" | "group" | "consumer" | "node-name" => "x",
-                "max-job-size" => "4096",
+                "max-job-size" | "shell-output-cap" => "4096",
+                "allow-shell" => "true",
                 n if n.contains("retries")
                     || n.contains("max")
                     || n.ends_with("-attempts")
@@ -678,8 +738,27 @@ mod tests {
             .unwrap_err()
             .contains("no host"));
         assert!(s.set("engine-idle-timeout", "0s").is_err());
+        assert!(s
+            .set("allow-shell", "maybe")
+            .unwrap_err()
+            .contains("not a boolean"));
+        for (text, want) in [("true", true), ("0", false), ("ON", true), ("no", false)] {
+            s.set("allow-shell", text).unwrap();
+            assert_eq!(s.allow_shell, want, "{text}");
+        }
         s.set("llamacpp-url", "http://127.0.0.1:8081/").unwrap();
         assert_eq!(s.llamacpp_url, "http://127.0.0.1:8081");
+    }
+
+    #[test]
+    fn allow_shell_is_off_by_default_and_a_json_boolean_in_the_file() {
+        let mut s = Settings::default();
+        assert!(!s.allow_shell);
+        s.apply_file(r#"{"allow_shell": true}"#).unwrap();
+        assert!(s.allow_shell);
+        s.apply_file(r#"{"allow-shell": "off"}"#).unwrap();
+        assert!(!s.allow_shell);
+        assert_eq!(s.workspace_dir(), s.state_dir.join("workspace"));
     }
 
     #[test]

@@ -78,13 +78,16 @@ fn run() -> Result<i32, Exit> {
             })
             .map_err(|e| Exit(1, format!("cannot install the signal handler: {e}")))?;
             let exec = executor();
-            worker::lifecycle::run(
+            let stopped = worker::lifecycle::run(
                 settings.concurrency,
                 settings.shutdown_grace,
                 exec.clone(),
                 signals,
                 |tasks, slots| transport::start(&settings, exec, tasks, slots),
-            )?;
+            );
+            // A shell command that did not stop in time dies with the agent.
+            handlers::shell::kill_running();
+            stopped?;
             Ok(0)
         }
         Command::RunJob { job } => run_job::run(&executor(), job),

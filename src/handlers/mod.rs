@@ -7,6 +7,7 @@
 mod echo;
 mod extraction;
 pub mod inference;
+pub mod shell;
 
 use crate::config::Settings;
 use crate::events::NodeFacts;
@@ -18,6 +19,12 @@ use std::time::{Duration, Instant};
 
 pub trait Handler: Send + Sync {
     fn run(&self, job: &Job, ctx: &mut Context<'_>) -> Result<Value, JobError>;
+
+    /// The deadline of a job of this type that gives no `timeout_ms`, and
+    /// the setting it comes from (`shell-timeout`); `None`: no deadline.
+    fn default_timeout(&self) -> Option<(Duration, &'static str)> {
+        None
+    }
 }
 
 /// Everything a handler may use besides its job.
@@ -99,6 +106,10 @@ impl Registry {
                 (
                     &["llm_inference"],
                     Arc::new(inference::Inference::new(settings)),
+                ),
+                (
+                    &["shell_command", "SHELL_COMMAND"],
+                    Arc::new(shell::Shell::new(settings)),
                 ),
             ],
         }

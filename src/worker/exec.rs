@@ -73,10 +73,12 @@ impl Executor {
         let Some(handler) = self.registry.find(&job.kind) else {
             return failed("permanent error", self.registry.unknown_type(&job.kind));
         };
-        let deadline = match job.timeout() {
-            Ok(t) => t.map(|t| Instant::now() + t),
+        let limit = match job.timeout() {
+            Ok(Some(t)) => Some((t, None)),
+            Ok(None) => handler.default_timeout().map(|(t, from)| (t, Some(from))),
             Err(e) => return failed("permanent error", e),
         };
+        let deadline = limit.map(|(t, _)| Instant::now() + t);
         if let Some(at) = deadline {
             self.watchdog.arm(at, token);
         }
@@ -84,7 +86,7 @@ impl Executor {
         let mut streamed = 0u64;
         loop {
             if token.is_cancelled() {
-                return cancelled(token, job, "cancelled before start".into());
+                return cancelled(token, limit, "cancelled before start".into());
             }
             let result = {
                 let mut counted = |text: &str| {
@@ -106,7 +108,7 @@ impl Executor {
                 }
             };
             if token.is_cancelled() {
-                return cancelled(token, job, err.message().to_owned());
+                return cancelled(token, limit, err.message().to_owned());
             }
             let e = match err {
                 JobError::Permanent(e) => return failed("permanent error", e),
@@ -138,7 +140,7 @@ impl Executor {
             );
             attempt += 1;
             if token.wait(wait) {
-                return cancelled(token, job, e);
+                return cancelled(token, limit, e);
             }
         }
     }
@@ -151,16 +153,24 @@ fn failed(reason: &str, error: String) -> Outcome {
     }
 }
 
+/// The deadline a job ran under: its `timeout_ms`, or its type's default
+/// and the setting that default comes from.
+type Limit = Option<(Duration, Option<&'static str>)>;
+
 /// The outcome of a job whose token was cancelled, by why it was.
-fn cancelled(token: &CancelToken, job: &Job, detail: String) -> Outcome {
+fn cancelled(token: &CancelToken, limit: Limit, detail: String) -> Outcome {
     match token.reason() {
-        Some(CancelReason::Deadline) => {
-            let limit = job.timeout().ok().flatten().unwrap_or_default();
-            failed(
-                "deadline exceeded",
-                format!("job exceeded its timeout_ms of {}ms", limit.as_millis()),
-            )
-        }
+        Some(CancelReason::Deadline) => failed(
+            "deadline exceeded",
+            match limit {
+                Some((t, Some(setting))) => format!(
+                    "job exceeded the default timeout of its type, {}ms (--{setting}; it gave no timeout_ms)",
+                    t.as_millis()
+                ),
+                Some((t, None)) => format!("job exceeded its timeout_ms of {}ms", t.as_millis()),
+                None => "job exceeded its deadline".into(),
+            },
+        ),
         Some(CancelReason::Shutdown | CancelReason::LeaseLost) => Outcome::Abandoned,
         _ => Outcome::Cancelled(if detail.is_empty() {
             "cancelled".into()
