@@ -887,3 +887,58 @@ fn status_says_which_engines_answer() {
     assert_eq!(vllm.probes()[0].path, "/v1/models");
     assert_eq!(llama.probes()[0].path, "/health");
 }
+
+// ---------------------------------------------------------------------------
+// The fake engine itself
+// ---------------------------------------------------------------------------
+
+/// What the split-stream tests rely on: a reply cut into pieces reaches the
+/// client in as many reads, even when the client is slow to read (a slow
+/// reader is what would otherwise merge them).
+#[test]
+fn fake_engine_delivers_each_piece_of_a_split_reply_in_its_own_read() {
+    use std::io::{Read, Write};
+    let wire = b"data: one\n\ndata: two\n\n";
+    let cuts = [4, 5, 11, 12, 20];
+    let engine = FakeEngine::start(vec![Reply::sse()
+        .framing(Framing::Close)
+        .send_split(wire, &cuts)]);
+    let addr = engine.url().trim_start_matches("http://").to_owned();
+    let mut conn = std::net::TcpStream::connect(addr).unwrap();
+    conn.write_all(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}")
+        .unwrap();
+    let mut reads: Vec<Vec<u8>> = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        // A slow reader: the engine has long written the next piece by now,
+        // unless it waits for this read.
+        std::thread::sleep(Duration::from_millis(20));
+        match conn.read(&mut buf).unwrap() {
+            0 => break,
+            n => reads.push(buf[..n].to_vec()),
+        }
+    }
+    // The head may come with the first piece; every later read is one piece.
+    let first = reads.remove(0);
+    let head_end = first.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+    let mut pieces = vec![first[head_end..].to_vec()];
+    pieces.retain(|p| !p.is_empty());
+    pieces.extend(reads);
+    let want: Vec<&[u8]> = vec![
+        &wire[..4],
+        &wire[4..5],
+        &wire[5..11],
+        &wire[11..12],
+        &wire[12..20],
+        &wire[20..],
+    ];
+    assert_eq!(
+        pieces
+            .iter()
+            .map(|p| String::from_utf8_lossy(p))
+            .collect::<Vec<_>>(),
+        want.iter()
+            .map(|p| String::from_utf8_lossy(p))
+            .collect::<Vec<_>>()
+    );
+}
