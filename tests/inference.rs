@@ -51,15 +51,22 @@ const OLLAMA_GENERATE: &str = concat!(
     "\n",
 );
 
-/// llama.cpp `POST /completion`, CRLF line ends, stopped by `n_predict`.
-const LLAMA_NATIVE: &str = concat!(
-    r#"data: {"index":0,"content":" Once","tokens":[],"stop":false,"id_slot":0,"tokens_predicted":1,"tokens_evaluated":6}"#,
-    "\r\n\r\n",
-    r#"data: {"index":0,"content":" upon","tokens":[],"stop":false,"id_slot":0,"tokens_predicted":2,"tokens_evaluated":6}"#,
-    "\r\n\r\n",
-    r#"data: {"index":0,"content":"","tokens":[],"id_slot":0,"stop":true,"model":"smollm2","tokens_predicted":2,"tokens_evaluated":6,"stop_type":"limit","stopping_word":"","tokens_cached":7,"timings":{"prompt_n":6,"predicted_n":2}}"#,
-    "\r\n\r\n",
-);
+/// llama.cpp `POST /completion` with `stream: true`, stopped by `n_predict`:
+/// the events as llama-server sends them (scripts/real-engine.sh), each the
+/// JSON of one `data:` line.
+const LLAMA_NATIVE: [&str; 3] = [
+    r#"{"index":0,"content":" Once","tokens":[9038],"stop":false,"id_slot":-1,"tokens_predicted":1,"tokens_evaluated":6}"#,
+    r#"{"index":0,"content":" upon","tokens":[2402],"stop":false,"id_slot":-1,"tokens_predicted":2,"tokens_evaluated":6}"#,
+    r#"{"index":0,"content":"","tokens":[],"id_slot":1,"stop":true,"model":"/models/SmolLM2-135M-Instruct.Q4_1.gguf","tokens_predicted":2,"tokens_evaluated":6,"generation_settings":{"seed":4294967295,"temperature":0.800000011920929,"n_predict":2,"stream":true},"prompt":"Tell me a story","has_new_line":false,"truncated":false,"stop_type":"limit","stopping_word":"","tokens_cached":7,"timings":{"cache_n":0,"prompt_n":6,"prompt_ms":31.2,"prompt_per_token_ms":5.2,"prompt_per_second":192.3,"predicted_n":2,"predicted_ms":40.5,"predicted_per_token_ms":20.25,"predicted_per_second":49.4}}"#,
+];
+
+/// [`LLAMA_NATIVE`] as llama-server streams it: each event `data: …` and a
+/// blank line (LF), one event per HTTP chunk.
+fn llama_native_stream() -> Reply {
+    LLAMA_NATIVE
+        .iter()
+        .fold(Reply::llamacpp_stream(), |r, e| r.llamacpp_event(e))
+}
 
 /// One OpenAI chat chunk carrying `text`.
 fn chat_chunk(text: &str) -> String {
@@ -350,13 +357,22 @@ fn ollama_chat_with_stream_false() {
 
 #[test]
 fn llamacpp_native_completion_and_chat() {
-    let chat = format!("{}{}data: [DONE]\n\n", chat_chunk("Hey"), chat_chunk("!"));
-    let engine = FakeEngine::start(vec![
-        Reply::sse()
-            .framing(Framing::Close)
-            .send_split(LLAMA_NATIVE.as_bytes(), &[10, 121, 122, 200]),
-        Reply::sse().send(chat),
-    ]);
+    let chat = Reply::llamacpp_stream()
+        .send(chat_chunk("Hey"))
+        .send(chat_chunk("!"))
+        .send("data: [DONE]\n\n");
+    // The same events with CRLF line ends, close-delimited, cut inside
+    // "data:", between a CR and its LF, between the two line ends of an
+    // event and inside the JSON.
+    let crlf: String = LLAMA_NATIVE
+        .iter()
+        .map(|e| format!("data: {e}\r\n\r\n"))
+        .collect();
+    let cr = crlf.find('\r').unwrap();
+    let crlf_split = Reply::sse()
+        .framing(Framing::Close)
+        .send_split(crlf.as_bytes(), &[3, cr + 1, cr + 2, cr + 40]);
+    let engine = FakeEngine::start(vec![llama_native_stream(), chat, crlf_split]);
     let redis = RedisServer::start();
     let sub = Subscriber::new(&redis, "stream:v1:*");
     let _w = worker(&redis, &[("llamacpp", &engine.url())], &[]);
@@ -387,6 +403,19 @@ fn llamacpp_native_completion_and_chat() {
         json!({"content": "Hey!", "finish_reason": "stop"})
     );
 
+    let events = run(
+        &redis,
+        &sub,
+        "j-native-crlf",
+        json!({"model": "llamacpp/smollm2", "prompt": "Tell me a story", "max_tokens": 2}),
+    );
+    assert_eq!(chunks(&events), [" Once", " upon"]);
+    assert_eq!(
+        last(&events)["data"]["result"],
+        json!({"content": " Once upon", "finish_reason": "length",
+               "usage": {"prompt_tokens": 6, "completion_tokens": 2, "total_tokens": 8}})
+    );
+
     let reqs = engine.requests();
     assert_eq!(reqs[0].path, "/completion");
     assert_eq!(
@@ -398,6 +427,7 @@ fn llamacpp_native_completion_and_chat() {
         reqs[1].json()["stream_options"],
         json!({"include_usage": true})
     );
+    assert_eq!(reqs[2].path, "/completion");
 }
 
 // ---------------------------------------------------------------------------
@@ -577,11 +607,12 @@ fn ollama_error_line_after_200_fails_the_job() {
 
 #[test]
 fn http_503_is_retried_then_200_succeeds() {
-    let loading = r#"{"error":{"code":503,"message":"Loading model","type":"unavailable_error"}}"#;
+    // As llama-server answers while its model loads: then it closes the connection.
+    let loading = Reply::llamacpp_error(503, "unavailable_error", "Loading model");
     let engine = FakeEngine::start(vec![
-        Reply::json(503, loading),
+        loading,
         Reply::json(429, r#"{"error":"too many requests"}"#),
-        Reply::sse()
+        Reply::llamacpp_stream()
             .send(chat_chunk("ready"))
             .send("data: [DONE]\n\n"),
     ]);
@@ -611,6 +642,8 @@ fn http_503_is_retried_then_200_succeeds() {
     });
     w.wait_for_log("llama.cpp answered HTTP 503: Loading model", WAIT);
     w.wait_for_log("llama.cpp answered HTTP 429: too many requests", WAIT);
+    // The engine closed the connection of its error; the client let go of it.
+    engine.wait_closed(0, WAIT);
 }
 
 #[test]

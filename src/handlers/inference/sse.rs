@@ -318,13 +318,15 @@ mod tests {
     )
     .as_bytes();
 
-    /// llama.cpp `POST /completion` with `stream: true`, stopped by `n_predict`.
+    /// llama.cpp `POST /completion` with `stream: true`, stopped by `n_predict`,
+    /// as llama-server sends it (scripts/real-engine.sh: LF line ends, token
+    /// ids in `tokens`, the last event with the settings and timings).
     const LLAMA_NATIVE: &[u8] = concat!(
-        r#"data: {"index":0,"content":" Once","tokens":[],"stop":false,"id_slot":0,"tokens_predicted":1,"tokens_evaluated":6}"#,
+        r#"data: {"index":0,"content":" Once","tokens":[9038],"stop":false,"id_slot":-1,"tokens_predicted":1,"tokens_evaluated":6}"#,
         "\n\n",
-        r#"data: {"index":0,"content":" upon","tokens":[],"stop":false,"id_slot":0,"tokens_predicted":2,"tokens_evaluated":6}"#,
+        r#"data: {"index":0,"content":" upon","tokens":[2402],"stop":false,"id_slot":-1,"tokens_predicted":2,"tokens_evaluated":6}"#,
         "\n\n",
-        r#"data: {"index":0,"content":"","tokens":[],"id_slot":0,"stop":true,"model":"gpt-3.5-turbo","tokens_predicted":2,"tokens_evaluated":6,"generation_settings":{"n_predict":2,"seed":4294967295,"temperature":0.8},"prompt":"<s> Tell me a story","has_new_line":false,"truncated":false,"stop_type":"limit","stopping_word":"","tokens_cached":7,"timings":{"prompt_n":6,"prompt_ms":31.2,"prompt_per_token_ms":5.2,"prompt_per_second":192.3,"predicted_n":2,"predicted_ms":40.5,"predicted_per_token_ms":20.25,"predicted_per_second":49.4}}"#,
+        r#"data: {"index":0,"content":"","tokens":[],"id_slot":1,"stop":true,"model":"/models/SmolLM2-135M-Instruct.Q4_1.gguf","tokens_predicted":2,"tokens_evaluated":6,"generation_settings":{"n_predict":2,"seed":4294967295,"temperature":0.800000011920929},"prompt":"Tell me a story","has_new_line":false,"truncated":false,"stop_type":"limit","stopping_word":"","tokens_cached":7,"timings":{"cache_n":0,"prompt_n":6,"prompt_ms":31.2,"prompt_per_token_ms":5.2,"prompt_per_second":192.3,"predicted_n":2,"predicted_ms":40.5,"predicted_per_token_ms":20.25,"predicted_per_second":49.4}}"#,
         "\n\n",
     )
     .as_bytes();
