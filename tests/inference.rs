@@ -11,9 +11,8 @@ mod support;
 use serde_json::{json, Value as Json};
 use std::time::{Duration, Instant};
 use support::fake_engine::{FakeEngine, Framing, Reply};
-use support::{
-    citadel_cmd, hgetall, wait_until, xadd_job, xrange_all, Citadel, RedisServer, Subscriber,
-};
+use support::observe::{event_type, has_ended, kinds, wait_status};
+use support::{citadel_cmd, wait_until, xadd_job, xrange_all, Citadel, RedisServer, Subscriber};
 
 const WAIT: Duration = Duration::from_secs(10);
 const QUEUE: &str = "jobs:v1:gpu-general";
@@ -91,12 +90,6 @@ fn worker_with_env(
     let dead = dead_url();
     let node = format!("inf-{}", support::free_port());
     let mut args: Vec<String> = [
-        "--node-name",
-        &node,
-        "--block",
-        "1s",
-        "--cancel-poll",
-        "100ms",
         "--retry-base",
         "5ms",
         "--retry-cap",
@@ -120,7 +113,7 @@ fn worker_with_env(
     }
     args.extend(extra.iter().map(|a| a.to_string()));
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    Citadel::work(redis, &args, env)
+    support::worker_with_env(redis, &node, &args, env)
 }
 
 /// An engine URL where nothing listens.
@@ -134,22 +127,15 @@ fn run(redis: &RedisServer, sub: &Subscriber, id: &str, payload: Json) -> Vec<Js
     xadd_job(&mut conn, QUEUE, id, "llm_inference", &payload.to_string());
     wait_until(&format!("a terminal event of {id}"), WAIT, || {
         let events = sub.events_for(id);
-        events
-            .iter()
-            .any(|e| matches!(kind(e), "end" | "error" | "cancelled"))
-            .then_some(events)
+        has_ended(&events).then_some(events)
     })
-}
-
-fn kind(e: &Json) -> &str {
-    e["type"].as_str().unwrap_or_default()
 }
 
 /// Chunk contents, checking that indices run 0, 1, 2… without a gap.
 fn chunks(events: &[Json]) -> Vec<String> {
     events
         .iter()
-        .filter(|e| kind(e) == "chunk")
+        .filter(|e| event_type(e) == "chunk")
         .enumerate()
         .map(|(i, e)| {
             assert_eq!(
@@ -161,10 +147,6 @@ fn chunks(events: &[Json]) -> Vec<String> {
         .collect()
 }
 
-fn types(events: &[Json]) -> Vec<&str> {
-    events.iter().map(kind).collect()
-}
-
 fn last(events: &[Json]) -> &Json {
     events.last().expect("at least one event")
 }
@@ -172,7 +154,7 @@ fn last(events: &[Json]) -> &Json {
 /// The `error` event's text; panics (with the events) if the job did not fail.
 fn error_text(events: &[Json]) -> String {
     let e = last(events);
-    assert_eq!(kind(e), "error", "{events:?}");
+    assert_eq!(event_type(e), "error", "{events:?}");
     e["data"]["error"].as_str().unwrap().to_owned()
 }
 
@@ -218,7 +200,7 @@ fn vllm_chat_stream_split_mid_line_becomes_gap_free_chunks() {
                "max_tokens": 32, "temperature": 0.7, "stop": "\n\n"}),
     );
     assert_eq!(
-        types(&events),
+        kinds(&events),
         ["claimed", "start", "chunk", "chunk", "chunk", "end"]
     );
     assert_eq!(chunks(&events), ["Hello", ", wörld 🦀", "!"]);
@@ -460,7 +442,7 @@ fn slow_first_token_within_the_limit_succeeds() {
         json!({"model": "m", "messages": [{"role": "user", "content": "x"}]}),
     );
     assert_eq!(chunks(&events), ["late"]);
-    assert_eq!(kind(last(&events)), "end");
+    assert_eq!(event_type(last(&events)), "end");
 }
 
 #[test]
@@ -629,17 +611,10 @@ fn http_503_is_retried_then_200_succeeds() {
         "j-retry",
         json!({"model": "llamacpp/m", "messages": [{"role": "user", "content": "x"}]}),
     );
-    assert_eq!(types(&events), ["claimed", "start", "chunk", "end"]);
+    assert_eq!(kinds(&events), ["claimed", "start", "chunk", "end"]);
     assert_eq!(chunks(&events), ["ready"]);
     assert_eq!(engine.requests().len(), 3);
-    let mut conn = redis.conn();
-    wait_until("status completed", WAIT, || {
-        (hgetall(&mut conn, "job:j-retry:status")
-            .get("status")
-            .map(String::as_str)
-            == Some("completed"))
-        .then_some(())
-    });
+    wait_status(&mut redis.conn(), "j-retry", "completed", WAIT);
     w.wait_for_log("llama.cpp answered HTTP 503: Loading model", WAIT);
     w.wait_for_log("llama.cpp answered HTTP 429: too many requests", WAIT);
     // The engine closed the connection of its error; the client let go of it.
@@ -833,7 +808,7 @@ fn cancellation_closes_the_engine_connection_within_a_second() {
     wait_until("two chunks", WAIT, || {
         (sub.events_for("j-cancel")
             .iter()
-            .filter(|e| kind(e) == "chunk")
+            .filter(|e| event_type(e) == "chunk")
             .count()
             == 2)
             .then_some(())
@@ -852,15 +827,9 @@ fn cancellation_closes_the_engine_connection_within_a_second() {
         "engine saw the close after {took:?}"
     );
     let ev = sub.wait_for("j-cancel", "cancelled", WAIT);
-    assert_eq!(kind(&ev), "cancelled");
+    assert_eq!(event_type(&ev), "cancelled");
     assert_eq!(chunks(&sub.events_for("j-cancel")), ["x", "y"]);
-    wait_until("status cancelled", WAIT, || {
-        (hgetall(&mut conn, "job:j-cancel:status")
-            .get("status")
-            .map(String::as_str)
-            == Some("cancelled"))
-        .then_some(())
-    });
+    wait_status(&mut conn, "j-cancel", "cancelled", WAIT);
     assert_eq!(engine.requests().len(), 1);
 }
 
