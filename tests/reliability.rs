@@ -13,8 +13,8 @@ use std::thread;
 use std::time::{Duration, Instant};
 use support::dead_letters::{self, Expected};
 use support::observe::{
-    events_of, has_ended, kinds_of, pending_rows, status, sync_subscriber, wait_drained,
-    wait_status,
+    assert_logged_once, events_of, has_ended, kinds_of, log_lines_with, pending_rows, status,
+    sync_subscriber, wait_drained, wait_status,
 };
 use support::{
     pending_count, pending_for_consumer, wait_until, worker, xadd_fields, xadd_job, xlen,
@@ -31,6 +31,14 @@ fn node_of(ev: &Json) -> &str {
     ev.pointer("/data/meta/node_name")
         .and_then(Json::as_str)
         .unwrap_or_default()
+}
+
+/// The `thread` ("reader", "settle") of a worker logged one outage of Redis:
+/// once when it began, once when it ended, not once per failed retry.
+#[track_caller]
+fn assert_outage_logged_once(log: &str, thread: &str) {
+    assert_logged_once(log, &format!("{thread}: Redis unreachable"));
+    assert_logged_once(log, &format!("{thread}: Redis connection restored"));
 }
 
 /// `XREADGROUP GROUP workers <consumer> COUNT 100 STREAMS <queue> >`: the ids
@@ -169,7 +177,7 @@ fn killed_worker_job_is_reclaimed() {
         .map(|e| node_of(e).to_owned())
         .collect();
     assert_eq!(starts, ["node-a", "node-b"]);
-    assert!(b.log().contains("reclaimed 1 entries"), "{}", b.log());
+    assert_logged_once(&b.log(), "reclaimed 1 entries");
 }
 
 #[test]
@@ -234,12 +242,9 @@ fn restarted_worker_resumes_its_own_pending_job_once_the_dead_ones_name_expires(
     assert_eq!(st["worker_id"], "node-r");
     wait_drained(&mut c, QUEUE, GROUP, Duration::from_secs(5));
     assert_eq!(xlen(&mut c, DLQ), 0);
-    assert!(
-        second
-            .log()
-            .contains("resuming 1 of this consumer's own pending entries"),
-        "{}",
-        second.log()
+    assert_logged_once(
+        &second.log(),
+        "resuming 1 of this consumer's own pending entries",
     );
 }
 
@@ -533,7 +538,7 @@ fn sigint_drains_in_flight_job_without_waiting_out_a_blocked_read() {
     sub.wait_for("int-1", "end", Duration::from_secs(5));
     assert_eq!(status(&mut c, "int-1")["status"], "completed");
     assert_eq!(pending_count(&mut c, QUEUE, GROUP), 0);
-    assert!(w.log().contains("reader stopped"), "{}", w.log());
+    assert_logged_once(&w.log(), "reader stopped");
 }
 
 #[test]
@@ -555,11 +560,7 @@ fn shutdown_grace_expiry_leaves_jobs_pending() {
     assert_eq!(code.code(), Some(0), "{}", w.log());
     let took = t0.elapsed();
     assert!(took < Duration::from_secs(4), "exit took {took:?}");
-    assert!(
-        w.log().contains("cancelling 1 unfinished jobs"),
-        "{}",
-        w.log()
-    );
+    assert_logged_once(&w.log(), "cancelling 1 unfinished jobs");
 
     sync_subscriber(&redis, &sub);
     let events = sub.events_for(job);
@@ -650,8 +651,10 @@ fn redis_restart_mid_run_loses_no_job() {
     assert!(w.is_running(), "the worker exited: {}", w.log());
     assert_eq!(w.pid(), pid);
     let log = w.log();
-    assert!(log.contains("Redis unreachable"), "{log}");
-    assert!(log.contains("Redis connection restored"), "{log}");
+    // Both threads used their connections after the kill: each saw the
+    // outage, and logged it once.
+    assert_outage_logged_once(&log, "reader");
+    assert_outage_logged_once(&log, "settle");
     // Outcomes settled during the outage were retried until they landed, not
     // dropped and left to a reclaim: every job ran exactly once. (The one
     // redelivery an outage may cause, a read whose reply the kill cut off,
@@ -694,6 +697,10 @@ fn reconnected_worker_does_not_rerun_its_running_job() {
     let log = w.log();
     let runs = log.matches(&format!("job {job} (echo) started")).count();
     assert_eq!(runs, 1, "the running job was started again:\n{log}");
+    // The reader's connection broke under it, and the settle thread polled
+    // the cancel key while the job ran: each saw the outage, once.
+    assert_outage_logged_once(&log, "reader");
+    assert_outage_logged_once(&log, "settle");
 }
 
 #[test]
@@ -713,5 +720,10 @@ fn worker_survives_redis_absent_at_start() {
     xadd_job(&mut c, QUEUE, "late-1", "echo", r#"{"ok":true}"#);
     sub.wait_for("late-1", "end", Duration::from_secs(15));
     wait_status(&mut c, "late-1", "completed", Duration::from_secs(5));
-    assert!(w.log().contains("Redis connection restored"), "{}", w.log());
+    let log = w.log();
+    assert_outage_logged_once(&log, "reader");
+    // The settle thread had nothing to write while Redis was away: it may
+    // not have seen the outage at all, but not more than once.
+    let settle = log_lines_with(&log, "settle: Redis unreachable");
+    assert!(settle.len() <= 1, "{settle:#?}\n{log}");
 }

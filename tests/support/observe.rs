@@ -157,6 +157,24 @@ pub fn pending_rows(conn: &mut redis::Connection, stream: &str, group: &str) -> 
         .collect()
 }
 
+/// The lines of a citadel log that contain `needle`, at any level.
+pub fn log_lines_with<'a>(log: &'a str, needle: &str) -> Vec<&'a str> {
+    log.lines().filter(|l| l.contains(needle)).collect()
+}
+
+/// Asserts that exactly one line of `log` contains `needle`: a once-only
+/// event logged once, not zero times nor once per retry (which `contains`
+/// cannot tell apart).
+#[track_caller]
+pub fn assert_logged_once(log: &str, needle: &str) {
+    let lines = log_lines_with(log, needle);
+    assert_eq!(
+        lines.len(),
+        1,
+        "{needle:?} must be logged exactly once; lines: {lines:#?}\n--- log ---\n{log}"
+    );
+}
+
 /// Calls per command since the last `CONFIG RESETSTAT`, from `INFO
 /// commandstats` (`cmdstat_xreadgroup:calls=3,…` → "xreadgroup" → 3).
 pub fn command_calls(conn: &mut redis::Connection) -> HashMap<String, u64> {
