@@ -418,11 +418,12 @@ fn llamacpp_native_completion_and_chat() {
 
 #[test]
 fn slow_first_token_within_the_limit_succeeds() {
+    // The token and the end come in one piece: after the first token the
+    // 100 ms idle timeout has no gap to fire in, however loaded the machine.
     let engine = FakeEngine::start(vec![Reply::sse()
         .send(": ping\n\n")
         .pause(Duration::from_millis(300))
-        .send(chat_chunk("late"))
-        .send("data: [DONE]\n\n")]);
+        .send(format!("{}data: [DONE]\n\n", chat_chunk("late")))]);
     let redis = RedisServer::start();
     let sub = Subscriber::new(&redis, "stream:v1:*");
     let _w = worker(
@@ -495,10 +496,12 @@ fn hung_stream_hits_the_idle_timeout_and_is_not_retried() {
         .hang()]);
     let redis = RedisServer::start();
     let sub = Subscriber::new(&redis, "stream:v1:*");
+    // 1 s: long enough that a loaded machine never stalls that long between
+    // the two chunks, which are written back to back.
     let _w = worker(
         &redis,
         &[("vllm", &engine.url())],
-        &["--engine-idle-timeout", "200ms", "--max-retries", "3"],
+        &["--engine-idle-timeout", "1s", "--max-retries", "3"],
     );
     let events = run(
         &redis,
@@ -509,7 +512,7 @@ fn hung_stream_hits_the_idle_timeout_and_is_not_retried() {
     assert_eq!(chunks(&events), ["one", " two"]);
     assert_eq!(
         error_text(&events),
-        "vLLM sent no token for 200ms after 2 chunks (engine-idle-timeout); the stream was abandoned"
+        "vLLM sent no token for 1s after 2 chunks (engine-idle-timeout); the stream was abandoned"
     );
     assert_eq!(dead_letter_reason(&redis, "j-idle"), "permanent error");
     assert_eq!(engine.requests().len(), 1, "chunks were streamed: no retry");
@@ -789,7 +792,7 @@ fn bad_payloads_fail_permanently_without_calling_an_engine() {
 // ---------------------------------------------------------------------------
 
 #[test]
-fn cancellation_closes_the_engine_connection_within_a_second() {
+fn cancellation_closes_the_engine_connection_at_the_next_cancel_poll() {
     let engine = FakeEngine::start(vec![Reply::sse()
         .send(chat_chunk("x"))
         .send(chat_chunk("y"))
@@ -822,9 +825,12 @@ fn cancellation_closes_the_engine_connection_within_a_second() {
         .unwrap();
     let closed_at = engine.wait_closed(0, WAIT);
     let took = closed_at.duration_since(cancelled_at);
+    // One 100 ms cancel poll, then the cancel hook shuts the socket down;
+    // 2.9 s of slack for a loaded machine, still far below anything else
+    // that could end the hung stream (the idle timeout is 30 s).
     assert!(
-        took < Duration::from_secs(1),
-        "engine saw the close after {took:?}"
+        took < Duration::from_secs(3),
+        "engine saw the close after {took:?} with a 100ms cancel poll"
     );
     let ev = sub.wait_for("j-cancel", "cancelled", WAIT);
     assert_eq!(event_type(&ev), "cancelled");

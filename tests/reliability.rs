@@ -158,14 +158,16 @@ fn killed_worker_job_is_reclaimed() {
     let job = "reclaim-1";
     xadd_job(&mut c, QUEUE, job, "echo", r#"{"sleep_ms":1500}"#);
 
-    let mut a = worker(&redis, "node-a", &["--claim-idle", "500ms"]);
+    // claim-idle 1 s: the lease is renewed every 333 ms, so only a stall of
+    // over 667 ms could make node-b reclaim its own running entry.
+    let mut a = worker(&redis, "node-a", &["--claim-idle", "1s"]);
     let start = sub.wait_for(job, "start", Duration::from_secs(10));
     assert_eq!(node_of(&start), "node-a");
     // Status and ack come only after the 1.5 s run: killing now is a crash mid-job.
     a.kill9();
     assert_eq!(pending_for_consumer(&mut c, QUEUE, GROUP, "node-a"), 1);
 
-    let b = worker(&redis, "node-b", &["--claim-idle", "500ms"]);
+    let b = worker(&redis, "node-b", &["--claim-idle", "1s"]);
     let end = sub.wait_for(job, "end", Duration::from_secs(15));
     assert_eq!(node_of(&end), "node-b", "end event: {end}");
     let st = wait_status(&mut c, job, "completed", Duration::from_secs(5));
@@ -185,16 +187,18 @@ fn long_job_with_second_worker_runs_exactly_once() {
     let redis = RedisServer::start();
     let mut c = redis.conn();
     let sub = Subscriber::new(&redis, EVENTS);
-    let a = worker(&redis, "once-a", &["--claim-idle", "300ms"]);
-    let b = worker(&redis, "once-b", &["--claim-idle", "300ms"]);
+    // claim-idle 1 s, renewed every 333 ms: a loaded machine would have to
+    // stall a worker for over 667 ms to lose the lease (at 300 ms, 200 ms would do).
+    let a = worker(&redis, "once-a", &["--claim-idle", "1s"]);
+    let b = worker(&redis, "once-b", &["--claim-idle", "1s"]);
     a.wait_working();
     b.wait_working();
 
     let job = "long-1";
-    let id = xadd_job(&mut c, QUEUE, job, "echo", r#"{"sleep_ms":3000}"#);
+    let id = xadd_job(&mut c, QUEUE, job, "echo", r#"{"sleep_ms":4000}"#);
     sub.wait_for(job, "start", Duration::from_secs(10));
-    // 3 s = 10 × claim-idle: without lease renewal the other worker (or the
-    // same one) would reclaim it, which counts a delivery.
+    // 4 s = 4 × claim-idle: without lease renewal the other worker (or the
+    // same one) would reclaim it within ~1.3 s, which counts a delivery.
     let mut samples = 0;
     while !has_ended(&sub.events_for(job)) {
         for row in pending_rows(&mut c, QUEUE, GROUP) {
@@ -297,7 +301,9 @@ fn a_live_holder_on_the_same_host_whose_pid_is_not_visible_is_not_taken_for_dead
     let mut c = redis.conn();
     let key = "citadel:v1:consumer:workers:node-pid1";
     // A live holder on this host with a pid that does not exist here (as
-    // seen from another container): it renews its claim every 300 ms.
+    // seen from another container): it renews its claim every 300 ms, for
+    // 3 s each time, so a stalled renewal thread cannot let it expire
+    // within the worker's 2 s watch (its claim-idle is 1 s).
     let holder = format!("{}|{}|otherprocess", hostname(), u32::MAX - 7);
     let renew = {
         let url = redis.url();
@@ -311,7 +317,7 @@ fn a_live_holder_on_the_same_host_whose_pid_is_not_visible_is_not_taken_for_dead
                     .arg(key)
                     .arg(&holder)
                     .arg("PX")
-                    .arg(1000)
+                    .arg(3000)
                     .query(&mut c)
                     .unwrap();
                 std::thread::sleep(Duration::from_millis(300));
