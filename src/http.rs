@@ -194,6 +194,7 @@ impl<T: Transport> Transport for DeadlineTransport<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::thread_probe::{is_socket, ThreadProbe};
     use std::io::{Read, Write};
     use std::net::TcpListener;
 
@@ -231,6 +232,11 @@ mod tests {
         server.join().unwrap();
     }
 
+    /// The read must be blocked before the shutdown, or this would pass
+    /// without testing the interruption (a shutdown that came first ends the
+    /// read before it ever waits): the shutdown comes only once the reading
+    /// thread is seen asleep in a call on a socket. A far deadline keeps a
+    /// broken shutdown from hanging the test: it fails on `expired`.
     #[test]
     fn shutdown_interrupts_a_blocked_read() {
         let (url, server) = silent_stream_server();
@@ -239,19 +245,23 @@ mod tests {
         let mut body = agent.get(&url).call().unwrap().into_body().into_reader();
         let mut buf = [0u8; 16];
         assert_eq!(body.read(&mut buf).unwrap(), 3);
-        let stopper = agent.clone();
-        let t = std::thread::spawn(move || {
-            // Most likely while the read below blocks; the test holds either way.
-            std::thread::sleep(Duration::from_millis(50));
-            stopper.shutdown();
+        deadline.set(Some(Instant::now() + Duration::from_secs(20)));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let reader = std::thread::spawn(move || {
+            tx.send(ThreadProbe::current()).unwrap();
+            body.read(&mut buf).map_err(|e| e.to_string())
         });
+        let probe = rx.recv().unwrap();
+        probe.wait_blocked("reading a socket", Duration::from_secs(30), is_socket);
         let t0 = Instant::now();
-        let r = body.read(&mut buf);
+        agent.clone().shutdown();
+        let r = reader.join().unwrap();
         assert!(!matches!(r, Ok(n) if n > 0), "{r:?}");
-        assert!(!deadline.expired());
-        assert!(t0.elapsed() < Duration::from_secs(2));
-        t.join().unwrap();
-        drop(body);
+        assert!(
+            !deadline.expired(),
+            "the deadline, not the shutdown, ended the read"
+        );
+        assert!(t0.elapsed() < Duration::from_secs(2), "{:?}", t0.elapsed());
         server.join().unwrap();
     }
 }

@@ -15,6 +15,8 @@ mod job;
 mod redis_conn;
 mod run_job;
 mod sync;
+#[cfg(test)]
+mod thread_probe;
 mod transport;
 mod worker;
 

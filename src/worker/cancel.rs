@@ -92,6 +92,7 @@ impl CancelToken {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::thread_probe::{address_of, ThreadProbe};
     use std::sync::Arc;
     use std::time::Instant;
 
@@ -114,15 +115,32 @@ mod tests {
         assert_eq!(hits.load(Ordering::SeqCst), 2, "late hook runs at once");
     }
 
+    /// The waiter must be asleep in the wait before the cancel, or this would
+    /// pass without testing the wake-up (a cancel that came first is seen by
+    /// the wait's first check): the test cancels only once the waiter is seen
+    /// sleeping on the token's condition variable.
     #[test]
     fn wait_wakes_on_cancel() {
         let t = Arc::new(CancelToken::new());
+        let (tx, rx) = std::sync::mpsc::channel();
         let t2 = t.clone();
-        let started = Instant::now();
-        let th = std::thread::spawn(move || t2.wait(Duration::from_secs(30)));
+        let waiter = std::thread::spawn(move || {
+            tx.send(ThreadProbe::current()).unwrap();
+            let woke = t2.wait(Duration::from_secs(60));
+            tx.send(ThreadProbe::current()).unwrap();
+            woke
+        });
+        let probe = rx.recv().unwrap();
+        let condvar = address_of(&t.changed);
+        probe.wait_blocked("on the token's condvar", Duration::from_secs(30), |a| {
+            a == condvar
+        });
+        let cancelled_at = Instant::now();
         t.cancel(CancelReason::Requested);
-        assert!(th.join().unwrap());
-        assert!(started.elapsed() < Duration::from_secs(30));
+        rx.recv_timeout(Duration::from_secs(20))
+            .expect("the waiter did not wake up within 20 s of the cancel (its wait is 60 s)");
+        assert!(cancelled_at.elapsed() < Duration::from_secs(20));
+        assert!(waiter.join().unwrap(), "the wait must say it was cancelled");
         assert!(!CancelToken::new().wait(Duration::from_millis(1)));
     }
 }

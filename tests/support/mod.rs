@@ -9,9 +9,11 @@
 //! so tests run in parallel.
 #![allow(dead_code)]
 
+pub mod dead_letters;
 pub mod fake_engine;
 pub mod fake_extraction;
 pub mod fake_nexus;
+pub mod http;
 pub mod observe;
 pub mod stall_proxy;
 
@@ -478,6 +480,12 @@ impl Citadel {
         }
     }
 
+    /// Waits until a Redis Streams worker has logged its start-up line
+    /// (`working: streams …`): its threads run.
+    pub fn wait_working(&self) {
+        self.wait_for_log("working: streams", Duration::from_secs(10));
+    }
+
     /// SIGKILLs the process and waits for it.
     pub fn kill9(&mut self) {
         let _ = self.child.kill();
@@ -527,6 +535,32 @@ impl Citadel {
     pub fn is_running(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))
     }
+}
+
+/// `citadel work` as `node` (its node and consumer name) against `redis`,
+/// with the short timings the tests share: `--block 1s`, `--cancel-poll
+/// 100ms`. `extra` comes last: a flag there wins over these.
+pub fn worker(redis: &RedisServer, node: &str, extra: &[&str]) -> Citadel {
+    worker_with_env(redis, node, extra, &[])
+}
+
+/// [`worker`] with `env` added to its environment.
+pub fn worker_with_env(
+    redis: &RedisServer,
+    node: &str,
+    extra: &[&str],
+    env: &[(&str, &str)],
+) -> Citadel {
+    let mut args = vec![
+        "--node-name",
+        node,
+        "--block",
+        "1s",
+        "--cancel-poll",
+        "100ms",
+    ];
+    args.extend_from_slice(extra);
+    Citadel::work(redis, &args, env)
 }
 
 impl Drop for Citadel {

@@ -1,8 +1,12 @@
 //! What a test looks at to judge a worker: its jobs' events, status hashes,
-//! the consumer group's pending list, Redis's own command counts. Read-only
-//! helpers over a connection or a [`Subscriber`]; every wait has a deadline.
+//! timestamps, the consumer group's pending list, Redis's own command counts,
+//! its log lines. Read-only helpers over a connection, a [`Subscriber`] or a
+//! log (except the barriers, which publish or enqueue to know where they
+//! are); every wait has a deadline.
 
-use super::{hgetall, pending_count, wait_until, RedisServer, Subscriber};
+use super::{
+    hgetall, pending_count, value_to_string, wait_until, xadd_job, RedisServer, Subscriber,
+};
 use redis::Value;
 use serde_json::Value as Json;
 use std::collections::HashMap;
@@ -10,6 +14,11 @@ use std::time::Duration;
 
 pub fn event_type(ev: &Json) -> &str {
     ev.get("type").and_then(Json::as_str).unwrap_or_default()
+}
+
+/// The types of these events, in order.
+pub fn kinds(events: &[Json]) -> Vec<&str> {
+    events.iter().map(event_type).collect()
 }
 
 /// The types of a job's events, in the order they came.
@@ -32,6 +41,35 @@ pub fn is_terminal(kind: &str) -> bool {
     matches!(kind, "end" | "error" | "cancelled")
 }
 
+/// Whether one of these events ends its job.
+pub fn has_ended(events: &[Json]) -> bool {
+    events.iter().any(|e| is_terminal(event_type(e)))
+}
+
+/// `2026-01-20T10:00:01.123Z`: RFC 3339, UTC, milliseconds (every timestamp
+/// the agent writes: events, status hashes, dead letters, submitted entries).
+#[track_caller]
+pub fn assert_rfc3339_ms(what: &str, ts: &str) {
+    let b = ts.as_bytes();
+    let digits = |r: std::ops::Range<usize>| r.into_iter().all(|i| b[i].is_ascii_digit());
+    let ok = b.len() == 24
+        && digits(0..4)
+        && b[4] == b'-'
+        && digits(5..7)
+        && b[7] == b'-'
+        && digits(8..10)
+        && b[10] == b'T'
+        && digits(11..13)
+        && b[13] == b':'
+        && digits(14..16)
+        && b[16] == b':'
+        && digits(17..19)
+        && b[19] == b'.'
+        && digits(20..23)
+        && b[23] == b'Z';
+    assert!(ok, "{what} is not RFC 3339 UTC with ms: {ts:?}");
+}
+
 /// Returns once every message published before this call has reached `sub`:
 /// publishes a marker and waits for it (Redis delivers to one subscriber in
 /// the order it ran the PUBLISHes). Lets a test assert that an event did NOT
@@ -49,6 +87,16 @@ pub fn sync_subscriber(redis: &RedisServer, sub: &Subscriber) {
         .query::<i64>(&mut redis.conn())
         .expect("PUBLISH marker");
     sub.wait_for(&marker, "marker", Duration::from_secs(10));
+}
+
+/// Runs a trivial echo job `job` on `queue` and waits for its `end`: since
+/// one settle thread publishes every event in order, anything the worker
+/// published for jobs it took before has been published (and, Pub/Sub being
+/// ordered per connection, received) by then. Stronger than
+/// [`sync_subscriber`], which only knows what was published before the call.
+pub fn echo_barrier(conn: &mut redis::Connection, sub: &Subscriber, queue: &str, job: &str) {
+    xadd_job(conn, queue, job, "echo", "{}");
+    sub.wait_for(job, "end", Duration::from_secs(10));
 }
 
 pub fn status(conn: &mut redis::Connection, job: &str) -> HashMap<String, String> {
@@ -95,18 +143,36 @@ pub fn pending_rows(conn: &mut redis::Connection, stream: &str, group: &str) -> 
         return Vec::new();
     };
     rows.into_iter()
-        .filter_map(|row| match row {
-            Value::Array(cols) => match (&cols[0], &cols[1], &cols[3]) {
-                (Value::BulkString(id), Value::BulkString(c), Value::Int(n)) => Some(Pending {
-                    id: String::from_utf8_lossy(id).into_owned(),
-                    consumer: String::from_utf8_lossy(c).into_owned(),
-                    deliveries: *n,
-                }),
-                _ => None,
+        .map(|row| match &row {
+            Value::Array(cols) if cols.len() == 4 => Pending {
+                id: value_to_string(&cols[0]),
+                consumer: value_to_string(&cols[1]),
+                deliveries: match cols[3] {
+                    Value::Int(n) => n,
+                    _ => panic!("unexpected XPENDING {stream} {group} row: {row:?}"),
+                },
             },
-            _ => None,
+            _ => panic!("unexpected XPENDING {stream} {group} row: {row:?}"),
         })
         .collect()
+}
+
+/// The lines of a citadel log that contain `needle`, at any level.
+pub fn log_lines_with<'a>(log: &'a str, needle: &str) -> Vec<&'a str> {
+    log.lines().filter(|l| l.contains(needle)).collect()
+}
+
+/// Asserts that exactly one line of `log` contains `needle`: a once-only
+/// event logged once, not zero times nor once per retry (which `contains`
+/// cannot tell apart).
+#[track_caller]
+pub fn assert_logged_once(log: &str, needle: &str) {
+    let lines = log_lines_with(log, needle);
+    assert_eq!(
+        lines.len(),
+        1,
+        "{needle:?} must be logged exactly once; lines: {lines:#?}\n--- log ---\n{log}"
+    );
 }
 
 /// Calls per command since the last `CONFIG RESETSTAT`, from `INFO
