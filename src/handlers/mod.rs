@@ -4,6 +4,7 @@
 //! classified [`JobError`]. It never sees the transport: the same handler runs
 //! under Redis Streams, Nexus polling and `citadel run-job`.
 
+mod download;
 mod echo;
 pub mod inference;
 
@@ -91,6 +92,10 @@ impl Registry {
         Registry {
             entries: vec![
                 (&["echo"], Arc::new(echo::Echo)),
+                (
+                    &["model_download", "DOWNLOAD_MODEL"],
+                    Arc::new(download::ModelDownload::new(settings)),
+                ),
                 (
                     &["llm_inference"],
                     Arc::new(inference::Inference::new(settings)),
