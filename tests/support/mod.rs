@@ -11,6 +11,7 @@
 
 pub mod fake_engine;
 pub mod fake_nexus;
+pub mod file_server;
 pub mod observe;
 pub mod stall_proxy;
 
