@@ -18,12 +18,12 @@
 //! blocked read returns at once.
 
 use super::disk::{self, Place};
+use super::hash::{HashPipe, HasherGone};
 use crate::backoff::full_jitter;
 use crate::config::Secret;
 use crate::handlers::Context;
 use crate::http::{HttpClient, ReadDeadline};
 use crate::job::JobError;
-use sha2::{Digest, Sha256};
 use std::fs::File;
 use std::io::{self, ErrorKind, Read, Seek, SeekFrom, Write};
 use std::sync::{Arc, Mutex};
@@ -103,14 +103,23 @@ struct Transfer {
     file: File,
     /// Bytes in the file (and written at this position next).
     offset: u64,
-    /// Whether `hasher` covers exactly the file's first `offset` bytes.
+    /// Whether `hash` covers exactly the file's first `offset` bytes.
     hashed: bool,
-    hasher: Sha256,
+    hash: HashPipe,
+    /// The buffer being read into (from the hash pipe's pool).
+    buf: Option<Vec<u8>>,
     /// Bytes received over the network by this job.
     fetched: u64,
     resumed_from: u64,
-    buf: Vec<u8>,
     progress: Progress,
+}
+
+impl From<HasherGone> for Failure {
+    fn from(_: HasherGone) -> Failure {
+        Failure::Job(JobError::Permanent(
+            "model_download: the hashing thread failed".into(),
+        ))
+    }
 }
 
 impl Transfer {
@@ -120,7 +129,7 @@ impl Transfer {
             .and_then(|_| self.file.seek(SeekFrom::Start(0)).map(drop))
             .map_err(|e| write_error(place, e))?;
         self.offset = 0;
-        self.hasher = Sha256::new();
+        self.hash.reset()?;
         self.hashed = true;
         self.resumed_from = 0;
         Ok(())
@@ -145,14 +154,17 @@ impl Fetcher {
         let offset = file
             .seek(SeekFrom::End(0))
             .map_err(|e| JobError::Permanent(format!("model_download: {e}")))?;
+        let hash = HashPipe::start(READ_BUF).map_err(|e| {
+            JobError::Permanent(format!("model_download: cannot start hashing: {e}"))
+        })?;
         let mut t = Transfer {
             file,
             offset,
             hashed: offset == 0,
-            hasher: Sha256::new(),
+            hash,
+            buf: None,
             fetched: 0,
             resumed_from: offset,
-            buf: vec![0u8; READ_BUF],
             progress: Progress::new(),
         };
         let mut resumes = 0;
@@ -180,10 +192,15 @@ impl Fetcher {
                 }
             }
         }
+        drop(t.buf.take());
+        let sha256 = t
+            .hash
+            .finish()
+            .map_err(|_| JobError::Permanent("model_download: the hashing thread failed".into()))?;
         Ok(Fetched {
             file: t.file,
             bytes: t.offset,
-            sha256: disk::hex(&t.hasher.finalize()),
+            sha256,
             resumed_from: t.resumed_from,
         })
     }
@@ -247,11 +264,10 @@ impl Fetcher {
             t.restart(place)?;
         };
         if !t.hashed {
-            t.file
-                .seek(SeekFrom::Start(0))
-                .and_then(|_| disk::hash_prefix(&mut t.file, t.offset, &mut t.hasher))
-                .and_then(|_| t.file.seek(SeekFrom::Start(t.offset)).map(drop))
-                .map_err(|e| write_error(place, e))?;
+            hash_prefix(t).map_err(|e| match e {
+                Ok(e) => write_error(place, e),
+                Err(gone) => gone.into(),
+            })?;
             t.hashed = true;
         }
         if let Some(total) = total {
@@ -268,7 +284,12 @@ impl Fetcher {
         let mut body = resp.into_body().into_reader();
         loop {
             session.deadline.set(Some(Instant::now() + self.idle));
-            let n = match body.read(&mut t.buf) {
+            let buf = match t.buf.take() {
+                Some(buf) => buf,
+                None => t.hash.buffer()?,
+            };
+            let buf = t.buf.insert(buf);
+            let n = match body.read(buf) {
                 Ok(n) => n,
                 Err(e) if e.kind() == ErrorKind::Interrupted => continue,
                 Err(e) => return Err(self.broken(session, &at, e, ctx)),
@@ -277,9 +298,11 @@ impl Fetcher {
                 break;
             }
             t.file
-                .write_all(&t.buf[..n])
+                .write_all(&buf[..n])
                 .map_err(|e| write_error(place, e))?;
-            t.hasher.update(&t.buf[..n]);
+            if let Some(buf) = t.buf.take() {
+                t.hash.hash(buf, n)?;
+            }
             t.offset += n as u64;
             t.fetched += n as u64;
             t.progress.tick(t.offset, total, t.fetched, ctx);
@@ -385,6 +408,24 @@ impl Fetcher {
         }
         Failure::Broken(format!("connection to {} failed: {e}", shown(url)))
     }
+}
+
+/// Feeds the file's first `t.offset` bytes (kept from an earlier try) to
+/// the hash, leaving the file positioned at `t.offset`.
+fn hash_prefix(t: &mut Transfer) -> Result<(), Result<io::Error, HasherGone>> {
+    t.file.seek(SeekFrom::Start(0)).map_err(Ok)?;
+    let mut left = t.offset;
+    while left > 0 {
+        let mut buf = t.hash.buffer().map_err(Err)?;
+        let want = left.min(buf.len() as u64) as usize;
+        let n = t.file.read(&mut buf[..want]).map_err(Ok)?;
+        if n == 0 {
+            return Err(Ok(ErrorKind::UnexpectedEof.into()));
+        }
+        t.hash.hash(buf, n).map_err(Err)?;
+        left -= n as u64;
+    }
+    Ok(())
 }
 
 fn write_error(place: &Place, e: io::Error) -> Failure {

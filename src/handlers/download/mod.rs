@@ -2,7 +2,7 @@
 //! Hugging Face repo, into `models-dir/<model_type>/<file>`. Owns the
 //! payload, the order of the steps and the result; where files may go, the
 //! lock and atomic placement are disk.rs; HTTP, resuming and progress are
-//! fetch.rs.
+//! fetch.rs; the SHA-256, on its own thread, is hash.rs.
 //!
 //! Steps: check the payload → resolve the place (never outside the models
 //! directory) → take the file's lock (a second job for the same file waits
@@ -18,6 +18,7 @@
 
 mod disk;
 mod fetch;
+mod hash;
 
 use super::{Context, Handler};
 use crate::config::Settings;
