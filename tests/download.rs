@@ -705,3 +705,57 @@ fn bad_payloads_fail_at_once_and_say_what_to_fix() {
     }
     assert!(files_under(&models).is_empty());
 }
+
+#[test]
+fn a_cancelled_download_stops_at_once_and_the_next_job_resumes_it() {
+    let redis = RedisServer::start();
+    let server = FileServer::start();
+    let body = data(1 << 20);
+    server.serve(
+        "/w.bin",
+        Serve {
+            pause_at: Some(1 << 19),
+            ..Serve::file(body.clone())
+        },
+    );
+    let models = models_dir();
+    let sub = Subscriber::new(&redis, "stream:v1:*");
+    let _w = Citadel::work(
+        &redis,
+        &[
+            "--models-dir",
+            models.to_str().unwrap(),
+            "--cancel-poll",
+            "100ms",
+        ],
+        &[],
+    );
+    let payload = json!({"url": server.url("/w.bin"), "sha256": sha(&body)}).to_string();
+    let mut conn = redis.conn();
+    xadd_job(&mut conn, QUEUE, "dl-cancel", "model_download", &payload);
+    wait_until("the download to pause", WAIT, || {
+        (server.paused() == 1).then_some(())
+    });
+    redis::cmd("SET")
+        .arg("job:cancelled:dl-cancel")
+        .arg("1")
+        .exec(&mut conn)
+        .unwrap();
+    // The read blocked on a silent server returns at once (the idle timeout is 60s).
+    sub.wait_for("dl-cancel", "cancelled", Duration::from_secs(10));
+    let kept = fs::metadata(models.join("models/w.bin.partial"))
+        .unwrap()
+        .len();
+    assert!(kept > 0 && kept <= 1 << 19, "{kept}");
+
+    server.release();
+    xadd_job(&mut conn, QUEUE, "dl-again", "model_download", &payload);
+    let end = sub.wait_for("dl-again", "end", WAIT);
+    assert_eq!(end["data"]["result"]["resumed_from"], kept, "{end}");
+    assert_eq!(end["data"]["result"]["sha256"], sha(&body), "{end}");
+    let gets = server.requests_for("GET", "/w.bin");
+    assert_eq!(
+        gets[1].header("range"),
+        Some(format!("bytes={kept}-").as_str())
+    );
+}
