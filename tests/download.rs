@@ -124,8 +124,33 @@ fn files_under(dir: &Path) -> Vec<String> {
     out
 }
 
-fn models_dir() -> PathBuf {
-    fresh_temp_dir("models")
+/// A fresh directory, removed when the test passes (kept for a look when
+/// it fails).
+struct TempDir(PathBuf);
+
+impl std::ops::Deref for TempDir {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl AsRef<Path> for TempDir {
+    fn as_ref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        if !thread::panicking() {
+            let _ = fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
+fn models_dir() -> TempDir {
+    TempDir(fresh_temp_dir("models"))
 }
 
 #[test]
@@ -524,7 +549,7 @@ fn a_stalled_server_ends_the_download_after_the_idle_timeout() {
 fn names_that_would_leave_the_models_dir_are_refused() {
     let server = FileServer::start();
     server.serve("/w.bin", Serve::file(data(10)));
-    let base = fresh_temp_dir("escape");
+    let base = TempDir(fresh_temp_dir("escape"));
     let models = base.join("models");
     let outside = base.join("outside");
     fs::create_dir_all(&models).unwrap();
