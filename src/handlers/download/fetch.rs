@@ -35,6 +35,9 @@ const MAX_REDIRECTS: usize = 10;
 /// At most two progress chunks a second.
 const PROGRESS_EVERY: Duration = Duration::from_millis(500);
 const READ_BUF: usize = 1 << 20;
+/// Written bytes are handed to the disk in steps of this size while the
+/// download runs (the fsync at the end then waits for little).
+const WRITEBACK_STEP: u64 = 16 << 20;
 
 pub struct Fetcher {
     pub http: HttpClient,
@@ -110,6 +113,8 @@ struct Transfer {
     buf: Option<Vec<u8>>,
     /// Bytes received over the network by this job.
     fetched: u64,
+    /// Bytes before this offset were handed to the disk already.
+    written_back: u64,
     resumed_from: u64,
     progress: Progress,
 }
@@ -129,6 +134,7 @@ impl Transfer {
             .and_then(|_| self.file.seek(SeekFrom::Start(0)).map(drop))
             .map_err(|e| write_error(place, e))?;
         self.offset = 0;
+        self.written_back = 0;
         self.hash.reset()?;
         self.hashed = true;
         self.resumed_from = 0;
@@ -164,6 +170,7 @@ impl Fetcher {
             hash,
             buf: None,
             fetched: 0,
+            written_back: offset,
             resumed_from: offset,
             progress: Progress::new(),
         };
@@ -305,6 +312,10 @@ impl Fetcher {
             }
             t.offset += n as u64;
             t.fetched += n as u64;
+            if t.offset - t.written_back >= WRITEBACK_STEP {
+                disk::start_writeback(&t.file, t.written_back, t.offset - t.written_back);
+                t.written_back = t.offset;
+            }
             t.progress.tick(t.offset, total, t.fetched, ctx);
         }
         match total {
