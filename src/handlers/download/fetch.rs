@@ -270,13 +270,6 @@ impl Fetcher {
             // request without Range, so this loop runs at most twice).
             t.restart(place)?;
         };
-        if !t.hashed {
-            hash_prefix(t).map_err(|e| match e {
-                Ok(e) => write_error(place, e),
-                Err(gone) => gone.into(),
-            })?;
-            t.hashed = true;
-        }
         if let Some(total) = total {
             let need = total.saturating_sub(t.offset);
             let free = disk::free_bytes(&place.dir).map_err(|e| write_error(place, e))?;
@@ -288,14 +281,21 @@ impl Fetcher {
                 ))));
             }
         }
+        if !t.hashed {
+            hash_prefix(t).map_err(|e| match e {
+                Ok(e) => write_error(place, e),
+                Err(gone) => gone.into(),
+            })?;
+            t.hashed = true;
+        }
         let mut body = resp.into_body().into_reader();
         loop {
             session.deadline.set(Some(Instant::now() + self.idle));
+            // A buffer from the pool, kept here until its bytes are written.
             let buf = match t.buf.take() {
-                Some(buf) => buf,
-                None => t.hash.buffer()?,
+                Some(buf) => t.buf.insert(buf),
+                None => t.buf.insert(t.hash.buffer()?),
             };
-            let buf = t.buf.insert(buf);
             let n = match body.read(buf) {
                 Ok(n) => n,
                 Err(e) if e.kind() == ErrorKind::Interrupted => continue,
