@@ -413,7 +413,7 @@ fn progress_is_streamed_twice_a_second_and_a_later_drop_still_resumes() {
 }
 
 #[test]
-fn redirects_are_followed_and_the_token_stays_with_the_hf_host() {
+fn redirects_are_followed_the_token_stays_with_the_hf_host_and_no_proxy_for_loopback() {
     let redis = RedisServer::start();
     let hf = FileServer::start();
     let cdn = FileServer::start();
@@ -438,7 +438,12 @@ fn redirects_are_followed_and_the_token_stays_with_the_hf_host() {
             "--hf-url",
             hf_base.as_str(),
         ],
-        &[("CITADEL_HF_TOKEN", TOKEN)],
+        // A proxy nobody listens on: loopback downloads must not use it.
+        &[
+            ("CITADEL_HF_TOKEN", TOKEN),
+            ("HTTP_PROXY", "http://127.0.0.1:9"),
+            ("http_proxy", "http://127.0.0.1:9"),
+        ],
     );
     let payload = json!({"repo": "org/m", "file_name": "w.bin"}).to_string();
     xadd_job(
