@@ -121,6 +121,16 @@ pub const SETTINGS: &[(&str, &str)] = &[
         "engine-idle-timeout",
         "longest silence between two tokens of a stream [30s]",
     ),
+    // model_download
+    ("models-dir", "where model_download puts model files [{state-dir}/models]"),
+    ("hf-url", "Hugging Face base URL for model_download repo files [https://huggingface.co]"),
+    ("hf-token", "bearer token for gated Hugging Face repos, sent to the hf-url host only [none]"),
+    ("download-connect-timeout", "longest wait for a download server to accept a connection [10s]"),
+    ("download-idle-timeout", "longest silence of a download server before the download counts as broken [60s]"),
+    (
+        "download-max-resumes",
+        "resumes (Range requests) within one attempt after a download broke off mid-file [5]",
+    ),
     ("mode", "where jobs come from: redis, nexus or auto (citadel agent) [redis]"),
     ("nexus-url", "Nexus control plane base URL (Nexus polling) [none]"),
     ("nexus-token", "bearer token sent to Nexus [none]"),
@@ -192,6 +202,14 @@ pub struct Settings {
     pub engine_connect_timeout: Duration,
     pub engine_first_token_timeout: Duration,
     pub engine_idle_timeout: Duration,
+    // model_download
+    /// `None`: `{state_dir}/models` (see [`Settings::models_dir`]).
+    pub models_dir: Option<PathBuf>,
+    pub hf_url: String,
+    pub hf_token: Option<Secret>,
+    pub download_connect_timeout: Duration,
+    pub download_idle_timeout: Duration,
+    pub download_max_resumes: u32,
     pub mode: Mode,
     /// Whether a Redis URL was given (file, environment, flag), not defaulted.
     pub redis_url_set: bool,
@@ -245,6 +263,12 @@ impl Default for Settings {
             engine_connect_timeout: Duration::from_secs(5),
             engine_first_token_timeout: Duration::from_secs(120),
             engine_idle_timeout: Duration::from_secs(30),
+            models_dir: None,
+            hf_url: "https://huggingface.co".into(),
+            hf_token: None,
+            download_connect_timeout: Duration::from_secs(10),
+            download_idle_timeout: Duration::from_secs(60),
+            download_max_resumes: 5,
             mode: Mode::Redis,
             redis_url_set: false,
             nexus_url: None,
@@ -406,6 +430,14 @@ impl Settings {
                 self.engine_first_token_timeout = positive(parse_duration(v)?)?
             }
             "engine-idle-timeout" => self.engine_idle_timeout = positive(parse_duration(v)?)?,
+            "models-dir" => self.models_dir = Some(non_empty(v)?.into()),
+            "hf-url" => self.hf_url = http_url(v)?,
+            "hf-token" => self.hf_token = Some(Secret(non_empty(v)?)),
+            "download-connect-timeout" => {
+                self.download_connect_timeout = positive(parse_duration(v)?)?
+            }
+            "download-idle-timeout" => self.download_idle_timeout = positive(parse_duration(v)?)?,
+            "download-max-resumes" => self.download_max_resumes = number(v)?,
             "mode" => {
                 self.mode = match v {
                     "redis" => Mode::Redis,
@@ -440,6 +472,13 @@ impl Settings {
         Ok(())
     }
 
+    /// Where model_download puts files: `models-dir`, else `{state-dir}/models`.
+    pub fn models_dir(&self) -> PathBuf {
+        self.models_dir
+            .clone()
+            .unwrap_or_else(|| self.state_dir.join("models"))
+    }
+
     pub fn consumer(&self) -> &str {
         self.consumer.as_deref().unwrap_or(&self.node_name)
     }
@@ -465,6 +504,17 @@ impl Settings {
             streams.push(node);
         }
         streams
+    }
+}
+
+/// A credential: its `Debug` never shows it, so no `{:?}` of the settings
+/// can log it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(pub String);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(***)")
     }
 }
 

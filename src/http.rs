@@ -10,6 +10,12 @@
 //!   shuts down that call's socket, and only that one: a blocked read returns
 //!   at once and the engine sees the connection close.
 //!
+//! For model downloads, [`HttpClient::downloads`]: the same per-call agents
+//! and deadlines, but proxy-aware (model hosts are remote; a loopback URL
+//! still goes direct) and with a larger read buffer. Redirects stay off:
+//! `handlers::download` follows them itself, so that it decides which host
+//! sees the token.
+//!
 //! For the Nexus control plane, [`control_plane_agent`]: pooled and
 //! proxy-aware, since Nexus is usually remote.
 //!
@@ -31,6 +37,8 @@ use ureq::{Agent, Timeout};
 #[derive(Debug, Clone)]
 pub struct HttpClient {
     config: Config,
+    /// For a loopback URL: `config` without any proxy.
+    loopback: Config,
 }
 
 impl HttpClient {
@@ -49,17 +57,62 @@ impl HttpClient {
             .max_idle_connections_per_host(0)
             .user_agent(format!("citadel/{}", crate::events::AGENT_VERSION))
             .build();
-        HttpClient { config }
+        HttpClient {
+            loopback: config.clone(),
+            config,
+        }
+    }
+
+    /// The client for model downloads: as [`HttpClient::new`], except that
+    /// `HTTP_PROXY`/`HTTPS_PROXY`/`NO_PROXY` are honoured for remote hosts
+    /// and reads take up to 1 MiB at a time (fewer, larger disk writes).
+    pub fn downloads(connect_timeout: Duration) -> HttpClient {
+        let builder = || {
+            Agent::config_builder()
+                .timeout_connect(Some(connect_timeout))
+                .http_status_as_error(false)
+                // The caller follows redirects, deciding where the token goes.
+                .max_redirects(0)
+                .max_idle_connections(0)
+                .max_idle_connections_per_host(0)
+                .input_buffer_size(1 << 20)
+                .user_agent(format!("citadel/{}", crate::events::AGENT_VERSION))
+        };
+        HttpClient {
+            config: builder().build(),
+            loopback: builder().proxy(None).build(),
+        }
+    }
+
+    /// As [`HttpClient::agent`], for a call to `url`: a loopback URL never
+    /// goes through a proxy.
+    pub fn agent_for(&self, url: &str, deadline: Arc<ReadDeadline>) -> Agent {
+        let config = if is_loopback(url) {
+            &self.loopback
+        } else {
+            &self.config
+        };
+        Agent::with_parts(
+            config.clone(),
+            Self::connector(deadline),
+            DefaultResolver::default(),
+        )
     }
 
     /// An agent for one call whose every read and write ends by `deadline`
     /// (when it is set). `Agent::shutdown()` on a clone interrupts the call.
     pub fn agent(&self, deadline: Arc<ReadDeadline>) -> Agent {
-        let connector =
-            ().chain(TcpConnector::default())
-                .chain(RustlsConnector::default())
-                .chain(DeadlineConnector(deadline));
-        Agent::with_parts(self.config.clone(), connector, DefaultResolver::default())
+        Agent::with_parts(
+            self.config.clone(),
+            Self::connector(deadline),
+            DefaultResolver::default(),
+        )
+    }
+
+    fn connector(deadline: Arc<ReadDeadline>) -> impl Connector<(), Out = impl Transport> {
+        ().chain(TcpConnector::default())
+            .chain(RustlsConnector::default())
+            .chain(DeadlineConnector(deadline))
     }
 }
 

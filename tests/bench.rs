@@ -450,3 +450,92 @@ fn bench_llm_stream() {
         threads.join(", "),
     );
 }
+
+/// `model_download` of a 1 GiB file from a local server against `curl -o`
+/// of the same file in the same run (three rounds each, alternating; the best
+/// of each is compared). citadel also computes the SHA-256 (the payload
+/// gives one to verify) and fsyncs before the rename; curl does neither.
+/// Target: ≥ 90 % of curl's rate.
+#[test]
+#[ignore]
+fn bench_model_download() {
+    use support::file_server::{FileServer, Serve};
+    let size: usize = std::env::var("BENCH_DOWNLOAD_MIB")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(1024)
+        << 20;
+    let body: Vec<u8> = (0..size as u64)
+        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+        .collect();
+    let t0 = Instant::now();
+    let sha = {
+        use sha2::Digest;
+        let d = sha2::Sha256::digest(&body);
+        d.iter().map(|b| format!("{b:02x}")).collect::<String>()
+    };
+    println!(
+        "download: sha2 alone hashes {:.0} MiB/s here",
+        size as f64 / t0.elapsed().as_secs_f64() / (1 << 20) as f64
+    );
+    let server = FileServer::start();
+    server.serve("/big.bin", Serve::file(body));
+    let url = server.url("/big.bin");
+    let dir = support::fresh_temp_dir("bench-download");
+    let rate = |secs: f64| size as f64 / secs / (1 << 20) as f64;
+    let mut best_curl = f64::MAX;
+    let mut best_curl_synced = f64::MAX;
+    let mut best_citadel = f64::MAX;
+    for round in 0..3 {
+        let out = dir.join("curl.bin");
+        let t0 = Instant::now();
+        let status = std::process::Command::new("curl")
+            .args(["-s", "-f", "-o"])
+            .arg(&out)
+            .arg(&url)
+            .status()
+            .expect("running curl");
+        let curl = t0.elapsed().as_secs_f64();
+        assert!(status.success(), "curl: {status}");
+        assert_eq!(std::fs::metadata(&out).unwrap().len(), size as u64);
+        // What curl's file costs once it is on disk, as model_download's is.
+        std::fs::File::open(&out).unwrap().sync_all().unwrap();
+        let curl_synced = t0.elapsed().as_secs_f64();
+        std::fs::remove_file(&out).unwrap();
+
+        let models = dir.join(format!("models-{round}"));
+        let job = serde_json::json!({"type": "model_download",
+            "payload": {"url": url, "sha256": sha}})
+        .to_string();
+        let t0 = Instant::now();
+        let output = support::citadel_cmd(&["run-job", &job, "--models-dir"])
+            .arg(&models)
+            .env("RUST_LOG", "warn")
+            .output()
+            .expect("running citadel");
+        let citadel = t0.elapsed().as_secs_f64();
+        assert!(output.status.success(), "{output:?}");
+        let _ = std::fs::remove_dir_all(&models);
+        println!(
+            "download round {round}: curl {:.0} MiB/s (then fsynced: {:.0} MiB/s), \
+             model_download {:.0} MiB/s",
+            rate(curl),
+            rate(curl_synced),
+            rate(citadel)
+        );
+        best_curl = best_curl.min(curl);
+        best_curl_synced = best_curl_synced.min(curl_synced);
+        best_citadel = best_citadel.min(citadel);
+    }
+    println!(
+        "download {} MiB: curl -o {:.0} MiB/s, model_download (sha256 + fsync) {:.0} MiB/s, \
+         ratio {:.0} % (target ≥ 90 %); against curl -o + fsync ({:.0} MiB/s): {:.0} %",
+        size >> 20,
+        rate(best_curl),
+        rate(best_citadel),
+        100.0 * best_curl / best_citadel,
+        rate(best_curl_synced),
+        100.0 * best_curl_synced / best_citadel
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

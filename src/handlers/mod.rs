@@ -4,6 +4,7 @@
 //! classified [`JobError`]. It never sees the transport: the same handler runs
 //! under Redis Streams, Nexus polling and `citadel run-job`.
 
+mod download;
 mod echo;
 mod extraction;
 pub mod inference;
@@ -102,6 +103,10 @@ impl Registry {
                 (
                     &["extraction", "GLINER_EXTRACTION", "EXTRACTION"],
                     Arc::new(extraction::Extraction::new(settings)),
+                ),
+                (
+                    &["model_download", "DOWNLOAD_MODEL"],
+                    Arc::new(download::ModelDownload::new(settings)),
                 ),
                 (
                     &["llm_inference"],

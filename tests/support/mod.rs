@@ -13,6 +13,7 @@ pub mod dead_letters;
 pub mod fake_engine;
 pub mod fake_extraction;
 pub mod fake_nexus;
+pub mod file_server;
 pub mod http;
 pub mod observe;
 pub mod stall_proxy;
