@@ -714,6 +714,19 @@ pub fn hostname() -> String {
         .unwrap_or_else(|| "citadel-node".into())
 }
 
+/// `500ms`, `30s`, `2m`: a duration as settings are written (and read back
+/// by [`parse_duration`]), for messages that name a setting's value.
+pub fn format_duration(d: Duration) -> String {
+    let ms = d.as_millis();
+    if ms % 60_000 == 0 && ms > 0 {
+        format!("{}m", ms / 60_000)
+    } else if ms % 1000 == 0 {
+        format!("{}s", ms / 1000)
+    } else {
+        format!("{ms}ms")
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

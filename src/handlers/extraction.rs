@@ -188,7 +188,9 @@ impl Call<'_> {
                 Err(e) => match self.classify(ctx, e.into_io(), "GET /health")? {
                     Some(why) => heard = Some(why),
                     None => {
-                        heard.get_or_insert_with(|| format!("no answer within {}", human(limit)));
+                        heard.get_or_insert_with(|| {
+                            format!("no answer within {}", crate::config::format_duration(limit))
+                        });
                     }
                 },
             }
@@ -199,7 +201,7 @@ impl Call<'_> {
                     "the extraction service at {} did not become ready within {} \
                      (extraction-ready-timeout); last answer to GET /health: {last}",
                     self.base(),
-                    human(limit)
+                    crate::config::format_duration(limit)
                 )));
             }
             log::debug!(
@@ -257,7 +259,7 @@ impl Call<'_> {
             Ok(None) => JobError::Retryable(format!(
                 "the extraction service at {} sent no answer within {} (extraction-timeout)",
                 self.base(),
-                human(self.service.timeout)
+                crate::config::format_duration(self.service.timeout)
             )),
             Ok(Some(why)) => JobError::Retryable(format!(
                 "the extraction service at {}: connection lost before an answer: {why}",
@@ -291,7 +293,7 @@ impl Call<'_> {
                         "connecting to the extraction service at {} (for {waiting_for}) timed out \
                          after {} (engine-connect-timeout)",
                         self.base(),
-                        human(self.service.connect_timeout)
+                        crate::config::format_duration(self.service.connect_timeout)
                     )))
                 }
                 ureq::Error::BadUri(_) | ureq::Error::Http(_) | ureq::Error::TooManyRedirects => {
@@ -350,18 +352,6 @@ fn one_line(body: &[u8]) -> String {
         "(no message)".into()
     } else {
         line
-    }
-}
-
-/// `500ms`, `30s`, `2m`: how settings are written.
-fn human(d: Duration) -> String {
-    let ms = d.as_millis();
-    if ms % 60_000 == 0 && ms > 0 {
-        format!("{}m", ms / 60_000)
-    } else if ms % 1000 == 0 {
-        format!("{}s", ms / 1000)
-    } else {
-        format!("{ms}ms")
     }
 }
 
@@ -447,7 +437,13 @@ mod tests {
             service_message(long.as_bytes()),
             format!("{}…", "x".repeat(MESSAGE_CHARS))
         );
-        assert_eq!(human(Duration::from_millis(300)), "300ms");
-        assert_eq!(human(Duration::from_secs(60)), "1m");
+        assert_eq!(
+            crate::config::format_duration(Duration::from_millis(300)),
+            "300ms"
+        );
+        assert_eq!(
+            crate::config::format_duration(Duration::from_secs(60)),
+            "1m"
+        );
     }
 }

@@ -219,12 +219,12 @@ impl Call<'_> {
             return if self.chunks == 0 {
                 JobError::Retryable(format!(
                     "{label} at {base} sent no token within {} (engine-first-token-timeout)",
-                    human(self.client.first_token_timeout)
+                    crate::config::format_duration(self.client.first_token_timeout)
                 ))
             } else {
                 JobError::Permanent(format!(
                     "{label} sent no token for {} after {} (engine-idle-timeout); the stream was abandoned",
-                    human(self.client.idle_timeout),
+                    crate::config::format_duration(self.client.idle_timeout),
                     plural(self.chunks)
                 ))
             };
@@ -234,7 +234,7 @@ impl Call<'_> {
                 ureq::Error::Timeout(ureq::Timeout::Connect) => {
                     return JobError::Retryable(format!(
                         "connecting to {label} at {base} timed out after {} (engine-connect-timeout)",
-                        human(self.client.connect_timeout)
+                        crate::config::format_duration(self.client.connect_timeout)
                     ))
                 }
                 ureq::Error::BadUri(_) | ureq::Error::Http(_) | ureq::Error::TooManyRedirects => {
@@ -331,18 +331,6 @@ fn plural(chunks: u64) -> String {
     }
 }
 
-/// `500ms`, `30s`, `2m`: how settings are written.
-fn human(d: Duration) -> String {
-    let ms = d.as_millis();
-    if ms % 60_000 == 0 && ms > 0 {
-        format!("{}m", ms / 60_000)
-    } else if ms % 1000 == 0 {
-        format!("{}s", ms / 1000)
-    } else {
-        format!("{ms}ms")
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -377,8 +365,17 @@ mod tests {
 
     #[test]
     fn durations_are_written_like_settings() {
-        assert_eq!(human(Duration::from_millis(250)), "250ms");
-        assert_eq!(human(Duration::from_secs(30)), "30s");
-        assert_eq!(human(Duration::from_secs(120)), "2m");
+        assert_eq!(
+            crate::config::format_duration(Duration::from_millis(250)),
+            "250ms"
+        );
+        assert_eq!(
+            crate::config::format_duration(Duration::from_secs(30)),
+            "30s"
+        );
+        assert_eq!(
+            crate::config::format_duration(Duration::from_secs(120)),
+            "2m"
+        );
     }
 }
