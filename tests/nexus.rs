@@ -318,6 +318,7 @@ fn fake_nexus_self_test() {
     let mut c = Raw::connect(&nexus);
     let job = c.get_next().expect("job response");
     assert_eq!(job.0, 200);
+    assert_eq!(header(&job, "connection"), Some("keep-alive"));
     let v: Json = serde_json::from_str(&job.2).unwrap();
     assert_eq!(
         v,
@@ -427,7 +428,9 @@ fn fake_nexus_self_test() {
 
     // Connection: close is honoured.
     c.send("GET", "/api/v1/jobs/next", &[("Connection", "close")], "");
-    assert_eq!(c.response().unwrap().0, 204);
+    let closing = c.response().unwrap();
+    assert_eq!(closing.0, 204);
+    assert_eq!(header(&closing, "connection"), Some("close"));
     assert!(c.response().is_none());
 
     // Dropping the fake ends a stall at once.
