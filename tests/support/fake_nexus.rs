@@ -363,7 +363,7 @@ impl FakeNexus {
     /// Waits until at least `n` reports were accepted; returns them all.
     /// Panics with every request seen on timeout.
     pub fn wait_for_reports(&self, n: usize, timeout: Duration) -> Vec<(String, String, String)> {
-        self.wait_for(&format!("{n} accepted reports"), timeout, |st, _| {
+        self.wait_for(&format!("{n} accepted reports"), timeout, |st| {
             (st.accepted.len() >= n).then(|| triples(&st.accepted))
         })
     }
@@ -373,7 +373,7 @@ impl FakeNexus {
         self.wait_for(
             &format!("an accepted report of job {job_id:?}"),
             timeout,
-            |st, _| st.accepted.iter().find(|a| a.job_id == job_id).cloned(),
+            |st| st.accepted.iter().find(|a| a.job_id == job_id).cloned(),
         )
     }
 
@@ -385,8 +385,8 @@ impl FakeNexus {
         timeout: Duration,
         pred: impl Fn(&Request) -> bool,
     ) -> Vec<Request> {
-        self.wait_for(what, timeout, |_, requests| {
-            let hits: Vec<Request> = requests.iter().filter(|r| pred(r)).cloned().collect();
+        self.wait_for(what, timeout, |st| {
+            let hits: Vec<Request> = self.answered(st).into_iter().filter(|r| pred(r)).collect();
             (hits.len() >= n).then_some(hits)
         })
     }
@@ -396,24 +396,24 @@ impl FakeNexus {
         self.wait_for_requests(&format!("{n} polls"), n, timeout, Request::is_poll)
     }
 
-    /// Waits until `f` finds what it looks for in the state and the
-    /// requests answered so far; panics with them all after `timeout`.
+    /// Waits until `f` finds what it looks for in the state (checked again
+    /// on every answer chosen); panics with every request after `timeout`.
     fn wait_for<T>(
         &self,
         what: &str,
         timeout: Duration,
-        mut f: impl FnMut(&State, &[Request]) -> Option<T>,
+        mut f: impl FnMut(&State) -> Option<T>,
     ) -> T {
         let deadline = Instant::now() + timeout;
         let mut st = self.shared.lock();
         loop {
-            let requests = self.answered(&st);
-            if let Some(v) = f(&st, &requests) {
+            if let Some(v) = f(&st) {
                 return v;
             }
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 let accepted = st.accepted.clone();
+                let requests = self.answered(&st);
                 drop(st);
                 panic!(
                     "timed out after {timeout:?} waiting for {what}; accepted: {accepted:?}\n\
