@@ -15,19 +15,13 @@ use support::observe::{
 };
 use support::stall_proxy::StallProxy;
 use support::{
-    free_port, wait_until, xadd_job, xlen, xrange_all, Citadel, RedisServer, Subscriber,
+    free_port, wait_until, worker, xadd_job, xlen, xrange_all, Citadel, RedisServer, Subscriber,
 };
 
 const QUEUE: &str = "jobs:v1:gpu-general";
 const DLQ: &str = "dlq:v1:gpu-general";
 const GROUP: &str = "workers";
 const EVENTS: &str = "stream:v1:*";
-
-fn worker(redis: &RedisServer, node: &str, extra: &[&str]) -> Citadel {
-    let mut args = vec!["--node-name", node, "--cancel-poll", "100ms"];
-    args.extend_from_slice(extra);
-    Citadel::work(redis, &args, &[])
-}
 
 fn config_set(conn: &mut redis::Connection, key: &str, value: &str) {
     redis::cmd("CONFIG")
@@ -245,7 +239,7 @@ fn a_settle_reply_lost_after_redis_ran_it_writes_each_outcome_once() {
         ],
         &[],
     );
-    w.wait_for_log("working: streams", Duration::from_secs(10));
+    w.wait_working();
     let jobs = enqueue_mixed(&mut c, "stall", 10, 1000);
     for job in &jobs {
         sub.wait_for(job, "start", Duration::from_secs(30));
@@ -352,7 +346,7 @@ fn an_idle_worker_is_cheap_and_still_starts_node_jobs_at_once() {
         "node-idle",
         &["--concurrency", "1", "--block", "20s"],
     );
-    w.wait_for_log("working: streams", Duration::from_secs(10));
+    w.wait_working();
     wait_until("the first blocking read", Duration::from_secs(10), || {
         (command_calls(&mut c)
             .get("xreadgroup")
@@ -392,8 +386,8 @@ fn a_deleted_group_is_created_again() {
     let redis = RedisServer::start();
     let mut c = redis.conn();
     let sub = Subscriber::new(&redis, EVENTS);
-    let w = worker(&redis, "node-ng", &["--block", "1s"]);
-    w.wait_for_log("working: streams", Duration::from_secs(10));
+    let w = worker(&redis, "node-ng", &[]);
+    w.wait_working();
     wait_until("the group to exist", Duration::from_secs(10), || {
         redis::cmd("XINFO")
             .arg("GROUPS")

@@ -1,27 +1,22 @@
-//! A fake extraction service for the `extraction` tests: `GET /health` and
-//! `POST /extract` on 127.0.0.1:0, one request per connection (the agent
-//! pools none), one thread per connection.
+//! A fake extraction service for the `extraction` tests, on the shared HTTP
+//! server ([`super::http`]): `GET /health` and `POST /extract` on
+//! 127.0.0.1:0, one thread per connection. Every answer says `Connection:
+//! close` (the agent pools no connection to it, and the fake makes sure).
 //!
 //! `/health` answers 503 `{"detail":"loading model"}` for the first N probes
 //! ([`FakeExtraction::ready_after`]; never, with `usize::MAX`), then 200.
-//! `/extract` gets the one [`Answer`] it was started with, or hangs until the
-//! client closes the connection. Recorded: every request's method and path
-//! in order, each `/extract` body, and when the client closed a hung
-//! connection. The HTTP parsing is the least that works (Content-Length
-//! bodies only); it is meant to move onto the shared tests/support/http.rs.
+//! `/extract` gets the one [`Answer`] it was started with, or no answer at
+//! all: the connection stays open until the client closes it. Recorded:
+//! every request's method and path in order, each `/extract` body, and when
+//! the client closed its connection. Waits block with a deadline.
 #![allow(dead_code)]
 
-use std::io::{self, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
-use std::thread::{self, JoinHandle};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use serde_json::Value as Json;
 
-/// How often a waiting connection looks at the stop flag.
-const TICK: Duration = Duration::from_millis(20);
+use super::http::{self, HttpServer, Response};
 
 /// What `POST /extract` is answered with.
 #[derive(Clone, Debug)]
@@ -38,7 +33,8 @@ pub enum Answer {
 #[derive(Clone, Debug)]
 pub struct Extract {
     pub body: Vec<u8>,
-    /// When the client closed the connection of a hung answer.
+    /// When the client closed the connection (of a hung answer: when it
+    /// gave up waiting).
     pub closed_at: Option<Instant>,
 }
 
@@ -53,24 +49,9 @@ impl Extract {
     }
 }
 
-struct State {
-    answer: Answer,
-    not_ready_for: AtomicUsize,
-    /// `GET /health`, `POST /extract`, … in arrival order.
-    requests: Mutex<Vec<String>>,
-    extracts: Mutex<Vec<Extract>>,
-    stop: AtomicBool,
-}
-
 /// The service; dropping it stops it and closes every connection.
 pub struct FakeExtraction {
-    addr: SocketAddr,
-    state: Arc<State>,
-    acceptor: Option<JoinHandle<()>>,
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
+    server: HttpServer,
 }
 
 impl FakeExtraction {
@@ -81,48 +62,25 @@ impl FakeExtraction {
 
     /// `/health` answers 503 to the first `probes` probes, then 200.
     pub fn ready_after(probes: usize, answer: Answer) -> FakeExtraction {
-        let listener = TcpListener::bind("127.0.0.1:0").expect("binding 127.0.0.1:0");
-        let addr = listener.local_addr().expect("local_addr");
-        let state = Arc::new(State {
-            answer,
-            not_ready_for: AtomicUsize::new(probes),
-            requests: Mutex::new(Vec::new()),
-            extracts: Mutex::new(Vec::new()),
-            stop: AtomicBool::new(false),
+        let not_ready_for = AtomicUsize::new(probes);
+        let server = HttpServer::start("fake-extraction", move |req| {
+            respond(req, &answer, &not_ready_for)
         });
-        let acceptor = {
-            let state = state.clone();
-            thread::Builder::new()
-                .name(format!("fake-extraction {addr}"))
-                .spawn(move || {
-                    for conn in listener.incoming() {
-                        if state.stop.load(Ordering::SeqCst) {
-                            break;
-                        }
-                        let Ok(conn) = conn else { continue };
-                        let state = state.clone();
-                        let _ = thread::Builder::new()
-                            .name("fake-extraction conn".into())
-                            .spawn(move || serve(conn, &state));
-                    }
-                })
-                .expect("spawning the fake extraction service")
-        };
-        FakeExtraction {
-            addr,
-            state,
-            acceptor: Some(acceptor),
-        }
+        FakeExtraction { server }
     }
 
     /// `http://127.0.0.1:PORT`
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        self.server.url()
     }
 
     /// `GET /health`, `POST /extract`, … so far, in arrival order.
     pub fn requests(&self) -> Vec<String> {
-        lock(&self.state.requests).clone()
+        self.server
+            .requests()
+            .iter()
+            .map(|r| format!("{} {}", r.method, r.path))
+            .collect()
     }
 
     pub fn health_probes(&self) -> usize {
@@ -133,148 +91,66 @@ impl FakeExtraction {
     }
 
     pub fn extracts(&self) -> Vec<Extract> {
-        lock(&self.state.extracts).clone()
+        extracts(&self.server.requests())
     }
 
     /// Waits until `/extract` request `i` arrived.
     pub fn wait_extract(&self, i: usize, timeout: Duration) -> Extract {
-        super::wait_until(&format!("/extract request {i}"), timeout, || {
-            self.extracts().get(i).cloned()
-        })
+        self.server
+            .wait_for(&format!("/extract request {i}"), timeout, |all| {
+                extracts(all).get(i).cloned()
+            })
     }
 
     /// Waits until the client closed the connection of `/extract` request `i`.
     pub fn wait_closed(&self, i: usize, timeout: Duration) -> Instant {
-        super::wait_until(
+        self.server.wait_for(
             &format!("the client to close /extract request {i}"),
             timeout,
-            || self.extracts().get(i).and_then(|r| r.closed_at),
+            |all| extracts(all).get(i).and_then(|r| r.closed_at),
         )
     }
 }
 
-impl Drop for FakeExtraction {
-    fn drop(&mut self) {
-        self.state.stop.store(true, Ordering::SeqCst);
-        // Wake the blocked accept.
-        let _ = TcpStream::connect_timeout(&self.addr, Duration::from_secs(1));
-        if let Some(t) = self.acceptor.take() {
-            let _ = t.join();
-        }
-    }
+fn is_extract(r: &http::Request) -> bool {
+    r.method == "POST" && r.path == "/extract"
 }
 
-fn serve(mut conn: TcpStream, state: &State) {
-    let _ = conn.set_read_timeout(Some(TICK));
-    let Some((method, path, body)) = read_request(&mut conn, state) else {
-        return;
-    };
-    lock(&state.requests).push(format!("{method} {path}"));
-    let (status, content_type, text) = match (method.as_str(), path.as_str()) {
+fn extracts(all: &[http::Request]) -> Vec<Extract> {
+    all.iter()
+        .filter(|r| is_extract(r))
+        .map(|r| Extract {
+            body: r.body.clone(),
+            closed_at: r.closed_at,
+        })
+        .collect()
+}
+
+/// The server's handler.
+fn respond(req: &http::Request, answer: &Answer, not_ready_for: &AtomicUsize) -> http::Answer {
+    let (status, content_type, text) = match (req.method.as_str(), req.path.as_str()) {
         ("GET", "/health") => {
-            let not_ready = state
-                .not_ready_for
+            let not_ready = not_ready_for
                 .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
                     (n > 0).then(|| n - 1)
                 })
                 .is_ok();
             if not_ready {
-                (
-                    503,
-                    "application/json",
-                    r#"{"detail":"loading model"}"#.into(),
-                )
+                (503, "application/json", r#"{"detail":"loading model"}"#)
             } else {
-                (200, "application/json", r#"{"status":"ok"}"#.into())
+                (200, "application/json", r#"{"status":"ok"}"#)
             }
         }
-        ("POST", "/extract") => {
-            let index = {
-                let mut extracts = lock(&state.extracts);
-                extracts.push(Extract {
-                    body,
-                    closed_at: None,
-                });
-                extracts.len() - 1
-            };
-            match &state.answer {
-                Answer::Json(status, text) => (*status, "application/json", text.clone()),
-                Answer::Text(status, text) => (*status, "text/html", text.clone()),
-                Answer::Hang => {
-                    wait_for_close(&mut conn, state);
-                    lock(&state.extracts)[index].closed_at = Some(Instant::now());
-                    return;
-                }
-            }
-        }
-        _ => (404, "application/json", r#"{"detail":"Not Found"}"#.into()),
+        ("POST", "/extract") => match answer {
+            Answer::Json(status, text) => (*status, "application/json", text.as_str()),
+            Answer::Text(status, text) => (*status, "text/html", text.as_str()),
+            Answer::Hang => return http::Answer::Silence,
+        },
+        _ => (404, "application/json", r#"{"detail":"Not Found"}"#),
     };
-    let head = format!(
-        "HTTP/1.1 {status} Status\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-        text.len()
-    );
-    let _ = conn.write_all(head.as_bytes());
-    let _ = conn.write_all(text.as_bytes());
-    let _ = conn.flush();
-}
-
-/// Reads until the client closes (EOF or error) or the service stops.
-fn wait_for_close(conn: &mut TcpStream, state: &State) {
-    let mut buf = [0u8; 4096];
-    while let Some(n) = read_some(conn, &mut buf, state) {
-        if n == 0 {
-            return;
-        }
-    }
-}
-
-/// One read, retried over read timeouts; None on error or when stopping.
-fn read_some(conn: &mut TcpStream, buf: &mut [u8], state: &State) -> Option<usize> {
-    loop {
-        if state.stop.load(Ordering::SeqCst) {
-            return None;
-        }
-        match conn.read(buf) {
-            Ok(n) => return Some(n),
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::WouldBlock
-                        | io::ErrorKind::TimedOut
-                        | io::ErrorKind::Interrupted
-                ) => {}
-            Err(_) => return None,
-        }
-    }
-}
-
-/// Method, path and (Content-Length) body of the one request.
-fn read_request(conn: &mut TcpStream, state: &State) -> Option<(String, String, Vec<u8>)> {
-    let mut data = Vec::new();
-    let mut buf = [0u8; 8192];
-    let head_end = loop {
-        if let Some(i) = data.windows(4).position(|w| w == b"\r\n\r\n") {
-            break i + 4;
-        }
-        match read_some(conn, &mut buf, state)? {
-            0 => return None,
-            n => data.extend_from_slice(&buf[..n]),
-        }
-    };
-    let head = String::from_utf8_lossy(&data[..head_end]).into_owned();
-    let mut lines = head.split("\r\n");
-    let mut first = lines.next()?.split(' ');
-    let (method, path) = (first.next()?.to_owned(), first.next()?.to_owned());
-    let length: usize = lines
-        .filter_map(|l| l.split_once(':'))
-        .find(|(n, _)| n.trim().eq_ignore_ascii_case("content-length"))
-        .and_then(|(_, v)| v.trim().parse().ok())
-        .unwrap_or(0);
-    while data.len() < head_end + length {
-        match read_some(conn, &mut buf, state)? {
-            0 => return None,
-            n => data.extend_from_slice(&buf[..n]),
-        }
-    }
-    Some((method, path, data[head_end..head_end + length].to_vec()))
+    Response::new(status)
+        .header("Content-Type", content_type)
+        .header("Connection", "close")
+        .send(text)
+        .into()
 }

@@ -1,7 +1,7 @@
-//! A fake Nexus control plane (PROTOCOL.md §3) for the agent's tests: a
-//! std `TcpListener` HTTP/1.1 server on 127.0.0.1, one thread per connection,
-//! keep-alive (several requests per connection, bodies by `Content-Length`
-//! or chunked).
+//! A fake Nexus control plane (PROTOCOL.md §3) for the agent's tests, on
+//! the shared HTTP server ([`super::http`]): 127.0.0.1, one thread per
+//! connection, keep-alive (several requests per connection, bodies by
+//! `Content-Length` or chunked).
 //!
 //! Scriptable: `GET /api/v1/jobs/next` answers from a queue of [`Next`]
 //! replies (a job, 204, any status with headers, garbage, a stall, a dropped
@@ -11,26 +11,25 @@
 //! [`FakeNexus::set_report_for`]), then from a queue of [`Report`] replies
 //! for any job, then from a default (200 unless set with
 //! [`FakeNexus::set_default_report`]); a body over
-//! [`FakeNexus::set_max_report_body`] gets 413. Every request is
-//! recorded with the `Instant` it was fully read; accepted reports are kept
-//! apart ([`FakeNexus::reports`]).
+//! [`FakeNexus::set_max_report_body`] gets 413. Every answer says
+//! `Connection: keep-alive`, or `close` when the client asked for that.
+//!
+//! The server records every request with the `Instant` it was fully read
+//! and its connection; this fake keeps what it did with each (its "answer"
+//! label, keyed by the request's sequence number) and the accepted reports
+//! ([`FakeNexus::reports`]). A request counts as seen once its answer is
+//! chosen; waits block on a condition variable with a deadline.
 #![allow(dead_code)]
 
 use std::collections::{HashMap, VecDeque};
-use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::net::TcpListener;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
-use std::thread::{self, JoinHandle};
+use std::thread;
 use std::time::{Duration, Instant};
 
 use serde_json::Value as Json;
 
-/// How often connection threads look at the stop flag while idle.
-const IDLE_TICK: Duration = Duration::from_millis(100);
-
-/// The largest request head or body the fake accepts (a bigger one is a bug).
-const MAX_REQUEST: usize = 16 << 20;
+use super::http::{self, Answer, HttpServer, Response};
 
 pub const NEXT_PATH: &str = "/api/v1/jobs/next";
 
@@ -106,12 +105,7 @@ impl Request {
 
     /// The job id if this is `POST /api/v1/jobs/{id}/status`.
     pub fn report_job_id(&self) -> Option<String> {
-        if self.method != "POST" {
-            return None;
-        }
-        let rest = path_only(&self.path).strip_prefix("/api/v1/jobs/")?;
-        let id = rest.strip_suffix("/status")?;
-        (!id.is_empty() && !id.contains('/')).then(|| percent_decode(id))
+        report_job_id(&self.method, &self.path)
     }
 }
 
@@ -142,18 +136,19 @@ struct State {
     default_report_for: HashMap<String, Report>,
     /// A report body longer than this gets 413.
     max_report_body: Option<usize>,
-    requests: Vec<Request>,
+    /// What the fake did with each request, by the server's `seq`.
+    answers: HashMap<usize, String>,
     accepted: Vec<Accepted>,
+    /// Set by `release_held`: held replies go.
+    released: bool,
+    /// Set when the fake is dropped: held replies end unanswered.
+    stopped: bool,
 }
 
 struct Shared {
     state: Mutex<State>,
-    /// Notified on every recorded request, and on stop.
+    /// Notified on every answer chosen, on `release_held` and on stop.
     changed: Condvar,
-    stop: AtomicBool,
-    /// Set by `release_held`: held replies go.
-    released: AtomicBool,
-    conns: AtomicU64,
 }
 
 impl Shared {
@@ -161,42 +156,21 @@ impl Shared {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Waits until held replies are released or the fake stops.
-    fn wait_released(&self) {
-        let mut guard = self.lock();
-        while !self.stop.load(Ordering::SeqCst) && !self.released.load(Ordering::SeqCst) {
-            guard = self
-                .changed
-                .wait_timeout(guard, IDLE_TICK)
-                .unwrap_or_else(|e| e.into_inner())
-                .0;
+    /// Waits until held replies are released (true) or the fake stops (false).
+    fn wait_released(&self) -> bool {
+        let mut st = self.lock();
+        while !st.stopped && !st.released {
+            st = self.changed.wait(st).unwrap_or_else(|e| e.into_inner());
         }
-    }
-
-    /// Sleeps up to `d`, returning early when the fake stops.
-    fn sleep(&self, d: Duration) {
-        let deadline = Instant::now() + d;
-        let mut guard = self.lock();
-        while !self.stop.load(Ordering::SeqCst) {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return;
-            }
-            guard = self
-                .changed
-                .wait_timeout(guard, left.min(IDLE_TICK))
-                .unwrap_or_else(|e| e.into_inner())
-                .0;
-        }
+        !st.stopped
     }
 }
 
-/// The fake server. Dropping it stops accepting, ends stalls and closes
-/// every connection (within ~100 ms).
+/// The fake server. Dropping it stops accepting, ends stalls and held
+/// replies, and closes every connection.
 pub struct FakeNexus {
-    addr: SocketAddr,
     shared: Arc<Shared>,
-    acceptor: Option<JoinHandle<()>>,
+    server: HttpServer,
 }
 
 impl FakeNexus {
@@ -222,33 +196,22 @@ impl FakeNexus {
     }
 
     fn serve(listener: TcpListener) -> FakeNexus {
-        let addr = listener.local_addr().expect("local_addr");
         let shared = Arc::new(Shared {
             state: Mutex::new(State::default()),
             changed: Condvar::new(),
-            stop: AtomicBool::new(false),
-            released: AtomicBool::new(false),
-            conns: AtomicU64::new(0),
         });
-        let s = Arc::clone(&shared);
-        let acceptor = thread::Builder::new()
-            .name(format!("fake nexus {addr}"))
-            .spawn(move || accept_loop(&listener, &s))
-            .expect("spawning the fake Nexus");
-        FakeNexus {
-            addr,
-            shared,
-            acceptor: Some(acceptor),
-        }
+        let answers = Arc::clone(&shared);
+        let server = HttpServer::serve(listener, "fake-nexus", move |req| answer(req, &answers));
+        FakeNexus { shared, server }
     }
 
     /// `http://127.0.0.1:PORT` (no trailing slash).
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        self.server.url()
     }
 
     pub fn port(&self) -> u16 {
-        self.addr.port()
+        self.server.addr().port()
     }
 
     // --- scripting ---------------------------------------------------------
@@ -320,7 +283,7 @@ impl FakeNexus {
 
     /// Lets every [`Next::Held`] reply go, now and from now on.
     pub fn release_held(&self) {
-        self.shared.released.store(true, Ordering::SeqCst);
+        self.shared.lock().released = true;
         self.shared.changed.notify_all();
     }
 
@@ -335,9 +298,32 @@ impl FakeNexus {
 
     // --- observing ---------------------------------------------------------
 
-    /// Every request so far, in the order they were read.
+    /// Every request answered so far, in the order they were read.
     pub fn requests(&self) -> Vec<Request> {
-        self.shared.lock().requests.clone()
+        let st = self.shared.lock();
+        self.answered(&st)
+    }
+
+    /// The server's record joined with the answers in `st` (held, so that
+    /// no answer is chosen meanwhile); requests still being decided are left
+    /// out.
+    fn answered(&self, st: &State) -> Vec<Request> {
+        self.server
+            .requests()
+            .into_iter()
+            .filter_map(|r| {
+                let answer = st.answers.get(&r.seq)?.clone();
+                Some(Request {
+                    method: r.method,
+                    path: r.path,
+                    headers: r.headers,
+                    body: r.body,
+                    at: r.at,
+                    conn: r.conn,
+                    answer,
+                })
+            })
+            .collect()
     }
 
     /// Every `GET /api/v1/jobs/next` so far.
@@ -358,10 +344,7 @@ impl FakeNexus {
 
     /// Accepted reports as `(job_id, status, output)`, in order.
     pub fn reports(&self) -> Vec<(String, String, String)> {
-        self.accepted()
-            .into_iter()
-            .map(|a| (a.job_id, a.status, a.output))
-            .collect()
+        triples(&self.accepted())
     }
 
     /// Accepted reports with their parsed bodies.
@@ -380,33 +363,9 @@ impl FakeNexus {
     /// Waits until at least `n` reports were accepted; returns them all.
     /// Panics with every request seen on timeout.
     pub fn wait_for_reports(&self, n: usize, timeout: Duration) -> Vec<(String, String, String)> {
-        let deadline = Instant::now() + timeout;
-        let mut st = self.shared.lock();
-        loop {
-            if st.accepted.len() >= n {
-                return st
-                    .accepted
-                    .iter()
-                    .map(|a| (a.job_id.clone(), a.status.clone(), a.output.clone()))
-                    .collect();
-            }
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                let accepted = st.accepted.clone();
-                let requests = summary(&st.requests);
-                drop(st);
-                panic!(
-                    "timed out after {timeout:?} waiting for {n} accepted reports; accepted: \
-                     {accepted:?}\nrequests:\n{requests}"
-                );
-            }
-            st = self
-                .shared
-                .changed
-                .wait_timeout(st, left.min(IDLE_TICK))
-                .unwrap_or_else(|e| e.into_inner())
-                .0;
-        }
+        self.wait_for(&format!("{n} accepted reports"), timeout, |st| {
+            (st.accepted.len() >= n).then(|| triples(&st.accepted))
+        })
     }
 
     /// Waits until an accepted report for `job_id` exists; returns it.
@@ -427,7 +386,7 @@ impl FakeNexus {
         pred: impl Fn(&Request) -> bool,
     ) -> Vec<Request> {
         self.wait_for(what, timeout, |st| {
-            let hits: Vec<Request> = st.requests.iter().filter(|r| pred(r)).cloned().collect();
+            let hits: Vec<Request> = self.answered(st).into_iter().filter(|r| pred(r)).collect();
             (hits.len() >= n).then_some(hits)
         })
     }
@@ -437,6 +396,8 @@ impl FakeNexus {
         self.wait_for_requests(&format!("{n} polls"), n, timeout, Request::is_poll)
     }
 
+    /// Waits until `f` finds what it looks for in the state (checked again
+    /// on every answer chosen); panics with every request after `timeout`.
     fn wait_for<T>(
         &self,
         what: &str,
@@ -451,14 +412,19 @@ impl FakeNexus {
             }
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
-                let requests = summary(&st.requests);
+                let accepted = st.accepted.clone();
+                let requests = self.answered(&st);
                 drop(st);
-                panic!("timed out after {timeout:?} waiting for {what}; requests:\n{requests}");
+                panic!(
+                    "timed out after {timeout:?} waiting for {what}; accepted: {accepted:?}\n\
+                     requests:\n{}",
+                    summary(&requests)
+                );
             }
             st = self
                 .shared
                 .changed
-                .wait_timeout(st, left.min(IDLE_TICK))
+                .wait_timeout(st, left)
                 .unwrap_or_else(|e| e.into_inner())
                 .0;
         }
@@ -466,20 +432,24 @@ impl FakeNexus {
 
     /// A one-line-per-request listing (for assertion messages).
     pub fn summary(&self) -> String {
-        summary(&self.shared.lock().requests)
+        summary(&self.requests())
     }
 }
 
 impl Drop for FakeNexus {
+    /// Ends held replies; the server (dropped next) ends stalls and closes
+    /// every connection.
     fn drop(&mut self) {
-        self.shared.stop.store(true, Ordering::SeqCst);
+        self.shared.lock().stopped = true;
         self.shared.changed.notify_all();
-        // Wake the blocking accept().
-        let _ = TcpStream::connect_timeout(&self.addr, Duration::from_secs(1));
-        if let Some(t) = self.acceptor.take() {
-            let _ = t.join();
-        }
     }
+}
+
+fn triples(accepted: &[Accepted]) -> Vec<(String, String, String)> {
+    accepted
+        .iter()
+        .map(|a| (a.job_id.clone(), a.status.clone(), a.output.clone()))
+        .collect()
 }
 
 fn summary(requests: &[Request]) -> String {
@@ -506,6 +476,16 @@ fn summary(requests: &[Request]) -> String {
         .join("\n")
 }
 
+/// The job id if `method target` is `POST /api/v1/jobs/{id}/status`.
+fn report_job_id(method: &str, target: &str) -> Option<String> {
+    if method != "POST" {
+        return None;
+    }
+    let rest = path_only(target).strip_prefix("/api/v1/jobs/")?;
+    let id = rest.strip_suffix("/status")?;
+    (!id.is_empty() && !id.contains('/')).then(|| percent_decode(id))
+}
+
 fn path_only(target: &str) -> &str {
     target.split('?').next().unwrap_or(target)
 }
@@ -528,231 +508,44 @@ fn percent_decode(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-fn accept_loop(listener: &TcpListener, shared: &Arc<Shared>) {
-    for stream in listener.incoming() {
-        if shared.stop.load(Ordering::SeqCst) {
-            return;
-        }
-        let Ok(stream) = stream else { continue };
-        let n = shared.conns.fetch_add(1, Ordering::SeqCst) + 1;
-        let s = Arc::clone(shared);
-        let _ = thread::Builder::new()
-            .name(format!("fake nexus conn {n}"))
-            .spawn(move || {
-                let _ = serve_conn(stream, n, &s);
-            });
-    }
-}
-
-/// Reads one line (up to CRLF/LF), waiting through read timeouts until the
-/// fake stops. `Ok(None)` on a clean EOF before any byte.
-fn read_line(r: &mut BufReader<TcpStream>, shared: &Shared) -> std::io::Result<Option<String>> {
-    let mut buf = Vec::new();
-    loop {
-        if shared.stop.load(Ordering::SeqCst) {
-            return Err(ErrorKind::Interrupted.into());
-        }
-        match r.read_until(b'\n', &mut buf) {
-            Ok(0) => {
-                return if buf.is_empty() {
-                    Ok(None)
-                } else {
-                    Err(ErrorKind::UnexpectedEof.into())
-                }
-            }
-            Ok(_) if buf.ends_with(b"\n") => {
-                while buf.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
-                    buf.pop();
-                }
-                return Ok(Some(String::from_utf8_lossy(&buf).into_owned()));
-            }
-            Ok(_) => {}
-            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
-            Err(e) if e.kind() == ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-        if buf.len() > MAX_REQUEST {
-            return Err(ErrorKind::InvalidData.into());
-        }
-    }
-}
-
-fn read_exact(r: &mut BufReader<TcpStream>, n: usize, shared: &Shared) -> std::io::Result<Vec<u8>> {
-    if n > MAX_REQUEST {
-        return Err(ErrorKind::InvalidData.into());
-    }
-    let mut buf = vec![0u8; n];
-    let mut got = 0;
-    while got < n {
-        if shared.stop.load(Ordering::SeqCst) {
-            return Err(ErrorKind::Interrupted.into());
-        }
-        match r.read(&mut buf[got..]) {
-            Ok(0) => return Err(ErrorKind::UnexpectedEof.into()),
-            Ok(k) => got += k,
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    ErrorKind::WouldBlock | ErrorKind::TimedOut | ErrorKind::Interrupted
-                ) => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(buf)
-}
-
-fn serve_conn(stream: TcpStream, conn: u64, shared: &Shared) -> std::io::Result<()> {
-    stream.set_read_timeout(Some(IDLE_TICK))?;
-    stream.set_write_timeout(Some(Duration::from_secs(5)))?;
-    let _ = stream.set_nodelay(true);
-    let mut writer = stream.try_clone()?;
-    let mut reader = BufReader::new(stream);
-    loop {
-        // Request line (skipping stray empty lines between requests).
-        let line = loop {
-            match read_line(&mut reader, shared)? {
-                None => return Ok(()),
-                Some(l) if l.is_empty() => continue,
-                Some(l) => break l,
-            }
-        };
-        let mut parts = line.split_whitespace();
-        let method = parts.next().unwrap_or_default().to_owned();
-        let path = parts.next().unwrap_or_default().to_owned();
-        let version = parts.next().unwrap_or("HTTP/1.0").to_owned();
-
-        let mut headers = Vec::new();
-        loop {
-            let Some(h) = read_line(&mut reader, shared)? else {
-                return Ok(());
-            };
-            if h.is_empty() {
-                break;
-            }
-            if let Some((k, v)) = h.split_once(':') {
-                headers.push((k.trim().to_ascii_lowercase(), v.trim().to_owned()));
-            }
-        }
-        let header = |name: &str| {
-            headers
-                .iter()
-                .find(|(k, _)| k == name)
-                .map(|(_, v)| v.clone())
-        };
-        if header("expect").is_some_and(|v| v.eq_ignore_ascii_case("100-continue")) {
-            writer.write_all(b"HTTP/1.1 100 Continue\r\n\r\n")?;
-        }
-        let chunked =
-            header("transfer-encoding").is_some_and(|v| v.to_ascii_lowercase().contains("chunked"));
-        let body = if chunked {
-            read_chunked(&mut reader, shared)?
-        } else {
-            let len = match header("content-length") {
-                Some(v) => v
-                    .parse::<usize>()
-                    .map_err(|_| std::io::Error::from(ErrorKind::InvalidData))?,
-                None => 0,
-            };
-            read_exact(&mut reader, len, shared)?
-        };
-        let close_asked = header("connection").is_some_and(|v| v.eq_ignore_ascii_case("close"))
-            || (version == "HTTP/1.0"
-                && !header("connection").is_some_and(|v| v.eq_ignore_ascii_case("keep-alive")));
-
-        let mut req = Request {
-            method,
-            path,
-            headers,
-            body,
-            at: Instant::now(),
-            conn,
-            answer: String::new(),
-        };
-        let action = decide(&mut req, shared);
-        if !perform(action, &mut writer, close_asked, shared)? {
-            let _ = writer.shutdown(Shutdown::Both);
-            return Ok(());
-        }
-    }
-}
-
-/// Carries out `action`; returns whether the connection stays open.
-fn perform(
-    action: Action,
-    writer: &mut TcpStream,
-    close_asked: bool,
-    shared: &Shared,
-) -> std::io::Result<bool> {
-    match action {
-        Action::Drop => Ok(false),
-        Action::Stall(d, code) => {
-            shared.sleep(d);
-            if shared.stop.load(Ordering::SeqCst) {
-                return Ok(false);
-            }
-            respond(writer, code, &[], "", close_asked)
-        }
-        Action::Held(inner) => {
-            shared.wait_released();
-            if shared.stop.load(Ordering::SeqCst) {
-                return Ok(false);
-            }
-            perform(*inner, writer, close_asked, shared)
-        }
-        Action::Respond {
-            code,
-            headers,
-            body,
-        } => respond(writer, code, &headers, &body, close_asked),
-    }
-}
-
-fn read_chunked(r: &mut BufReader<TcpStream>, shared: &Shared) -> std::io::Result<Vec<u8>> {
-    let mut body = Vec::new();
-    loop {
-        let Some(size_line) = read_line(r, shared)? else {
-            return Err(ErrorKind::UnexpectedEof.into());
-        };
-        let size_hex = size_line.split(';').next().unwrap_or("").trim();
-        let size = usize::from_str_radix(size_hex, 16)
-            .map_err(|_| std::io::Error::from(ErrorKind::InvalidData))?;
-        if size == 0 {
-            // Trailers until the empty line.
-            loop {
-                match read_line(r, shared)? {
-                    None => return Ok(body),
-                    Some(l) if l.is_empty() => return Ok(body),
-                    Some(_) => {}
-                }
-            }
-        }
-        if body.len() + size > MAX_REQUEST {
-            return Err(ErrorKind::InvalidData.into());
-        }
-        body.extend(read_exact(r, size, shared)?);
-        // The CRLF after the chunk data.
-        read_line(r, shared)?;
-    }
-}
-
+/// What the fake does with a request, once chosen.
 enum Action {
-    Respond {
-        code: u16,
-        headers: Vec<(String, String)>,
-        body: String,
-    },
-    /// Wait, then answer with this code and an empty body.
-    Stall(Duration, u16),
+    Answer(Answer),
     /// Wait for `release_held`, then do this.
     Held(Box<Action>),
-    Drop,
 }
 
-/// Picks the reply for `req`, records it (and an accepted report), and
-/// notifies waiters.
-fn decide(req: &mut Request, shared: &Shared) -> Action {
+/// The server's handler: chooses the reply (recording its label and an
+/// accepted report), then carries it out on the connection's thread.
+fn answer(req: &http::Request, shared: &Shared) -> Answer {
+    let mut action = decide(req, shared);
+    let keep_alive = if req.wants_close() {
+        "close"
+    } else {
+        "keep-alive"
+    };
+    loop {
+        match action {
+            Action::Held(inner) => {
+                if !shared.wait_released() {
+                    return Answer::HangUp(Duration::ZERO);
+                }
+                action = *inner;
+            }
+            Action::Answer(Answer::Respond(resp)) => {
+                return resp.header("Connection", keep_alive).into();
+            }
+            Action::Answer(hang_up) => return hang_up,
+        }
+    }
+}
+
+/// Picks the reply for `req`, records its label (and an accepted report),
+/// and notifies waiters.
+fn decide(req: &http::Request, shared: &Shared) -> Action {
+    let poll = req.method == "GET" && req.path_only() == NEXT_PATH;
     let mut st = shared.lock();
-    let (action, answer) = if req.is_poll() {
+    let (action, label) = if poll {
         let reply = match st.next.pop_front() {
             Some(r) => r,
             None if st.default_next.is_empty() => Next::NoJob,
@@ -763,7 +556,7 @@ fn decide(req: &mut Request, shared: &Shared) -> Action {
             }
         };
         next_action(reply)
-    } else if let Some(job_id) = req.report_job_id() {
+    } else if let Some(job_id) = report_job_id(&req.method, &req.path) {
         let too_large = st.max_report_body.is_some_and(|max| req.body.len() > max);
         let own = st.report_for.get_mut(&job_id).and_then(VecDeque::pop_front);
         let reply = match (too_large, own) {
@@ -777,162 +570,96 @@ fn decide(req: &mut Request, shared: &Shared) -> Action {
                 },
             },
         };
-        let (action, answer) = report_action(reply);
-        if let Action::Respond { code, .. } = &action {
-            if *code == 200 || *code == 204 {
-                let body: Json = serde_json::from_slice(&req.body).unwrap_or(Json::Null);
-                let field = |k: &str| {
-                    body.get(k)
-                        .and_then(Json::as_str)
-                        .unwrap_or_default()
-                        .to_owned()
-                };
-                st.accepted.push(Accepted {
-                    job_id,
-                    status: field("status"),
-                    output: field("output"),
-                    body,
-                });
-            }
+        let accepts = matches!(
+            reply,
+            Report::Accept | Report::Status(200, ..) | Report::Status(204, ..)
+        );
+        if accepts {
+            let body: Json = serde_json::from_slice(&req.body).unwrap_or(Json::Null);
+            let field = |k: &str| {
+                body.get(k)
+                    .and_then(Json::as_str)
+                    .unwrap_or_default()
+                    .to_owned()
+            };
+            st.accepted.push(Accepted {
+                job_id,
+                status: field("status"),
+                output: field("output"),
+                body,
+            });
         }
-        (action, answer)
+        report_action(reply)
     } else {
         (
-            Action::Respond {
-                code: 404,
-                headers: Vec::new(),
-                body: r#"{"error":"not found"}"#.to_owned(),
-            },
+            Action::Answer(Response::json(404, r#"{"error":"not found"}"#).into()),
             "404".to_owned(),
         )
     };
-    req.answer = answer;
-    st.requests.push(req.clone());
+    st.answers.insert(req.seq, label);
     drop(st);
     shared.changed.notify_all();
     action
 }
 
+/// `status` and `headers` as scripted, and `body` as is.
+fn scripted(status: u16, headers: Vec<(String, String)>, body: String) -> Action {
+    let mut resp = Response::new(status);
+    resp.headers = headers;
+    Action::Answer(resp.send(body).into())
+}
+
 fn next_action(reply: Next) -> (Action, String) {
     match reply {
         Next::Job(json) => (
-            Action::Respond {
-                code: 200,
-                headers: vec![("Content-Type".into(), "application/json".into())],
-                body: json.to_string(),
-            },
+            Action::Answer(Response::json(200, &json.to_string()).into()),
             "200 job".to_owned(),
         ),
-        Next::NoJob => (
-            Action::Respond {
-                code: 204,
-                headers: Vec::new(),
-                body: String::new(),
-            },
-            "204".to_owned(),
-        ),
-        Next::Status(code, headers, body) => (
-            Action::Respond {
-                code,
-                headers,
-                body,
-            },
-            format!("{code}"),
-        ),
+        Next::NoJob => (Action::Answer(Response::new(204).into()), "204".to_owned()),
+        Next::Status(code, headers, body) => (scripted(code, headers, body), format!("{code}")),
         Next::Garbage => (
-            Action::Respond {
-                code: 200,
-                headers: vec![("Content-Type".into(), "application/json".into())],
-                body: "<html>\u{0}\u{1}not json at all {{{ ]]".to_owned(),
-            },
+            Action::Answer(Response::json(200, "<html>\u{0}\u{1}not json at all {{{ ]]").into()),
             "200 garbage".to_owned(),
         ),
-        Next::Stall(d) => (Action::Stall(d, 204), format!("stall {d:?} then 204")),
+        Next::Stall(d) => (
+            Action::Answer(Response::new(204).delayed(d).into()),
+            format!("stall {d:?} then 204"),
+        ),
         Next::Held(inner) => {
-            let (action, answer) = next_action(*inner);
+            let (action, label) = next_action(*inner);
             (
                 Action::Held(Box::new(action)),
-                format!("held, then {answer}"),
+                format!("held, then {label}"),
             )
         }
-        Next::Drop => (Action::Drop, "drop".to_owned()),
+        Next::Drop => (
+            Action::Answer(Answer::HangUp(Duration::ZERO)),
+            "drop".to_owned(),
+        ),
     }
 }
 
 fn report_action(reply: Report) -> (Action, String) {
     match reply {
         Report::Accept => (
-            Action::Respond {
-                code: 200,
-                headers: vec![("Content-Type".into(), "application/json".into())],
-                body: "{}".to_owned(),
-            },
+            Action::Answer(Response::json(200, "{}").into()),
             "200 accepted".to_owned(),
         ),
         Report::Status(code, headers, body) => {
-            let answer = if code == 200 || code == 204 {
+            let label = if code == 200 || code == 204 {
                 format!("{code} accepted")
             } else {
                 format!("{code}")
             };
-            (
-                Action::Respond {
-                    code,
-                    headers,
-                    body,
-                },
-                answer,
-            )
+            (scripted(code, headers, body), label)
         }
-        Report::Stall(d) => (Action::Stall(d, 500), format!("stall {d:?} then 500")),
-        Report::Drop => (Action::Drop, "drop".to_owned()),
+        Report::Stall(d) => (
+            Action::Answer(Response::new(500).delayed(d).into()),
+            format!("stall {d:?} then 500"),
+        ),
+        Report::Drop => (
+            Action::Answer(Answer::HangUp(Duration::ZERO)),
+            "drop".to_owned(),
+        ),
     }
-}
-
-/// Writes a response; returns whether the connection stays open.
-fn respond(
-    w: &mut TcpStream,
-    code: u16,
-    headers: &[(String, String)],
-    body: &str,
-    close: bool,
-) -> std::io::Result<bool> {
-    let reason = match code {
-        200 => "OK",
-        204 => "No Content",
-        400 => "Bad Request",
-        401 => "Unauthorized",
-        403 => "Forbidden",
-        404 => "Not Found",
-        408 => "Request Timeout",
-        409 => "Conflict",
-        410 => "Gone",
-        413 => "Content Too Large",
-        429 => "Too Many Requests",
-        500 => "Internal Server Error",
-        502 => "Bad Gateway",
-        503 => "Service Unavailable",
-        _ => "Whatever",
-    };
-    let mut head = format!("HTTP/1.1 {code} {reason}\r\n");
-    for (k, v) in headers {
-        head.push_str(&format!("{k}: {v}\r\n"));
-    }
-    // 204 and 1xx have no body and must not send Content-Length.
-    if code != 204 && code >= 200 {
-        head.push_str(&format!("Content-Length: {}\r\n", body.len()));
-    }
-    head.push_str(if close {
-        "Connection: close\r\n"
-    } else {
-        "Connection: keep-alive\r\n"
-    });
-    head.push_str("\r\n");
-    let mut out = head.into_bytes();
-    if code != 204 {
-        out.extend_from_slice(body.as_bytes());
-    }
-    w.write_all(&out)?;
-    w.flush()?;
-    Ok(!close)
 }

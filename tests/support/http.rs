@@ -1,5 +1,5 @@
-//! The one HTTP/1.1 server behind the test fakes (fake_engine.rs; written
-//! so that fake_nexus.rs can move onto it): a std `TcpListener` on
+//! The one HTTP/1.1 server behind the test fakes (fake_engine.rs,
+//! fake_nexus.rs, fake_extraction.rs): a std `TcpListener` on
 //! 127.0.0.1, one thread per connection, keep-alive (requests in turn on one
 //! connection), request bodies by `Content-Length` or chunked, `Expect:
 //! 100-continue`, a client's `Connection: close` and HTTP/1.0 honoured.
@@ -9,7 +9,8 @@
 //! thread. A [`Response`] is a status line, headers, a [`Framing`]
 //! (chunked, close-delimited or `Content-Length`) and [`Step`]s written in
 //! order: body pieces, pauses, a hang until the client goes away, a TCP
-//! reset, a generator. Each piece is written and flushed on its own
+//! reset, a generator; or no answer at all (hang up, or say nothing until
+//! the client goes away). Each piece is written and flushed on its own
 //! (`TCP_NODELAY`), and the next one only once the client has read it (its
 //! socket's receive queue in `/proc/net/tcp` is empty; at most
 //! [`DELIVERY_WAIT`]): a reply cut into pieces reaches the client in as many
@@ -194,6 +195,9 @@ pub enum Answer {
     Respond(Response),
     /// Close the connection without answering (after `delay`, if any).
     HangUp(Duration),
+    /// Write nothing; keep the connection open until the client closes it
+    /// (recorded as the request's `closed_at`).
+    Silence,
 }
 
 impl From<Response> for Answer {
@@ -254,8 +258,9 @@ impl Request {
         self.path.split('?').next().unwrap_or(&self.path)
     }
 
-    /// Whether the client asked to close the connection after this request.
-    fn wants_close(&self) -> bool {
+    /// Whether the client asked to close the connection after this request
+    /// (`Connection: close`, or HTTP/1.0 without `keep-alive`).
+    pub fn wants_close(&self) -> bool {
         match self.header("connection") {
             Some(v) if v.eq_ignore_ascii_case("close") => true,
             Some(v) if v.eq_ignore_ascii_case("keep-alive") => false,
@@ -522,6 +527,7 @@ fn serve(stream: TcpStream, conn: u64, shared: &Shared) {
                 let _ = writer.shutdown(Shutdown::Both);
                 return;
             }
+            Answer::Silence => After::Hang,
             Answer::Respond(resp) => {
                 if !shared.sleep(resp.delay) {
                     let _ = writer.shutdown(Shutdown::Both);
@@ -880,9 +886,13 @@ fn reason(status: u16) -> &'static str {
         200 => "OK",
         204 => "No Content",
         400 => "Bad Request",
+        401 => "Unauthorized",
+        403 => "Forbidden",
         404 => "Not Found",
         408 => "Request Timeout",
         409 => "Conflict",
+        410 => "Gone",
+        413 => "Content Too Large",
         429 => "Too Many Requests",
         500 => "Internal Server Error",
         502 => "Bad Gateway",

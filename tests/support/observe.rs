@@ -5,12 +5,14 @@
 //! are); every wait has a deadline.
 
 use super::{
-    hgetall, pending_count, value_to_string, wait_until, xadd_job, RedisServer, Subscriber,
+    hgetall, pending_count, value_to_string, wait_until, xadd_job, Citadel, RedisServer,
+    Subscriber, POLL,
 };
 use redis::Value;
 use serde_json::Value as Json;
 use std::collections::HashMap;
-use std::time::Duration;
+use std::thread;
+use std::time::{Duration, Instant};
 
 pub fn event_type(ev: &Json) -> &str {
     ev.get("type").and_then(Json::as_str).unwrap_or_default()
@@ -160,6 +162,34 @@ pub fn pending_rows(conn: &mut redis::Connection, stream: &str, group: &str) -> 
 /// The lines of a citadel log that contain `needle`, at any level.
 pub fn log_lines_with<'a>(log: &'a str, needle: &str) -> Vec<&'a str> {
     log.lines().filter(|l| l.contains(needle)).collect()
+}
+
+/// Whether a citadel log line is at INFO or above: DEBUG and TRACE lines
+/// (the per-request detail of `RUST_LOG=debug`) are not.
+pub fn is_info_or_above(line: &str) -> bool {
+    !line.contains(" DEBUG ") && !line.contains(" TRACE ")
+}
+
+/// The lines of a citadel log at INFO or above that contain `needle` (so
+/// that a debug line saying the same never counts).
+pub fn info_lines_with<'a>(log: &'a str, needle: &str) -> Vec<&'a str> {
+    log.lines()
+        .filter(|l| is_info_or_above(l) && l.contains(needle))
+        .collect()
+}
+
+/// Waits until at least `n` lines of `c`'s log at INFO or above contain
+/// `needle`; panics with the log after `timeout`.
+pub fn wait_info_lines(c: &Citadel, needle: &str, n: usize, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    while info_lines_with(&c.log(), needle).len() < n {
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {n} log lines with {needle:?}; log:\n{}",
+            c.log()
+        );
+        thread::sleep(POLL);
+    }
 }
 
 /// Asserts that exactly one line of `log` contains `needle`: a once-only
