@@ -170,7 +170,14 @@ impl Reporter {
             let now = Instant::now();
             let (due, at) = {
                 let p = lock(&self.pending);
-                let due = p.values().find(|e| e.due <= now).map(|e| e.stored.clone());
+                // Of the reports due, the one due longest: a report that is
+                // refused again and again is due again soon, but never before
+                // one that has waited since before it.
+                let due = p
+                    .values()
+                    .filter(|e| e.due <= now)
+                    .min_by_key(|e| e.due)
+                    .map(|e| e.stored.clone());
                 let earliest = p.values().map(|e| e.due).min();
                 match (due, earliest) {
                     (_, None) if give_up.is_some() => return None,
