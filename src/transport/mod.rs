@@ -31,6 +31,7 @@ pub fn start(
 ) -> Result<Box<dyn Transport>, String> {
     let s = settings.clone();
     let redis_only = |s: Settings| -> Box<dyn Transport> {
+        exec.counters.set_mode("redis");
         Box::new(redis_streams::RedisStreams::start(
             s,
             exec.clone(),
@@ -40,7 +41,7 @@ pub fn start(
     };
     let nexus_only = |s: Settings, url: &str| -> Result<Box<dyn Transport>, String> {
         log::info!("mode: nexus (polling {url})");
-        adaptive::record_mode(&s, "nexus");
+        adaptive::record_mode(&s, &exec, "nexus");
         Ok(Box::new(nexus::NexusPolling::start(
             s,
             url,
