@@ -6,6 +6,7 @@
 //! `gpu-query-timeout` is killed (its whole process group), logged once, and
 //! the last known GPUs are reported meanwhile. The parser is pure.
 
+use crate::worker::stop::StopFlag;
 use serde::Serialize;
 use std::io::Read;
 use std::os::unix::process::CommandExt;
@@ -123,11 +124,16 @@ impl GpuReader {
 
     /// The GPUs now; on a failure of the source, the last known ones (the
     /// first failure of a run of them is logged as a warning).
-    pub fn read(&mut self) -> Vec<Gpu> {
+    /// A `stop` ends a run of nvidia-smi at once (it is killed).
+    pub fn read(&mut self, stop: &StopFlag) -> Vec<Gpu> {
         let GpuSource::NvidiaSmi(path) = &self.source else {
             return Vec::new();
         };
-        match run_nvidia_smi(path, self.timeout) {
+        let result = run_nvidia_smi(path, self.timeout, stop);
+        if stop.is_set() {
+            return self.last.clone();
+        }
+        match result {
             Ok(gpus) => {
                 if std::mem::take(&mut self.failing) {
                     log::info!("GPU telemetry: nvidia-smi answers again");
@@ -144,22 +150,33 @@ impl GpuReader {
     }
 }
 
-/// Run nvidia-smi, killing it (and whatever it started) past `timeout`.
-fn run_nvidia_smi(path: &Path, timeout: Duration) -> Result<Vec<Gpu>, String> {
-    let mut child = Command::new(path)
-        .arg(format!("--query-gpu={QUERY}"))
+/// Run nvidia-smi, killing it (and whatever it started) past `timeout` or
+/// at a `stop`.
+fn run_nvidia_smi(path: &Path, timeout: Duration, stop: &StopFlag) -> Result<Vec<Gpu>, String> {
+    let mut cmd = Command::new(path);
+    cmd.arg(format!("--query-gpu={QUERY}"))
         .arg("--format=csv,noheader,nounits")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
-        .process_group(0)
+        .process_group(0);
+    // SAFETY: prctl(2) only sets a flag of the forked child; nothing is
+    // allocated between fork and exec. The child dies with the heartbeat
+    // thread (the agent): a hung nvidia-smi never outlives it.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            Ok(())
+        });
+    }
+    let mut child = cmd
         .spawn()
         .map_err(|e| format!("cannot run {}: {e}", path.display()))?;
     let deadline = Instant::now() + timeout;
     let status = loop {
         match child.try_wait() {
             Ok(Some(status)) => break Some(status),
-            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(10)),
+            Ok(None) if Instant::now() < deadline && !stop.sleep(Duration::from_millis(10)) => {}
             Ok(None) | Err(_) => break None,
         }
     };

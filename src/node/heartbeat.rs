@@ -128,7 +128,7 @@ impl Beat {
             }
             // A beat that took longer than the interval is not caught up.
             next = (next + interval).max(Instant::now());
-            let gpus = gpus.read();
+            let gpus = gpus.read(stop);
             if stop.is_set() {
                 return;
             }
