@@ -374,3 +374,32 @@ fn sigterm_stops_the_heartbeat_at_once_and_kills_a_hung_nvidia_smi() {
         (!Path::new(&format!("/proc/{pid}")).exists()).then_some(())
     });
 }
+
+#[test]
+fn entries_reclaimed_from_a_dead_consumer_are_counted() {
+    let redis = RedisServer::start();
+    let mut conn = redis.conn();
+    redis::cmd("XGROUP")
+        .arg(&["CREATE", QUEUE, "workers", "0", "MKSTREAM"])
+        .query::<()>(&mut conn)
+        .unwrap();
+    xadd_job(&mut conn, QUEUE, "hb-orphan", "echo", "{}");
+    // A consumer that takes the entry and dies.
+    redis::cmd("XREADGROUP")
+        .arg(&[
+            "GROUP", "workers", "ghost", "COUNT", "1", "STREAMS", QUEUE, ">",
+        ])
+        .query::<redis::Value>(&mut conn)
+        .unwrap();
+    let _w = agent(
+        &redis,
+        "hb-reclaim",
+        &["--heartbeat-interval", "100ms", "--claim-idle", "300ms"],
+        None,
+    );
+    wait_status(&mut conn, "hb-orphan", "completed", WAIT);
+    let p = wait_payload(&mut conn, "a heartbeat after the reclaimed job", |p| {
+        p["worker"]["processed"] == 1
+    });
+    assert_eq!(p["worker"]["reclaimed"], 1, "{p}");
+}
