@@ -371,8 +371,44 @@ fn sigterm_stops_the_heartbeat_at_once_and_kills_a_hung_nvidia_smi() {
     let status = w.wait_exit(WAIT).expect("citadel exits after SIGTERM");
     assert!(status.success(), "{status}");
     wait_until("the hung nvidia-smi to be gone", WAIT, || {
-        (!Path::new(&format!("/proc/{pid}")).exists()).then_some(())
+        (!alive(pid)).then_some(())
     });
+}
+
+#[test]
+fn a_hung_nvidia_smi_dies_with_a_killed_agent() {
+    let redis = RedisServer::start();
+    let pid_file = fresh_temp_dir("nvidia-smi-pid").join("pid");
+    let fake = fake_nvidia_smi(&format!(
+        "echo $$ > '{}'\nexec sleep 600",
+        pid_file.display()
+    ));
+    let mut w = agent(
+        &redis,
+        "hb-kill9",
+        &["--heartbeat-interval", "1h", "--gpu-query-timeout", "10m"],
+        Some(&path_with(&fake)),
+    );
+    let pid = wait_until("nvidia-smi to start", WAIT, || {
+        std::fs::read_to_string(&pid_file)
+            .ok()
+            .and_then(|t| t.trim().parse::<u32>().ok())
+    });
+    w.kill9();
+    wait_until("the hung nvidia-smi to be gone", WAIT, || {
+        (!alive(pid)).then_some(())
+    });
+}
+
+/// Whether `pid` is a live process (a zombie waiting for its reaper is not).
+fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            s.rsplit_once(')')
+                .map(|(_, rest)| rest.trim_start().to_owned())
+        })
+        .is_some_and(|rest| !rest.starts_with('Z'))
 }
 
 #[test]

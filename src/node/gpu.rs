@@ -249,8 +249,14 @@ mod tests {
 
     #[test]
     fn not_available_fields_become_null() {
-        let text = "0, Tesla T4, GPU-1, [N/A], 15360, [Not Supported], 38, [N/A], 535.0\n";
-        let g = &parse_nvidia_smi(text)[0];
+        let text = "0, Tesla T4, GPU-1, [N/A], 15360, [Not Supported], 38, [N/A], 535.0\n\
+                    1, Tesla T4, [N/A], 1, 2, 3, 4, 5, [Not Supported]\n";
+        let gpus = parse_nvidia_smi(text);
+        assert_eq!(
+            (gpus[1].uuid.as_deref(), gpus[1].driver.as_deref()),
+            (None, None)
+        );
+        let g = &gpus[0];
         assert_eq!(g.memory_used_mb, None);
         assert_eq!(g.memory_total_mb, Some(15360));
         assert_eq!(g.utilization_percent, None);
