@@ -370,6 +370,8 @@ fn sigterm_stops_the_heartbeat_at_once_and_kills_a_hung_nvidia_smi() {
     w.sigterm();
     let status = w.wait_exit(WAIT).expect("citadel exits after SIGTERM");
     assert!(status.success(), "{status}");
+    // The stop itself ended the run (not the agent's exit, below).
+    assert!(!w.log().contains("a beat is still waiting"), "{}", w.log());
     wait_until("the hung nvidia-smi to be gone", WAIT, || {
         (!alive(pid)).then_some(())
     });
