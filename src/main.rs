@@ -81,6 +81,8 @@ fn run() -> Result<i32, Exit> {
             })
             .map_err(|e| Exit(1, format!("cannot install the signal handler: {e}")))?;
             let exec = executor();
+            // The first heartbeat may go out before the transport has started.
+            exec.counters.set_mode(transport::first_mode(&settings));
             let heartbeat = node::heartbeat::Heartbeat::start(&settings, &exec);
             let stopped = worker::lifecycle::run(
                 settings.concurrency,

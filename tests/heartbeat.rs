@@ -9,6 +9,7 @@ mod support;
 use serde_json::Value as Json;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
+use support::fake_nexus::FakeNexus;
 use support::observe::{assert_logged_once, assert_rfc3339_ms, log_lines_with, wait_status};
 use support::{
     fresh_temp_dir, wait_until, xadd_job, xlen, xrange_all, Citadel, RedisServer, Subscriber,
@@ -285,6 +286,7 @@ fn no_nvidia_smi_means_no_gpus() {
     let p = wait_payload(&mut conn, "a heartbeat", |_| true);
     assert_eq!(p["gpus"], serde_json::json!([]));
     assert!(w.log().contains("GPU telemetry: none"), "{}", w.log());
+    assert_eq!(p["worker"]["mode"], "redis", "known from the first beat");
 }
 
 #[test]
@@ -440,4 +442,51 @@ fn entries_reclaimed_from_a_dead_consumer_are_counted() {
         p["worker"]["processed"] == 1
     });
     assert_eq!(p["worker"]["reclaimed"], 1, "{p}");
+}
+
+#[test]
+fn nexus_polling_with_a_redis_url_beats_and_counts_its_jobs() {
+    let redis = RedisServer::start();
+    let nexus = FakeNexus::start();
+    nexus.push_job("hb-nx-1", "echo", serde_json::json!({}));
+    let url = nexus.url();
+    let redis_url = redis.url();
+    let _w = Citadel::spawn(
+        &[
+            "work",
+            "--mode",
+            "nexus",
+            "--nexus-url",
+            &url,
+            "--node-name",
+            "hb-nx",
+        ],
+        &[
+            ("CITADEL_REDIS_URL", &redis_url),
+            ("CITADEL_HEARTBEAT_INTERVAL", "100ms"),
+            ("RUST_LOG", "debug"),
+        ],
+    );
+    nexus.wait_for_report("hb-nx-1", WAIT);
+    let mut conn = redis.conn();
+    let p = wait_payload(&mut conn, "a heartbeat counting the Nexus job", |p| {
+        p["worker"]["processed"] == 1
+    });
+    assert_eq!(p["mode"], "nexus");
+    assert_eq!(p["worker"]["mode"], "nexus");
+    assert_eq!(p["nodeId"], "hb-nx");
+}
+
+#[test]
+fn nexus_polling_without_a_redis_url_sends_no_heartbeat() {
+    let nexus = FakeNexus::start();
+    let url = nexus.url();
+    let w = Citadel::spawn(
+        &["work", "--mode", "nexus", "--nexus-url", &url],
+        &[("RUST_LOG", "debug")],
+    );
+    w.wait_for_log(
+        "heartbeat: none (Nexus polling without a configured Redis URL)",
+        WAIT,
+    );
 }
