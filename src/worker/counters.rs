@@ -1,8 +1,10 @@
 //! What this worker has done since it started, for the node heartbeat: one
 //! small struct of atomic counters, shared through the [`Executor`]
-//! (`exec.counters`). Written where jobs end (the handler pool, the Redis
-//! intake and settle thread) and by the transport that takes jobs (the
-//! mode); only read by the heartbeat. Nothing here blocks.
+//! (`exec.counters`). Written where jobs end: the handler pool (in flight,
+//! processed, failed), the Redis reader (reclaimed) and settle thread (dead
+//! letters, counted once Redis took them, malformed entries included); the
+//! mode by `main` at start and by each switch of transport. Only read by the
+//! heartbeat. Nothing here blocks.
 //!
 //! [`Executor`]: super::exec::Executor
 
