@@ -156,6 +156,15 @@ pub const SETTINGS: &[(&str, &str)] = &[
     ("state-dir", "where the report spool and the agent status live [/var/lib/citadel as root, else ~/.local/state/citadel]"),
     ("redis-fallback", "auto mode: Redis unreachable this long → poll Nexus instead [30s]"),
     ("redis-probe", "auto mode: how often Redis is probed while polling Nexus [30s]"),
+    // node heartbeat
+    (
+        "heartbeat-interval",
+        "how often the node heartbeat goes to node:status:stream and node:status:{name}; 0 turns it off [30s]",
+    ),
+    (
+        "gpu-query-timeout",
+        "longest wait for nvidia-smi to report the GPUs; a slower one is killed [5s]",
+    ),
 ];
 
 /// Where jobs come from.
@@ -225,6 +234,10 @@ pub struct Settings {
     pub state_dir: std::path::PathBuf,
     pub redis_fallback: Duration,
     pub redis_probe: Duration,
+    // node heartbeat
+    /// Zero: no heartbeat.
+    pub heartbeat_interval: Duration,
+    pub gpu_query_timeout: Duration,
 }
 
 impl Default for Settings {
@@ -283,6 +296,8 @@ impl Default for Settings {
             state_dir: default_state_dir(),
             redis_fallback: Duration::from_secs(30),
             redis_probe: Duration::from_secs(30),
+            heartbeat_interval: Duration::from_secs(30),
+            gpu_query_timeout: Duration::from_secs(5),
         }
     }
 }
@@ -467,6 +482,8 @@ impl Settings {
             "state-dir" => self.state_dir = non_empty(v)?.into(),
             "redis-fallback" => self.redis_fallback = positive(parse_duration(v)?)?,
             "redis-probe" => self.redis_probe = positive(parse_duration(v)?)?,
+            "heartbeat-interval" => self.heartbeat_interval = parse_duration(v)?,
+            "gpu-query-timeout" => self.gpu_query_timeout = positive(parse_duration(v)?)?,
             _ => return Err(format!("unknown setting '{name}'")),
         }
         Ok(())

@@ -12,6 +12,7 @@ mod events;
 mod handlers;
 mod http;
 mod job;
+mod node;
 mod redis_conn;
 mod run_job;
 mod sync;
@@ -80,6 +81,9 @@ fn run() -> Result<i32, Exit> {
             })
             .map_err(|e| Exit(1, format!("cannot install the signal handler: {e}")))?;
             let exec = executor();
+            // The first heartbeat may go out before the transport has started.
+            exec.counters.set_mode(transport::first_mode(&settings));
+            let heartbeat = node::heartbeat::Heartbeat::start(&settings, &exec);
             let stopped = worker::lifecycle::run(
                 settings.concurrency,
                 settings.shutdown_grace,
@@ -87,6 +91,9 @@ fn run() -> Result<i32, Exit> {
                 signals,
                 |tasks, slots| transport::start(&settings, exec, tasks, slots),
             );
+            if let Some(h) = heartbeat {
+                h.stop(std::time::Instant::now() + std::time::Duration::from_millis(500));
+            }
             // A shell command that did not stop in time dies with the agent.
             handlers::shell::kill_running();
             stopped?;

@@ -58,7 +58,7 @@ impl Adaptive {
             "mode: nexus (polling {nexus_url}; Redis at {} is probed)",
             settings.redis_url
         );
-        record_mode(&settings, "nexus");
+        record_mode(&settings, &exec, "nexus");
         let parts = Arc::new(Mutex::new(Parts {
             settings,
             exec,
@@ -139,7 +139,7 @@ fn supervise(parts: &Mutex<Parts>, stop: &StopFlag) {
                 p.on_redis = true;
                 down_since = None;
                 log::info!("mode: redis (Redis at {url} answers; Nexus polling paused)");
-                record_mode(&p.settings, "redis");
+                record_mode(&p.settings, &p.exec, "redis");
             }
             (true, true) => down_since = None,
             (true, false) => {
@@ -156,7 +156,7 @@ fn supervise(parts: &Mutex<Parts>, stop: &StopFlag) {
                         since.elapsed().as_secs_f64(),
                         probe_every
                     );
-                    record_mode(&p.settings, "nexus");
+                    record_mode(&p.settings, &p.exec, "nexus");
                 }
             }
             (false, false) => {}
@@ -206,8 +206,10 @@ impl Transport for Adaptive {
     }
 }
 
-/// Write the current mode to `{state-dir}/agent-status.json` (best effort).
-pub fn record_mode(settings: &Settings, mode: &str) {
+/// Write the current mode to `{state-dir}/agent-status.json` (best effort),
+/// and into the counters the heartbeat reports.
+pub fn record_mode(settings: &Settings, exec: &Executor, mode: &'static str) {
+    exec.counters.set_mode(mode);
     let status = serde_json::json!({
         "mode": mode,
         "pid": std::process::id(),

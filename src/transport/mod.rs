@@ -21,6 +21,15 @@ pub fn check(settings: &Settings) -> Result<(), String> {
     Ok(())
 }
 
+/// Where [`start`] takes jobs from first: `redis` or `nexus` (auto mode
+/// starts on Nexus when it has a Nexus URL).
+pub fn first_mode(settings: &Settings) -> &'static str {
+    match (settings.mode, &settings.nexus_url) {
+        (Mode::Redis, _) | (Mode::Auto, None) => "redis",
+        (Mode::Nexus, _) | (Mode::Auto, Some(_)) => "nexus",
+    }
+}
+
 /// The transport of `settings.mode`. Auto mode without a Nexus URL is Redis
 /// Streams alone; without a configured Redis URL, Nexus polling alone.
 pub fn start(
@@ -40,7 +49,7 @@ pub fn start(
     };
     let nexus_only = |s: Settings, url: &str| -> Result<Box<dyn Transport>, String> {
         log::info!("mode: nexus (polling {url})");
-        adaptive::record_mode(&s, "nexus");
+        adaptive::record_mode(&s, &exec, "nexus");
         Ok(Box::new(nexus::NexusPolling::start(
             s,
             url,
@@ -70,5 +79,22 @@ pub fn start(
                 slots.clone(),
             )?)),
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_first_mode_is_where_start_takes_jobs_from() {
+        let mut s = Settings::default();
+        assert_eq!(first_mode(&s), "redis");
+        s.set("mode", "auto").unwrap();
+        assert_eq!(first_mode(&s), "redis", "auto without a Nexus URL");
+        s.set("nexus-url", "http://127.0.0.1:1").unwrap();
+        assert_eq!(first_mode(&s), "nexus", "auto starts polling Nexus");
+        s.set("mode", "nexus").unwrap();
+        assert_eq!(first_mode(&s), "nexus");
     }
 }

@@ -4,6 +4,7 @@
 //! streamed (a subscriber cannot take chunks back).
 
 use super::cancel::{CancelReason, CancelToken};
+use super::counters::Counters;
 use super::watchdog::Watchdog;
 use crate::backoff::full_jitter;
 use crate::events::NodeFacts;
@@ -51,6 +52,8 @@ pub struct Executor {
     pub registry: Registry,
     pub policy: RetryPolicy,
     pub node: NodeFacts,
+    /// What this process has run, for the heartbeat.
+    pub counters: Arc<Counters>,
     watchdog: Watchdog,
 }
 
@@ -60,6 +63,7 @@ impl Executor {
             registry,
             policy,
             node,
+            counters: Arc::default(),
             watchdog: Watchdog::start(),
         }
     }

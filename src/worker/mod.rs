@@ -1,7 +1,9 @@
 //! The transport-independent engine: cancel tokens, deadlines, the handler
-//! pool, running a job to its outcome, and the settle queue.
+//! pool, running a job to its outcome, the settle queue, and the counters
+//! of what was run.
 
 pub mod cancel;
+pub mod counters;
 pub mod exec;
 pub mod lifecycle;
 pub mod pool;

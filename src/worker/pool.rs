@@ -55,7 +55,9 @@ fn run_task(exec: &Executor, task: Task) {
     let t0 = Instant::now();
     log::info!("job {} ({}) started", job.id, job.kind);
     report.started();
+    exec.counters.started();
     let outcome = exec.execute(&job, &token, &mut |text| report.chunk(text));
+    exec.counters.finished(&outcome);
     let ms = t0.elapsed().as_millis();
     match &outcome {
         Outcome::Failed { error, .. } => {

@@ -22,6 +22,7 @@ use crate::events::NodeFacts;
 use crate::redis_conn;
 use crate::sync::lock;
 use crate::worker::cancel::CancelReason;
+use crate::worker::counters::Counters;
 use crate::worker::exec::Executor;
 use crate::worker::lifecycle::Transport;
 use crate::worker::pool::Task;
@@ -42,6 +43,8 @@ pub struct StreamsState {
     pub consumer: String,
     pub streams: Vec<Arc<str>>,
     pub node: NodeFacts,
+    /// The executor's counters: dead letters Redis took, entries reclaimed.
+    pub counters: Arc<Counters>,
     slots: Arc<Slots>,
     inflight: InFlight,
     queue: SettleQueue<Msg>,
@@ -98,6 +101,7 @@ impl RedisStreams {
             consumer: settings.consumer().to_owned(),
             streams: settings.streams().into_iter().map(Arc::from).collect(),
             node: exec.node.clone(),
+            counters: exec.counters.clone(),
             inflight: InFlight::new(slots.clone()),
             queue: SettleQueue::new(slots.capacity() * 64),
             slots,

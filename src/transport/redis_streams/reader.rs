@@ -337,6 +337,7 @@ impl Reader {
                         .collect();
                     let taken = self.intake.take(conn, stream, with_counts, free);
                     if taken.held > 0 {
+                        st.counters.reclaimed(taken.held as u64);
                         log::info!(
                             "reclaimed {} entries idle over claim-idle on {stream}",
                             taken.held

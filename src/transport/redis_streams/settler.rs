@@ -229,7 +229,12 @@ impl Settler {
                 (Step::Start(..), None) => name_missing |= reply == Value::Int(-1),
                 (Step::Publish(..) | Step::Start(..), Some(_)) => self.dropped += 1,
                 (Step::Settle(i), None) => match reply {
-                    Value::Int(0 | 1) => {}
+                    Value::Int(1) => {
+                        if let (_, Some(Outcome::Failed { .. })) = &self.backlog[*i] {
+                            st.counters.dead_lettered();
+                        }
+                    }
+                    Value::Int(0) => {}
                     Value::Int(-1) => {
                         keep[*i] = true;
                         name_missing = true;

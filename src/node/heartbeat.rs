@@ -1,0 +1,271 @@
+//! The node heartbeat (PROTOCOL.md §5): every `--heartbeat-interval`, the
+//! first at start, `XADD node:status:stream MAXLEN ~ 10000 * nodeId <name>
+//! timestamp <rfc3339> payload <json>`, then `PUBLISH node:status:{name}
+//! <json>`.
+//!
+//! It has its own thread and its own Redis connection with bounded timeouts,
+//! and shares nothing with the job path but the executor's counters (read
+//! only): a Redis outage delays no job because of it. An outage is logged
+//! once (`backoff::Outage`) and the next beat simply tries again. It runs
+//! wherever a Redis URL is configured; Nexus polling without one has no
+//! heartbeat. A stop wakes it at once.
+
+use super::gpu::{GpuReader, GpuSource};
+use super::host::HostReader;
+use crate::backoff::Outage;
+use crate::config::{Mode, Settings};
+use crate::events::{NodeFacts, AGENT_VERSION};
+use crate::redis_conn::{self, Fault};
+use crate::worker::counters::Counters;
+use crate::worker::exec::Executor;
+use crate::worker::stop::StopFlag;
+use redis::Connection;
+use serde_json::{json, Value};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+pub const STREAM: &str = "node:status:stream";
+pub const STREAM_MAXLEN: u64 = 10_000;
+
+/// The Pub/Sub channel of a node's heartbeats.
+pub fn channel(node_name: &str) -> String {
+    format!("node:status:{node_name}")
+}
+
+/// The running heartbeat thread.
+pub struct Heartbeat {
+    stop: Arc<StopFlag>,
+    thread: JoinHandle<()>,
+}
+
+/// The Redis URL heartbeats go to, or why there are none.
+fn target(settings: &Settings) -> Result<&str, &'static str> {
+    let nexus_only = match settings.mode {
+        Mode::Redis => false,
+        Mode::Nexus => true,
+        Mode::Auto => settings.nexus_url.is_some(),
+    };
+    if settings.heartbeat_interval.is_zero() {
+        Err("off (--heartbeat-interval 0)")
+    } else if nexus_only && !settings.redis_url_set {
+        Err("none (Nexus polling without a configured Redis URL)")
+    } else {
+        Ok(&settings.redis_url)
+    }
+}
+
+impl Heartbeat {
+    /// Start beating, if this configuration has a heartbeat (logged either way).
+    pub fn start(settings: &Settings, exec: &Executor) -> Option<Heartbeat> {
+        let url = match target(settings) {
+            Ok(url) => url.to_owned(),
+            Err(why) => {
+                log::info!("heartbeat: {why}");
+                return None;
+            }
+        };
+        log::info!(
+            "heartbeat: every {} to {STREAM} and {}",
+            crate::config::format_duration(settings.heartbeat_interval),
+            channel(&settings.node_name)
+        );
+        let stop = Arc::new(StopFlag::default());
+        let beat = Beat {
+            url,
+            settings: settings.clone(),
+            node: exec.node.clone(),
+            counters: exec.counters.clone(),
+            started: Instant::now(),
+            conn: None,
+            outage: Outage::new("heartbeat", "Redis", Duration::from_secs(30)),
+            host: HostReader::default(),
+        };
+        let thread = std::thread::Builder::new()
+            .name("heartbeat".into())
+            .spawn({
+                let stop = stop.clone();
+                move || beat.run(&stop)
+            })
+            .expect("spawn heartbeat thread");
+        Some(Heartbeat { stop, thread })
+    }
+
+    /// Stop beating; waits for the thread until `deadline` at most (a beat
+    /// stuck in a Redis call or nvidia-smi is left to end by its timeout).
+    pub fn stop(self, deadline: Instant) {
+        self.stop.set();
+        while !self.thread.is_finished() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        if self.thread.is_finished() {
+            let _ = self.thread.join();
+        } else {
+            log::debug!("heartbeat: a beat is still waiting; not waiting for it");
+        }
+    }
+}
+
+struct Beat {
+    url: String,
+    settings: Settings,
+    node: NodeFacts,
+    counters: Arc<Counters>,
+    started: Instant,
+    conn: Option<Connection>,
+    outage: Outage,
+    host: HostReader,
+}
+
+impl Beat {
+    fn run(mut self, stop: &StopFlag) {
+        let interval = self.settings.heartbeat_interval;
+        let mut gpus = GpuReader::new(GpuSource::detect(), self.settings.gpu_query_timeout);
+        let mut next = Instant::now();
+        loop {
+            if stop.sleep(next.saturating_duration_since(Instant::now())) {
+                return;
+            }
+            // A beat that took longer than the interval is not caught up.
+            next = (next + interval).max(Instant::now());
+            let gpus = gpus.read(stop);
+            if stop.is_set() {
+                return;
+            }
+            let host = self.host.read(&self.settings.state_dir);
+            let timestamp = crate::clock::now_rfc3339();
+            let body = payload(
+                &self.node,
+                &self.settings,
+                &timestamp,
+                self.started.elapsed(),
+                host,
+                serde_json::to_value(gpus).unwrap_or_default(),
+                self.counters.snapshot(),
+            );
+            match self.send(&timestamp, &body.to_string()) {
+                Ok(()) => self.outage.recovered(),
+                Err(e) => {
+                    if redis_conn::fault(&e) == Fault::Reconnect {
+                        self.conn = None;
+                    }
+                    // The next beat is the retry; the backoff is not used.
+                    let _ = self.outage.failed_as(redis_conn::describe(&e), &e);
+                }
+            }
+        }
+    }
+
+    fn send(&mut self, timestamp: &str, json: &str) -> redis::RedisResult<()> {
+        let conn = match &mut self.conn {
+            Some(c) => c,
+            None => {
+                let t = self.settings.redis_timeout;
+                self.conn.insert(redis_conn::connect(&self.url, t, t)?)
+            }
+        };
+        let name = &self.node.node_name;
+        redis::pipe()
+            .cmd("XADD")
+            .arg(STREAM)
+            .arg("MAXLEN")
+            .arg("~")
+            .arg(STREAM_MAXLEN)
+            .arg("*")
+            .arg("nodeId")
+            .arg(&self.node.node_id)
+            .arg("timestamp")
+            .arg(timestamp)
+            .arg("payload")
+            .arg(json)
+            .ignore()
+            .cmd("PUBLISH")
+            .arg(channel(name))
+            .arg(json)
+            .ignore()
+            .query::<()>(conn)
+    }
+}
+
+/// The heartbeat's JSON.
+fn payload(
+    node: &NodeFacts,
+    settings: &Settings,
+    timestamp: &str,
+    uptime: Duration,
+    host: Value,
+    gpus: Value,
+    worker: Value,
+) -> Value {
+    let mode = match settings.mode {
+        Mode::Redis => "redis",
+        Mode::Nexus => "nexus",
+        Mode::Auto => "auto",
+    };
+    let mut body = json!({
+        "version": "1.0",
+        "agent_version": AGENT_VERSION,
+        "timestamp": timestamp,
+        "nodeId": node.node_id,
+        "nodeName": node.node_name,
+        "hostname": crate::config::hostname(),
+        "uptime_seconds": uptime.as_secs(),
+        "mode": mode,
+        "concurrency": settings.concurrency,
+        "gpus": gpus,
+        "worker": worker,
+    });
+    if let (Value::Object(b), Value::Object(h)) = (&mut body, host) {
+        b.extend(h);
+    }
+    body
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nexus_polling_without_a_redis_url_has_no_heartbeat() {
+        let mut s = Settings::default();
+        assert_eq!(target(&s), Ok("redis://127.0.0.1:6379"));
+        s.set("mode", "auto").unwrap();
+        assert_eq!(
+            target(&s),
+            Ok("redis://127.0.0.1:6379"),
+            "auto without Nexus is Redis"
+        );
+        s.set("nexus-url", "http://127.0.0.1:1").unwrap();
+        assert!(target(&s).unwrap_err().contains("Nexus polling"));
+        s.set("mode", "nexus").unwrap();
+        assert!(target(&s).is_err());
+        s.set("redis-url", "redis://127.0.0.1:7").unwrap();
+        assert_eq!(target(&s), Ok("redis://127.0.0.1:7"));
+        s.set("heartbeat-interval", "0").unwrap();
+        assert!(target(&s).unwrap_err().contains("off"));
+    }
+
+    #[test]
+    fn the_payload_carries_node_host_gpus_and_worker() {
+        let node = NodeFacts {
+            node_id: "n1".into(),
+            node_name: "n1".into(),
+        };
+        let host = json!({"cpu": {"cores": 2}, "memory": {}, "disk": {}});
+        let body = payload(
+            &node,
+            &Settings::default(),
+            "2026-01-20T10:00:01.123Z",
+            Duration::from_secs(61),
+            host,
+            json!([]),
+            json!({"processed": 0}),
+        );
+        assert_eq!(body["nodeId"], "n1");
+        assert_eq!(body["uptime_seconds"], 61);
+        assert_eq!(body["mode"], "redis");
+        assert_eq!(body["cpu"]["cores"], 2);
+        assert_eq!(body["worker"]["processed"], 0);
+        assert_eq!(body["version"], "1.0");
+    }
+}

@@ -1,0 +1,8 @@
+//! The node itself, apart from jobs: what this machine is and how it is
+//! doing. Owns the heartbeat (`heartbeat`: its thread and Redis connection),
+//! GPU telemetry (`gpu`: nvidia-smi, bounded in time) and host facts (`host`:
+//! /proc and statvfs). Reads the worker's counters; never touches a job.
+
+pub mod gpu;
+pub mod heartbeat;
+pub mod host;
