@@ -92,7 +92,8 @@ fn run() -> Result<i32, Exit> {
                 |tasks, slots| transport::start(&settings, exec, tasks, slots),
             );
             if let Some(h) = heartbeat {
-                h.stop(std::time::Instant::now() + std::time::Duration::from_millis(500));
+                // Bounded: a heartbeat stuck on a hung Redis must not delay the exit.
+                h.stop(std::time::Instant::now() + std::time::Duration::from_millis(200));
             }
             // A shell command that did not stop in time dies with the agent.
             handlers::shell::kill_running();
