@@ -67,37 +67,24 @@ pub enum Report {
     Drop,
 }
 
-/// One request as the fake received it.
+/// One request as the fake received it: the server's record of it
+/// (method, path, headers, body, `at`, `conn`, … through `Deref`) and what
+/// the fake did with it.
 #[derive(Clone, Debug)]
 pub struct Request {
-    pub method: String,
-    /// The request target as sent (path and query).
-    pub path: String,
-    /// Header names lower-cased, values trimmed, in order.
-    pub headers: Vec<(String, String)>,
-    pub body: Vec<u8>,
-    /// When the whole request had been read.
-    pub at: Instant,
-    /// Which connection it came on (1, 2, … in accept order).
-    pub conn: u64,
+    pub http: http::Request,
     /// What the fake did with it, e.g. `"200 job"`, `"204"`, `"drop"`.
     pub answer: String,
 }
 
+impl std::ops::Deref for Request {
+    type Target = http::Request;
+    fn deref(&self) -> &http::Request {
+        &self.http
+    }
+}
+
 impl Request {
-    /// The first header of that name (case-insensitive).
-    pub fn header(&self, name: &str) -> Option<&str> {
-        let name = name.to_ascii_lowercase();
-        self.headers
-            .iter()
-            .find(|(k, _)| *k == name)
-            .map(|(_, v)| v.as_str())
-    }
-
-    pub fn body_text(&self) -> String {
-        String::from_utf8_lossy(&self.body).into_owned()
-    }
-
     /// Whether this is a poll: `GET /api/v1/jobs/next` (query ignored).
     pub fn is_poll(&self) -> bool {
         self.method == "GET" && path_only(&self.path) == NEXT_PATH
@@ -313,15 +300,7 @@ impl FakeNexus {
             .into_iter()
             .filter_map(|r| {
                 let answer = st.answers.get(&r.seq)?.clone();
-                Some(Request {
-                    method: r.method,
-                    path: r.path,
-                    headers: r.headers,
-                    body: r.body,
-                    at: r.at,
-                    conn: r.conn,
-                    answer,
-                })
+                Some(Request { http: r, answer })
             })
             .collect()
     }
