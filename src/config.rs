@@ -165,6 +165,11 @@ pub const SETTINGS: &[(&str, &str)] = &[
         "gpu-query-timeout",
         "longest wait for nvidia-smi to report the GPUs; a slower one is killed [5s]",
     ),
+    // node services (Docker)
+    (
+        "services",
+        "services 'citadel up' starts when no APPLY_DEVICE_CONFIG set them: comma-separated, of vllm, ollama, llamacpp, extraction [none]",
+    ),
 ];
 
 /// Where jobs come from.
@@ -238,6 +243,9 @@ pub struct Settings {
     /// Zero: no heartbeat.
     pub heartbeat_interval: Duration,
     pub gpu_query_timeout: Duration,
+    // node services (Docker)
+    /// Names from [`crate::node::services::CATALOG`].
+    pub services: Vec<String>,
 }
 
 impl Default for Settings {
@@ -298,6 +306,7 @@ impl Default for Settings {
             redis_probe: Duration::from_secs(30),
             heartbeat_interval: Duration::from_secs(30),
             gpu_query_timeout: Duration::from_secs(5),
+            services: Vec::new(),
         }
     }
 }
@@ -484,6 +493,7 @@ impl Settings {
             "redis-probe" => self.redis_probe = positive(parse_duration(v)?)?,
             "heartbeat-interval" => self.heartbeat_interval = parse_duration(v)?,
             "gpu-query-timeout" => self.gpu_query_timeout = positive(parse_duration(v)?)?,
+            "services" => self.services = crate::node::services::parse_list(v)?,
             _ => return Err(format!("unknown setting '{name}'")),
         }
         Ok(())
@@ -770,6 +780,7 @@ mod tests {
                 "mode" => "auto",
                 n if n.ends_with("-url") => "http://127.0.0.1:1/",
                 "queue" | "group" | "consumer" | "node-name" => "x",
+                "services" => "vllm,llamacpp",
                 "max-job-size" | "shell-output-cap" => "4096",
                 "allow-shell" => "true",
                 n if n.contains("retries")

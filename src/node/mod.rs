@@ -6,3 +6,8 @@
 pub mod gpu;
 pub mod heartbeat;
 pub mod host;
+#[allow(dead_code)] // skeleton until the device-config work wires it
+pub mod profile;
+#[allow(dead_code)] // skeleton until the Docker driver wires it
+pub mod reconcile;
+pub mod services;
