@@ -20,6 +20,8 @@ pub enum Command {
     Dlq(Dlq),
     /// Which inference engines answer.
     Status,
+    /// `citadel services [list|start|stop|restart] [NAME]`.
+    Services(Services),
     Version,
     /// Print this help text and exit 0.
     Help(String),
@@ -41,6 +43,24 @@ pub enum Dlq {
     Show(String),
     Replay(Option<String>),
     Purge,
+}
+
+/// What `citadel services` does.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum ServicesAction {
+    List,
+    Start,
+    Stop,
+    Restart,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Services {
+    pub action: ServicesAction,
+    /// One service of the catalog; `None`: all (list: the catalog; start,
+    /// restart: the wanted ones; stop: citadel's containers).
+    pub name: Option<String>,
+    pub json: bool,
 }
 
 #[derive(Debug)]
@@ -67,6 +87,7 @@ pub fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Cli, String> {
     let mut all = false;
     let mut count = 20usize;
     let mut help = false;
+    let mut json = false;
 
     while let Some(arg) = p.next().map_err(|e| e.to_string())? {
         match arg {
@@ -103,6 +124,7 @@ pub fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Cli, String> {
                 submit.follow = true
             }
             Long("all") if name.as_deref() == Some("dlq") => all = true,
+            Long("json") if name.as_deref() == Some("services") => json = true,
             Long("count") if name.as_deref() == Some("dlq") => {
                 count = text(p.value())?
                     .parse()
@@ -199,6 +221,29 @@ pub fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Cli, String> {
             extra(0)?;
             Command::Status
         }
+        "services" => {
+            let action = match positional.first().map(String::as_str) {
+                None | Some("list") => ServicesAction::List,
+                Some("start") => ServicesAction::Start,
+                Some("stop") => ServicesAction::Stop,
+                Some("restart") => ServicesAction::Restart,
+                Some(other) => {
+                    return Err(format!(
+                        "services: '{other}' is not list, start, stop or restart (see 'citadel services --help')"
+                    ))
+                }
+            };
+            let service = positional.get(1).cloned();
+            if let Some(n) = &service {
+                crate::node::services::check_known(n).map_err(|e| format!("services: {e}"))?;
+            }
+            extra(2)?;
+            Command::Services(Services {
+                action,
+                name: service,
+                json,
+            })
+        }
         "version" => Command::Version,
         other => return Err(format!("unknown command '{other}' (see 'citadel --help')")),
     };
@@ -234,11 +279,12 @@ pub fn help_text(topic: &str) -> Result<String, String> {
                Commands:\n\
                \x20 work       run jobs from Redis Streams until SIGTERM/SIGINT (--mode nexus|auto)\n\
                \x20 agent      run jobs from Nexus polling or Redis Streams, adaptively\n\
-               \x20 up         start the node's configured services, then the agent\n\
+               \x20 up         start the node's configured services (Docker), then the agent\n\
                \x20 run-job    run one job locally through the same handlers (no Redis)\n\
                \x20 submit     enqueue a job; --follow prints its output as it streams\n\
                \x20 dlq        list, show, replay or purge dead letters\n\
                \x20 status     say which inference engines (vLLM, Ollama, llama.cpp) answer\n\
+               \x20 services   list, start, stop or restart the node's service containers (Docker)\n\
                \x20 version    print the version\n\n\
                'citadel <command> --help' describes a command and its flags.\n"
             .to_string(),
@@ -251,8 +297,12 @@ pub fn help_text(topic: &str) -> Result<String, String> {
              goes back to polling Nexus, probing Redis every --redis-probe. Jobs in flight\n\
              settle on the transport that delivered them. Every change of mode is logged and\n\
              written to {{state-dir}}/agent-status.json (see 'citadel status').\n\
-             'citadel up' first starts the node's configured services (none yet: the Docker\n\
-             driver is not part of this build), then runs the agent.\n{}",
+             'citadel up' first brings the node's service containers (Docker) to the\n\
+             configured set (the last APPLY_DEVICE_CONFIG's services, else --services),\n\
+             exactly as 'citadel services start' does but also removing services no\n\
+             longer wanted, and waits up to --service-ready-timeout for their engines to\n\
+             answer; it logs which are ready and which not (not fatal), then runs the\n\
+             agent. With no service configured it says so and runs the agent.\n{}",
             settings_help()
         ),
         "work" => format!(
@@ -308,6 +358,26 @@ pub fn help_text(topic: &str) -> Result<String, String> {
              the models it lists), not ready (the HTTP status and message, e.g. 503 while a\n\
              model loads) or not answering (why). Each probe takes at most twice\n\
              --engine-connect-timeout. Always exits 0.\n{}",
+            settings_help()
+        ),
+        "services" => format!(
+            "citadel services — the node's service containers (Docker)\n\n\
+             Usage: citadel services [list] [NAME] [--json]   every catalog service (or NAME)\n\
+             \x20      citadel services start [NAME] [--json]   create / start NAME, or every configured one\n\
+             \x20      citadel services stop [NAME] [--json]    docker stop NAME, or all of citadel's\n\
+             \x20      citadel services restart [NAME] [--json] stop, then start\n\n\
+             Services: vllm (vllm/vllm-openai, port of --vllm-url), ollama (ollama/ollama,\n\
+             --ollama-url), llamacpp (ghcr.io/ggml-org/llama.cpp:server[-cuda], --llamacpp-url,\n\
+             serves --llamacpp-model), extraction (gliner2-service, --extraction-url). Each\n\
+             runs as container citadel-NAME: --network host, engine listening on\n\
+             --service-bind, --restart unless-stopped, the models dir at /models, --gpus all\n\
+             when nvidia-smi lists a GPU; labels citadel.service and citadel.spec (the hash\n\
+             of its settings). Containers without those labels are never touched.\n\n\
+             list: configured or not, the container's state, whether the engine answers\n\
+             its health URL, the image. start: creates what is missing, recreates what\n\
+             changed, starts what stopped (others are left as they are), then waits up to\n\
+             --service-ready-timeout for the engines. --json prints one JSON value.\n\
+             Exit 0 ok, 1 a service failed or did not get ready, 2 bad input.\n{}",
             settings_help()
         ),
         "version" => "citadel version — print the version\n".to_string(),
@@ -378,13 +448,31 @@ mod tests {
     #[test]
     fn every_command_has_help() {
         for topic in [
-            "", "work", "agent", "up", "run-job", "submit", "dlq", "status", "version",
+            "", "work", "agent", "up", "run-job", "submit", "dlq", "status", "services", "version",
         ] {
             assert!(help_text(topic).is_ok());
         }
         assert!(
             matches!(parse_args(&["dlq", "--help"]).unwrap().command, Command::Help(t) if t.contains("replay"))
         );
+        assert!(parse_args(&["services", "start", "tgi"])
+            .unwrap_err()
+            .contains("'tgi' is not a service"));
+        assert!(parse_args(&["services", "frobnicate"])
+            .unwrap_err()
+            .contains("not list, start, stop or restart"));
+        assert_eq!(
+            parse_args(&["services", "--json"]).unwrap().command,
+            Command::Services(Services {
+                action: ServicesAction::List,
+                name: None,
+                json: true
+            })
+        );
+        assert!(matches!(
+            parse_args(&["services", "restart", "llamacpp"]).unwrap().command,
+            Command::Services(Services { action: ServicesAction::Restart, name: Some(n), json: false }) if n == "llamacpp"
+        ));
         assert!(matches!(
             parse_args(&["dlq", "list", "--count", "5"])
                 .unwrap()

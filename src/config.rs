@@ -170,6 +170,27 @@ pub const SETTINGS: &[(&str, &str)] = &[
         "services",
         "services 'citadel up' starts when no APPLY_DEVICE_CONFIG set them: comma-separated, of vllm, ollama, llamacpp, extraction [none]",
     ),
+    ("docker", "path of the docker CLI; DOCKER_HOST in the environment picks the daemon [docker from PATH]"),
+    (
+        "service-image",
+        "NAME=IMAGE: the image of a node service; repeat (or comma-separate) for several; config key service_images, an object [the engines' official images]",
+    ),
+    (
+        "service-args",
+        "NAME=ARGS: extra arguments of a service's engine (split on spaces, quotes group); repeat for several; config key service_args, an object [none]",
+    ),
+    (
+        "llamacpp-model",
+        "the GGUF file in the models dir that the llamacpp service serves (needed by that service) [none]",
+    ),
+    (
+        "service-bind",
+        "address the service containers' engines listen on (0.0.0.0: every interface) [127.0.0.1]",
+    ),
+    (
+        "service-ready-timeout",
+        "longest wait for a started service's engine to answer its health URL [5m]",
+    ),
 ];
 
 /// Where jobs come from.
@@ -246,6 +267,15 @@ pub struct Settings {
     // node services (Docker)
     /// Names from [`crate::node::services::CATALOG`].
     pub services: Vec<String>,
+    /// The docker CLI (`docker`: found on PATH).
+    pub docker: PathBuf,
+    /// Service name → image, over the catalog's defaults.
+    pub service_images: std::collections::BTreeMap<String, String>,
+    /// Service name → extra engine arguments.
+    pub service_args: std::collections::BTreeMap<String, Vec<String>>,
+    pub llamacpp_model: Option<String>,
+    pub service_bind: std::net::IpAddr,
+    pub service_ready_timeout: Duration,
 }
 
 impl Default for Settings {
@@ -307,6 +337,12 @@ impl Default for Settings {
             heartbeat_interval: Duration::from_secs(30),
             gpu_query_timeout: Duration::from_secs(5),
             services: Vec::new(),
+            docker: "docker".into(),
+            service_images: Default::default(),
+            service_args: Default::default(),
+            llamacpp_model: None,
+            service_bind: std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST),
+            service_ready_timeout: Duration::from_secs(300),
         }
     }
 }
@@ -351,6 +387,12 @@ impl Settings {
             serde_json::from_str(text).map_err(|e| format!("not a JSON object: {e}"))?;
         for (key, value) in obj {
             let name = key.replace('_', "-");
+            // The flag is singular (one NAME=IMAGE each), the file's object plural.
+            let name = if name == "service-images" {
+                "service-image".to_owned()
+            } else {
+                name
+            };
             if !SETTINGS.iter().any(|(n, _)| *n == name) {
                 continue;
             }
@@ -494,6 +536,30 @@ impl Settings {
             "heartbeat-interval" => self.heartbeat_interval = parse_duration(v)?,
             "gpu-query-timeout" => self.gpu_query_timeout = positive(parse_duration(v)?)?,
             "services" => self.services = crate::node::services::parse_list(v)?,
+            "docker" => self.docker = non_empty(v)?.into(),
+            "service-image" | "service-images" => {
+                for (name, value) in crate::node::services::parse_assignments(v)? {
+                    let image = crate::node::services::check_image(&value)
+                        .map_err(|e| format!("{name}: {e}"))?;
+                    self.service_images.insert(name, image);
+                }
+            }
+            "service-args" => {
+                for (name, args) in crate::node::services::parse_assignments(v)? {
+                    let words = crate::node::services::check_args(&args)
+                        .map_err(|e| format!("{name}: {e}"))?;
+                    self.service_args.insert(name, words);
+                }
+            }
+            "llamacpp-model" => {
+                self.llamacpp_model = Some(crate::node::services::check_model_file(v)?)
+            }
+            "service-bind" => self.service_bind = v.parse().map_err(|_| {
+                format!(
+                    "'{v}' is not an IP address (e.g. 127.0.0.1, or 0.0.0.0 for every interface)"
+                )
+            })?,
+            "service-ready-timeout" => self.service_ready_timeout = positive(parse_duration(v)?)?,
             _ => return Err(format!("unknown setting '{name}'")),
         }
         Ok(())
@@ -781,6 +847,9 @@ mod tests {
                 n if n.ends_with("-url") => "http://127.0.0.1:1/",
                 "queue" | "group" | "consumer" | "node-name" => "x",
                 "services" => "vllm,llamacpp",
+                "service-image" => "vllm=registry.local/vllm:1",
+                "service-args" => "vllm=--model m",
+                "service-bind" => "127.0.0.1",
                 "max-job-size" | "shell-output-cap" => "4096",
                 "allow-shell" => "true",
                 n if n.contains("retries")

@@ -67,13 +67,10 @@ fn run() -> Result<i32, Exit> {
             Ok(0)
         }
         Command::Work | Command::Agent { .. } => {
-            if let Command::Agent { up: true } = cli.command {
-                println!(
-                    "citadel up: no services are configured to start (the Docker driver is not \
-                     part of this build); starting the agent"
-                );
-            }
             transport::check(&settings).map_err(|e| Exit(2, e))?;
+            if let Command::Agent { up: true } = cli.command {
+                up(&settings);
+            }
             admin::status::log_readiness(&settings);
             let (tx, signals) = crossbeam_channel::unbounded();
             ctrlc::set_handler(move || {
@@ -104,5 +101,44 @@ fn run() -> Result<i32, Exit> {
         Command::Submit(s) => admin::submit::run(&settings, &s),
         Command::Dlq(d) => admin::dlq::run(&settings, &d),
         Command::Status => admin::status::run(&settings),
+        Command::Services(s) => admin::services::run(&settings, &s),
     }
+}
+
+/// `citadel up`, before the agent: the configured services reconciled and
+/// waited for; what is not ready is logged, not fatal.
+fn up(settings: &config::Settings) {
+    let wanted = node::profile::wanted_services(settings);
+    if wanted.is_empty() {
+        log::info!(
+            "citadel up: no services are configured (--services, or an APPLY_DEVICE_CONFIG job); starting the agent"
+        );
+        return;
+    }
+    log::info!("citadel up: bringing up services {}", wanted.join(", "));
+    let report = node::reconcile::reconcile(settings, &wanted, true);
+    let pairs = |v: &[(String, String)]| {
+        v.iter()
+            .map(|(s, why)| format!("{s} ({why})"))
+            .collect::<Vec<_>>()
+            .join("; ")
+    };
+    if !report.ready.is_empty() {
+        log::info!("citadel up: ready: {}", report.ready.join(", "));
+    }
+    if !report.not_ready.is_empty() {
+        log::warn!("citadel up: not ready: {}", pairs(&report.not_ready));
+    }
+    if !report.failed.is_empty() {
+        log::error!("citadel up: failed: {}", pairs(&report.failed));
+    }
+    let changed = if report.changed() {
+        ""
+    } else {
+        " (no container changed)"
+    };
+    log::info!(
+        "citadel up: services {}{changed}; starting the agent",
+        report.to_json()
+    );
 }

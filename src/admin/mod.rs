@@ -1,7 +1,9 @@
-//! The operator's commands: `submit` and `dlq`. Each is a short-lived client of
-//! the same Redis the workers use.
+//! The operator's commands: `submit` and `dlq` (each a short-lived client of
+//! the same Redis the workers use), `status`, and `services` (the node's
+//! service containers, through the Docker driver).
 
 pub mod dlq;
+pub mod services;
 pub mod status;
 pub mod submit;
 

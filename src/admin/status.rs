@@ -147,7 +147,7 @@ pub fn probe_all(settings: &Settings) -> Vec<(Backend, Readiness)> {
     })
 }
 
-fn probe(client: &HttpClient, url: &str, budget: Duration) -> Readiness {
+pub(crate) fn probe(client: &HttpClient, url: &str, budget: Duration) -> Readiness {
     let deadline = Arc::new(ReadDeadline::new());
     deadline.set(Some(Instant::now() + budget));
     let agent = client.agent(deadline.clone());

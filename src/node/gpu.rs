@@ -92,6 +92,22 @@ impl GpuSource {
     }
 }
 
+/// Whether this node has NVIDIA GPUs: `nvidia-smi` on PATH lists at least
+/// one within `timeout` (for `--gpus all` on service containers). No
+/// nvidia-smi, a failing or hung one: false.
+pub fn nvidia_gpus_present(timeout: Duration) -> bool {
+    let Some(path) = find_on_path("nvidia-smi") else {
+        return false;
+    };
+    match run_nvidia_smi(&path, timeout, &StopFlag::default()) {
+        Ok(gpus) => !gpus.is_empty(),
+        Err(e) => {
+            log::warn!("services: no GPUs for the containers: {e}");
+            false
+        }
+    }
+}
+
 fn find_on_path(name: &str) -> Option<PathBuf> {
     use std::os::unix::fs::PermissionsExt;
     let path = std::env::var_os("PATH")?;
