@@ -554,11 +554,13 @@ impl Settings {
             "llamacpp-model" => {
                 self.llamacpp_model = Some(crate::node::services::check_model_file(v)?)
             }
-            "service-bind" => self.service_bind = v.parse().map_err(|_| {
-                format!(
+            "service-bind" => {
+                self.service_bind = v.parse().map_err(|_| {
+                    format!(
                     "'{v}' is not an IP address (e.g. 127.0.0.1, or 0.0.0.0 for every interface)"
                 )
-            })?,
+                })?
+            }
             "service-ready-timeout" => self.service_ready_timeout = positive(parse_duration(v)?)?,
             _ => return Err(format!("unknown setting '{name}'")),
         }

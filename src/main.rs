@@ -110,9 +110,18 @@ fn run() -> Result<i32, Exit> {
 fn up(settings: &config::Settings) {
     let wanted = node::profile::wanted_services(settings);
     if wanted.is_empty() {
-        log::info!(
-            "citadel up: no services are configured (--services, or an APPLY_DEVICE_CONFIG job); starting the agent"
-        );
+        // Containers of services no longer configured still go.
+        let report = node::reconcile::reconcile(settings, &[], false);
+        if report.changed() || !report.failed.is_empty() {
+            log::info!(
+                "citadel up: services {}; none is configured any more; starting the agent",
+                report.to_json()
+            );
+        } else {
+            log::info!(
+                "citadel up: no services are configured (--services, or an APPLY_DEVICE_CONFIG job); starting the agent"
+            );
+        }
         return;
     }
     log::info!("citadel up: bringing up services {}", wanted.join(", "));

@@ -98,6 +98,11 @@ pub fn apply(settings: &Settings, wanted: &[String], opts: Options) -> Report {
     let mut report = Report::default();
     let existing = match docker.managed() {
         Ok(c) => c,
+        // Nothing wanted and no Docker here: nothing to do, nothing to say.
+        Err(e) if wanted.is_empty() => {
+            log::debug!("services: none wanted; docker: {e}");
+            return report;
+        }
         Err(e) => {
             log::error!("services: {e}");
             for name in wanted {
