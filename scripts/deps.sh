@@ -10,6 +10,8 @@
 #   ensure_redis      redis-server and redis-cli
 #   ensure_redis_cli  redis-cli alone (redis-tools)
 #   ensure_openssl    openssl (the rediss:// test makes its certificates with it)
+#   ensure_docker     dockerd + the docker CLI (docker.io) and a static busybox
+#                     (busybox-static): tests/docker.rs starts private daemons
 #   free_port         a free 127.0.0.1 port (never a fixed fallback)
 #   path_hint DIR     tells how to put DIR on PATH when it is not there
 
@@ -122,6 +124,30 @@ ensure_openssl() {
         in_ci && die "could not install openssl, which the rediss:// test needs (CI=true: no skipping)"
         note "no openssl: the rediss:// test will be SKIPPED"
     fi
+}
+
+# ensure_docker: tests/docker.rs starts a private dockerd per test (Debian's
+# docker.io gives /usr/sbin/dockerd and the CLI) and makes its test images
+# from a static busybox (busybox-static). Outside CI a machine without them
+# only skips those tests (loudly).
+ensure_docker() {
+    local missing=()
+    [ -x /usr/sbin/dockerd ] || command -v dockerd >/dev/null 2>&1 || missing+=(docker.io)
+    command -v docker >/dev/null 2>&1 || case " ${missing[*]} " in *" docker.io "*) ;; *) missing+=(docker.io) ;; esac
+    if ! { [ -x /bin/busybox ] && file_is_static /bin/busybox; }; then
+        missing+=(busybox-static)
+    fi
+    [ "${#missing[@]}" -eq 0 ] && return 0
+    step "installing ${missing[*]} (for the Docker tests)"
+    if ! apt_install "${missing[@]}"; then
+        in_ci && die "could not install ${missing[*]}, which tests/docker.rs needs (CI=true: no skipping)"
+        note "no ${missing[*]}: the Docker tests will be SKIPPED"
+    fi
+}
+
+# file_is_static PATH: PATH is an executable that needs no shared library.
+file_is_static() {
+    ! ldd "$1" >/dev/null 2>&1
 }
 
 # --- Rust ---------------------------------------------------------------------

@@ -9,7 +9,8 @@
 #   CITADEL_SKIP_REAL_ENGINE=1 scripts/test.sh   # without the real llama-server
 #
 # Installs, only when missing: redis-server and redis-cli, openssl (the
-# rediss:// test), a Rust toolchain of at least Cargo.toml's rust-version
+# rediss:// test), docker.io and busybox-static (tests/docker.rs starts a
+# private dockerd per test and builds its images from busybox), a Rust toolchain of at least Cargo.toml's rust-version
 # (rustup) with the rustfmt / clippy components, and the real llama-server
 # and model: scripts/real-engine.sh builds them the first time (6-10 min on
 # 2 cores) into ~/.cache/citadel/real-engine (CITADEL_ENGINE_CACHE), then
@@ -28,6 +29,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 ensure_redis
 ensure_rust
 ensure_openssl
+ensure_docker
 printf 'using %s, %s\n' "$(cargo --version)" "$(redis-server --version | cut -d' ' -f1-3)"
 
 # --- lint ---------------------------------------------------------------------

@@ -81,7 +81,7 @@ fn finish(report: &Report, json: bool) -> Result<i32, Exit> {
 fn list(settings: &Settings, wanted: &[String], cmd: &Services) -> Result<i32, Exit> {
     let docker = Docker::new(&settings.docker);
     let containers = docker.managed().map_err(|e| Exit(1, e.to_string()))?;
-    let gpus = crate::node::gpu::nvidia_gpus_present(settings.gpu_query_timeout);
+    let gpus = crate::node::gpu::nvidia_gpus_present(settings.gpu_query_timeout).unwrap_or(false);
     let names: Vec<&str> = match &cmd.name {
         Some(n) => vec![n.as_str()],
         None => CATALOG.to_vec(),

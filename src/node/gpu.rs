@@ -92,18 +92,18 @@ impl GpuSource {
     }
 }
 
-/// Whether this node has NVIDIA GPUs: `nvidia-smi` on PATH lists at least
-/// one within `timeout` (for `--gpus all` on service containers). No
-/// nvidia-smi, a failing or hung one: false.
-pub fn nvidia_gpus_present(timeout: Duration) -> bool {
+/// Whether this node has NVIDIA GPUs (for `--gpus all` on service
+/// containers): `nvidia-smi` on PATH lists at least one within `timeout`.
+/// No nvidia-smi: `Some(false)`; a failing or hung one: `None` (unknown).
+pub fn nvidia_gpus_present(timeout: Duration) -> Option<bool> {
     let Some(path) = find_on_path("nvidia-smi") else {
-        return false;
+        return Some(false);
     };
     match run_nvidia_smi(&path, timeout, &StopFlag::default()) {
-        Ok(gpus) => !gpus.is_empty(),
+        Ok(gpus) => Some(!gpus.is_empty()),
         Err(e) => {
-            log::warn!("services: no GPUs for the containers: {e}");
-            false
+            log::warn!("services: cannot tell whether this node has GPUs: {e}");
+            None
         }
     }
 }

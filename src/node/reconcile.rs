@@ -135,8 +135,13 @@ pub fn apply(settings: &Settings, wanted: &[String], opts: Options) -> Report {
             }
         }
     }
-    let gpus =
-        !wanted.is_empty() && crate::node::gpu::nvidia_gpus_present(settings.gpu_query_timeout);
+    // Unknown (nvidia-smi failing): new containers get no GPUs, and an
+    // existing one is not recreated for it.
+    let gpus = if wanted.is_empty() {
+        Some(false)
+    } else {
+        crate::node::gpu::nvidia_gpus_present(settings.gpu_query_timeout)
+    };
     let mut up: Vec<(Spec, String)> = Vec::new();
     for name in wanted {
         match ensure(&docker, settings, name, gpus, &existing) {
@@ -242,12 +247,18 @@ fn ensure(
     docker: &Docker,
     settings: &Settings,
     name: &str,
-    gpus: bool,
+    gpus: Option<bool>,
     existing: &[Container],
 ) -> Result<(Action, Spec, String), String> {
-    let spec = Spec::build(settings, name, gpus)?;
-    let hash = spec.hash();
     let mine: Vec<&Container> = existing.iter().filter(|c| c.service == name).collect();
+    let mut spec = Spec::build(settings, name, gpus.unwrap_or(false))?;
+    if gpus.is_none() {
+        let with_gpus = Spec::build(settings, name, true)?;
+        if mine.iter().any(|c| c.spec == with_gpus.hash()) {
+            spec = with_gpus;
+        }
+    }
+    let hash = spec.hash();
     let current = mine
         .iter()
         .find(|c| c.spec == hash)
