@@ -222,7 +222,12 @@ pub fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Cli, String> {
             Command::Status
         }
         "services" => {
+            // `citadel services NAME` is `citadel services list NAME`.
+            let bare_name = positional
+                .first()
+                .is_some_and(|p| crate::node::services::known(p));
             let action = match positional.first().map(String::as_str) {
+                _ if bare_name => ServicesAction::List,
                 None | Some("list") => ServicesAction::List,
                 Some("start") => ServicesAction::Start,
                 Some("stop") => ServicesAction::Stop,
@@ -233,11 +238,12 @@ pub fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Cli, String> {
                     ))
                 }
             };
-            let service = positional.get(1).cloned();
+            let at = if bare_name { 0 } else { 1 };
+            let service = positional.get(at).cloned();
             if let Some(n) = &service {
                 crate::node::services::check_known(n).map_err(|e| format!("services: {e}"))?;
             }
-            extra(2)?;
+            extra(at + 1)?;
             Command::Services(Services {
                 action,
                 name: service,
@@ -458,6 +464,10 @@ mod tests {
         assert!(parse_args(&["services", "start", "tgi"])
             .unwrap_err()
             .contains("'tgi' is not a service"));
+        assert!(matches!(
+            parse_args(&["services", "ollama"]).unwrap().command,
+            Command::Services(Services { action: ServicesAction::List, name: Some(n), .. }) if n == "ollama"
+        ));
         assert!(parse_args(&["services", "frobnicate"])
             .unwrap_err()
             .contains("not list, start, stop or restart"));

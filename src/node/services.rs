@@ -132,6 +132,12 @@ impl Spec {
         let extra = settings.service_args.get(name).cloned().unwrap_or_default();
         let models = std::path::absolute(settings.models_dir())
             .map_err(|e| format!("--models-dir: {}: {e}", settings.models_dir().display()))?;
+        if models.to_string_lossy().contains([':', ',']) {
+            return Err(format!(
+                "--models-dir: {} contains ':' or ',', which a docker bind mount cannot name",
+                models.display()
+            ));
+        }
         let mut env: Vec<(String, String)> = Vec::new();
         let mut args: Vec<String> = Vec::new();
         let host_port = |args: &mut Vec<String>| {
@@ -555,6 +561,10 @@ mod tests {
     fn llamacpp_needs_its_model_and_the_error_names_the_setting() {
         let err = Spec::build(&Settings::default(), "llamacpp", false).unwrap_err();
         assert!(err.contains("--llamacpp-model"), "{err}");
+        let mut s = settings();
+        s.set("models-dir", "/srv/a:b").unwrap();
+        let err = Spec::build(&s, "vllm", false).unwrap_err();
+        assert!(err.contains("--models-dir: /srv/a:b contains ':'"), "{err}");
         assert!(Spec::build(&settings(), "tgi", false)
             .unwrap_err()
             .contains("'tgi'"));
