@@ -417,3 +417,55 @@ fn wait_ready(
         std::thread::sleep(Duration::from_millis(200));
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn running(spec: &Spec) -> Container {
+        Container {
+            id: "abc".into(),
+            name: spec.container.clone(),
+            state: "running".into(),
+            service: spec.service.clone(),
+            spec: spec.hash(),
+            image: spec.image.clone(),
+        }
+    }
+
+    /// No docker CLI: any docker call fails, so only a decision that needs
+    /// none succeeds.
+    fn no_docker() -> Docker {
+        Docker::new(std::path::Path::new("/nonexistent/docker"))
+    }
+
+    #[test]
+    fn a_running_container_with_the_wanted_spec_needs_no_docker_call() {
+        let mut s = Settings::default();
+        s.set("llamacpp-model", "m.gguf").unwrap();
+        s.set("models-dir", "/srv/models").unwrap();
+        let spec = Spec::build(&s, "llamacpp", false).unwrap();
+        let (action, kept, id) =
+            ensure(&no_docker(), &s, "llamacpp", Some(false), &[running(&spec)]).unwrap();
+        assert!(matches!(action, Action::Kept));
+        assert_eq!((kept, id.as_str()), (spec, "abc"));
+    }
+
+    #[test]
+    fn gpus_unknown_keep_a_gpu_container_but_known_absent_recreate_it() {
+        let mut s = Settings::default();
+        s.set("llamacpp-model", "m.gguf").unwrap();
+        s.set("models-dir", "/srv/models").unwrap();
+        let gpu = Spec::build(&s, "llamacpp", true).unwrap();
+        let existing = [running(&gpu)];
+        let (action, spec, _) = ensure(&no_docker(), &s, "llamacpp", None, &existing).unwrap();
+        assert!(matches!(action, Action::Kept));
+        assert!(spec.gpus);
+        // Known to have no GPUs: the container must be made again (here the
+        // missing CLI makes that fail, which shows a docker call was needed).
+        let err = ensure(&no_docker(), &s, "llamacpp", Some(false), &existing)
+            .err()
+            .unwrap();
+        assert!(err.contains("/nonexistent/docker"), "{err}");
+    }
+}
