@@ -987,6 +987,35 @@ mod tests {
     }
 
     #[test]
+    fn service_images_and_args_are_objects_in_the_file() {
+        let mut s = Settings::default();
+        s.apply_file(
+            r#"{"service_images": {"vllm": "a/vllm:1", "llamacpp": "b:2"},
+                "service_args": {"vllm": ["--model", "m"], "llamacpp": "-c 512"},
+                "service_bind": "0.0.0.0", "service_ready_timeout": "90s"}"#,
+        )
+        .unwrap();
+        assert_eq!(s.service_images["vllm"], "a/vllm:1");
+        assert_eq!(s.service_images["llamacpp"], "b:2");
+        assert_eq!(s.service_args["vllm"], ["--model", "m"]);
+        assert_eq!(s.service_args["llamacpp"], ["-c", "512"]);
+        assert_eq!(s.service_bind.to_string(), "0.0.0.0");
+        assert_eq!(s.service_ready_timeout, Duration::from_secs(90));
+        // The flag's own name works in the file too; a later flag merges.
+        s.apply_file(r#"{"service-image": "ollama=o:3"}"#).unwrap();
+        s.set("service-image", "vllm=c:4").unwrap();
+        assert_eq!(s.service_images.len(), 3);
+        assert_eq!(s.service_images["vllm"], "c:4");
+        let err = s
+            .apply_file(r#"{"service_images": {"tgi": "x"}}"#)
+            .unwrap_err();
+        assert!(
+            err.starts_with("service_images: 'tgi' is not a service"),
+            "{err}"
+        );
+    }
+
+    #[test]
     fn node_stream_is_read_besides_the_queues() {
         let mut s = Settings::default();
         s.set("node-name", "gpu-01").unwrap();
