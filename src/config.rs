@@ -170,6 +170,16 @@ pub const SETTINGS: &[(&str, &str)] = &[
         "services",
         "services 'citadel up' starts when no APPLY_DEVICE_CONFIG set them: comma-separated, of vllm, ollama, llamacpp, extraction [none]",
     ),
+    // device config
+    (
+        "tag-streams",
+        "also read jobs:v1:tag:{tag} for each custom tag of the device config (APPLY_DEVICE_CONFIG) [true]",
+    ),
+    (
+        "allow-ssh-control",
+        "let APPLY_DEVICE_CONFIG's sshEnabled start/stop the ssh service through systemctl [false]",
+    ),
+    ("ssh-unit", "the systemd unit sshEnabled starts and stops [ssh]"),
 ];
 
 /// Where jobs come from.
@@ -246,6 +256,12 @@ pub struct Settings {
     // node services (Docker)
     /// Names from [`crate::node::services::CATALOG`].
     pub services: Vec<String>,
+    // device config
+    /// Read `jobs:v1:tag:{tag}` for each custom tag.
+    pub tag_streams: bool,
+    /// sshEnabled may run `systemctl start|stop {ssh_unit}`.
+    pub allow_ssh_control: bool,
+    pub ssh_unit: String,
 }
 
 impl Default for Settings {
@@ -307,6 +323,10 @@ impl Default for Settings {
             heartbeat_interval: Duration::from_secs(30),
             gpu_query_timeout: Duration::from_secs(5),
             services: Vec::new(),
+            // device config
+            tag_streams: true,
+            allow_ssh_control: false,
+            ssh_unit: "ssh".into(),
         }
     }
 }
@@ -494,6 +514,10 @@ impl Settings {
             "heartbeat-interval" => self.heartbeat_interval = parse_duration(v)?,
             "gpu-query-timeout" => self.gpu_query_timeout = positive(parse_duration(v)?)?,
             "services" => self.services = crate::node::services::parse_list(v)?,
+            // device config
+            "tag-streams" => self.tag_streams = boolean(v)?,
+            "allow-ssh-control" => self.allow_ssh_control = boolean(v)?,
+            "ssh-unit" => self.ssh_unit = unit_name(v)?,
             _ => return Err(format!("unknown setting '{name}'")),
         }
         Ok(())
@@ -581,7 +605,7 @@ fn number<T: std::str::FromStr>(v: &str) -> Result<T, String> {
 /// Settings that are on or off. As flags they may stand alone
 /// (`--allow-shell` = `--allow-shell=true`).
 pub fn is_boolean(name: &str) -> bool {
-    matches!(name, "allow-shell")
+    matches!(name, "allow-shell" | "tag-streams" | "allow-ssh-control")
 }
 
 /// `true`/`false`, `1`/`0`, `yes`/`no`, `on`/`off` (any case).
@@ -706,6 +730,22 @@ fn redact_password(v: &str) -> String {
     }
 }
 
+/// A systemd unit name: letters, digits and `@._:-` (nothing a shell or
+/// systemctl would read as an option).
+fn unit_name(v: &str) -> Result<String, String> {
+    let ok = !v.is_empty()
+        && !v.starts_with('-')
+        && v.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "@._:-".contains(c));
+    if ok {
+        Ok(v.to_owned())
+    } else {
+        Err(format!(
+            "'{v}' is not a systemd unit name (letters, digits and @._:-)"
+        ))
+    }
+}
+
 fn non_empty(v: &str) -> Result<String, String> {
     if v.is_empty() {
         Err("must not be empty".into())
@@ -782,7 +822,8 @@ mod tests {
                 "queue" | "group" | "consumer" | "node-name" => "x",
                 "services" => "vllm,llamacpp",
                 "max-job-size" | "shell-output-cap" => "4096",
-                "allow-shell" => "true",
+                "allow-shell" | "tag-streams" | "allow-ssh-control" => "true",
+                "ssh-unit" => "sshd.service",
                 n if n.contains("retries")
                     || n.contains("max")
                     || n.ends_with("-attempts")
