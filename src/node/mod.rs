@@ -1,12 +1,13 @@
 //! The node itself, apart from jobs: what this machine is and how it is
 //! doing. Owns the heartbeat (`heartbeat`: its thread and Redis connection),
-//! GPU telemetry (`gpu`: nvidia-smi, bounded in time) and host facts (`host`:
-//! /proc and statvfs). Reads the worker's counters; never touches a job.
+//! GPU telemetry (`gpu`: nvidia-smi, bounded in time), host facts (`host`:
+//! /proc and statvfs) and the device config (`profile`: its file and the
+//! live copy events, heartbeat and reader use). Reads the worker's
+//! counters; never touches a job.
 
 pub mod gpu;
 pub mod heartbeat;
 pub mod host;
-#[allow(dead_code)] // skeleton until the device-config work wires it
 pub mod profile;
 #[allow(dead_code)] // skeleton until the Docker driver wires it
 pub mod reconcile;
