@@ -331,6 +331,13 @@ fn a_tag_routes_jobs_without_a_restart_and_a_removed_tag_is_no_longer_read() {
     let dl = xrange_all(&mut conn, "dlq:v1:tag:t1");
     assert_eq!(dl.len(), 1, "{dl:?}");
     assert_eq!(dl[0].1["original_queue"], "jobs:v1:tag:t1");
+    let state_arg = state.to_str().unwrap();
+    let out = submit(&redis, &["dlq", "list", "--state-dir", state_arg]);
+    let listed = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        listed.contains("dlq:v1:tag:t1: 1 dead letter") && listed.contains("bad-t1"),
+        "citadel dlq covers the stored tags' streams: {listed}"
+    );
 
     apply(&mut conn, &sub, "cfg-t2", json!({"customTags": ["t2"]}));
     // Read on t2 proves the reader took the new list (which has no t1).
