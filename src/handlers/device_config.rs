@@ -14,7 +14,7 @@
 use super::{Context, Handler};
 use crate::config::Settings;
 use crate::job::{Job, JobError};
-use crate::node::profile::{self, Applied, Update};
+use crate::node::profile::{self, Applied, DeviceConfig, Update};
 use crate::node::reconcile::{self, Report};
 use serde_json::{json, Value};
 use std::io::Read;
@@ -51,10 +51,16 @@ impl Handler for ApplyDeviceConfig {
                 changed_fields(&applied)
             );
         }
+        // Acting goes by the config live now, under its own lock: of two
+        // config jobs, the one acting last acts on the newer config, so the
+        // node never ends up running what an older config asked for.
         let _one = crate::sync::lock(&live.actions);
-        let services = wants_reconcile(&update, &applied)
-            .then(|| reconcile::reconcile(&self.settings, &applied.new.services, true));
-        let ssh = update.ssh_enabled.map(|on| self.ssh(on));
+        let now = live.now();
+        let services = wants_reconcile(&update, &now.config)
+            .then(|| reconcile::reconcile(&self.settings, &now.config.services, true));
+        let ssh = update
+            .ssh_enabled
+            .map(|asked| self.ssh(now.config.ssh_enabled.unwrap_or(asked)));
         let result = result_json(&applied, &update, services.as_ref(), ssh);
         match services.as_ref().filter(|r| !r.failed.is_empty()) {
             None => Ok(result),
@@ -71,10 +77,10 @@ impl Handler for ApplyDeviceConfig {
     }
 }
 
-/// Services are reconciled when the config (as applied) starts them
+/// Services are reconciled when the config (as live now) starts them
 /// automatically and this payload named the services or turned that on.
-fn wants_reconcile(u: &Update, applied: &Applied) -> bool {
-    applied.new.auto_start_services && (u.services.is_some() || u.auto_start_services == Some(true))
+fn wants_reconcile(u: &Update, now: &DeviceConfig) -> bool {
+    now.auto_start_services && (u.services.is_some() || u.auto_start_services == Some(true))
 }
 
 impl ApplyDeviceConfig {
@@ -216,7 +222,6 @@ fn result_json(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::node::profile::DeviceConfig;
 
     fn applied(old: DeviceConfig, u: &Update) -> Applied {
         let new = old.with(u);
@@ -262,13 +267,13 @@ mod tests {
         };
         assert!(!wants_reconcile(
             &named,
-            &applied(DeviceConfig::default(), &named)
+            &DeviceConfig::default().with(&named)
         ));
         let on = Update {
             auto_start_services: Some(true),
             ..named.clone()
         };
-        assert!(wants_reconcile(&on, &applied(DeviceConfig::default(), &on)));
+        assert!(wants_reconcile(&on, &DeviceConfig::default().with(&on)));
         let other = Update {
             alert_on_offline: Some(true),
             ..Update::default()
@@ -277,6 +282,6 @@ mod tests {
             auto_start_services: true,
             ..DeviceConfig::default()
         };
-        assert!(!wants_reconcile(&other, &applied(auto, &other)));
+        assert!(!wants_reconcile(&other, &auto.with(&other)));
     }
 }
