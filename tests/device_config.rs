@@ -372,7 +372,7 @@ fn tag_streams_false_reads_no_tag_stream() {
     assert_eq!(ev["data"]["meta"]["tags"], json!(["t1"]));
     assert!(sub.events_for("on-t1").is_empty());
     assert_eq!(unread(&mut conn, "jobs:v1:tag:t1"), ["on-t1"]);
-    assert!(w.log().contains("(off: --tag-streams=false)"));
+    assert!(w.log().contains("tag streams: off (--tag-streams=false)"));
 }
 
 /// A directory with a fake `systemctl` that appends its arguments to

@@ -123,20 +123,19 @@ impl RedisStreams {
             dropped_chunks: AtomicU64::new(0),
             settings,
         });
-        let tags = shared.profile.now().tag_streams.clone();
         log::info!(
-            "working: streams {:?}, tag streams {:?}{}, group '{}', consumer '{}', claim-idle {:?}",
+            "working: streams {:?}, group '{}', consumer '{}', claim-idle {:?}",
             shared.base_streams,
-            tags,
-            if shared.settings.tag_streams {
-                ""
-            } else {
-                " (off: --tag-streams=false)"
-            },
             shared.settings.group,
             shared.consumer,
             shared.settings.claim_idle,
         );
+        if shared.settings.tag_streams {
+            let tags = shared.profile.now().tag_streams.clone();
+            log::info!("tag streams (the device config's tags, followed live): {tags:?}");
+        } else {
+            log::info!("tag streams: off (--tag-streams=false)");
+        }
         let settler = spawn("settle", {
             let shared = shared.clone();
             move || settler::Settler::new(shared).run()
