@@ -34,6 +34,8 @@ pub struct Submit {
     pub job_id: Option<String>,
     pub ray_id: Option<String>,
     pub node: Option<String>,
+    /// Send to `jobs:v1:tag:{tag}` (exclusive with `node`).
+    pub tag: Option<String>,
     pub follow: bool,
 }
 
@@ -82,6 +84,7 @@ pub fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Cli, String> {
         job_id: None,
         ray_id: None,
         node: None,
+        tag: None,
         follow: false,
     };
     let mut all = false;
@@ -120,6 +123,7 @@ pub fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Cli, String> {
             Long("node") if name.as_deref() == Some("submit") => {
                 submit.node = Some(text(p.value())?)
             }
+            Long("tag") if name.as_deref() == Some("submit") => submit.tag = Some(text(p.value())?),
             Long("follow") | Short('f') if name.as_deref() == Some("submit") => {
                 submit.follow = true
             }
@@ -193,6 +197,12 @@ pub fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Cli, String> {
             extra(0)?;
             if submit.kind.is_empty() {
                 return Err("submit needs --type (e.g. --type echo)".into());
+            }
+            if submit.node.is_some() && submit.tag.is_some() {
+                return Err("submit takes --node or --tag, not both".into());
+            }
+            if let Some(tag) = submit.tag.as_deref().filter(|t| t.is_empty()) {
+                return Err(format!("--tag '{tag}': a tag cannot be empty"));
             }
             Command::Submit(submit)
         }
@@ -332,12 +342,14 @@ pub fn help_text(topic: &str) -> Result<String, String> {
         "submit" => format!(
             "citadel submit — enqueue a job on the first --queue (or a node's stream)\n\n\
              Usage: citadel submit --type TYPE [--payload JSON] [--job-id ID] [--ray-id ID]\n\
-             \x20                     [--node NAME] [--follow]\n\n\
+             \x20                     [--node NAME | --tag TAG] [--follow]\n\n\
              \x20 --type TYPE      job type (echo, …)\n\
              \x20 --payload JSON   the payload object [{{}}]\n\
              \x20 --job-id ID      job id [generated]\n\
              \x20 --ray-id ID      tracing id echoed in every event\n\
              \x20 --node NAME      send to jobs:v1:node:NAME instead of the queue\n\
+             \x20 --tag TAG        send to jobs:v1:tag:TAG (read by every worker whose device\n\
+             \x20                  config has the custom tag TAG) instead of the queue\n\
              \x20 -f, --follow     subscribe to the job's events first, print chunks as they\n\
              \x20                  arrive and the result at the end; exit 0 on end, 1 on\n\
              \x20                  error or cancelled\n\n\
@@ -449,6 +461,28 @@ mod tests {
         assert!(parse_args(&["work", "--redis-url", "nope"])
             .unwrap_err()
             .contains("--redis-url: 'nope' is not a Redis URL"));
+    }
+
+    #[test]
+    fn submit_goes_to_a_tag_or_a_node_not_both() {
+        let cli = parse_args(&["submit", "--type", "echo", "--tag", "t1"]).unwrap();
+        assert!(matches!(cli.command, Command::Submit(s) if s.tag.as_deref() == Some("t1")));
+        let err =
+            parse_args(&["submit", "--type", "echo", "--tag", "t1", "--node", "n"]).unwrap_err();
+        assert!(err.contains("--node or --tag"), "{err}");
+        assert!(parse_args(&["submit", "--type", "echo", "--tag="]).is_err());
+        assert!(
+            !parse_args(&["work", "--tag-streams=false"])
+                .unwrap()
+                .settings
+                .tag_streams
+        );
+        assert!(
+            parse_args(&["work", "--allow-ssh-control"])
+                .unwrap()
+                .settings
+                .allow_ssh_control
+        );
     }
 
     #[test]

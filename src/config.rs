@@ -191,6 +191,16 @@ pub const SETTINGS: &[(&str, &str)] = &[
         "service-ready-timeout",
         "longest wait for a started service's engine to answer its health URL [5m]",
     ),
+    // device config
+    (
+        "tag-streams",
+        "also read jobs:v1:tag:{tag} for each custom tag of the device config (APPLY_DEVICE_CONFIG) [true]",
+    ),
+    (
+        "allow-ssh-control",
+        "let APPLY_DEVICE_CONFIG's sshEnabled start/stop the ssh service through systemctl [false]",
+    ),
+    ("ssh-unit", "the systemd unit sshEnabled starts and stops [ssh]"),
 ];
 
 /// Where jobs come from.
@@ -276,6 +286,12 @@ pub struct Settings {
     pub llamacpp_model: Option<String>,
     pub service_bind: std::net::IpAddr,
     pub service_ready_timeout: Duration,
+    // device config
+    /// Read `jobs:v1:tag:{tag}` for each custom tag.
+    pub tag_streams: bool,
+    /// sshEnabled may run `systemctl start|stop {ssh_unit}`.
+    pub allow_ssh_control: bool,
+    pub ssh_unit: String,
 }
 
 impl Default for Settings {
@@ -343,6 +359,10 @@ impl Default for Settings {
             llamacpp_model: None,
             service_bind: std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST),
             service_ready_timeout: Duration::from_secs(300),
+            // device config
+            tag_streams: true,
+            allow_ssh_control: false,
+            ssh_unit: "ssh".into(),
         }
     }
 }
@@ -562,6 +582,10 @@ impl Settings {
                 })?
             }
             "service-ready-timeout" => self.service_ready_timeout = positive(parse_duration(v)?)?,
+            // device config
+            "tag-streams" => self.tag_streams = boolean(v)?,
+            "allow-ssh-control" => self.allow_ssh_control = boolean(v)?,
+            "ssh-unit" => self.ssh_unit = unit_name(v)?,
             _ => return Err(format!("unknown setting '{name}'")),
         }
         Ok(())
@@ -649,7 +673,7 @@ fn number<T: std::str::FromStr>(v: &str) -> Result<T, String> {
 /// Settings that are on or off. As flags they may stand alone
 /// (`--allow-shell` = `--allow-shell=true`).
 pub fn is_boolean(name: &str) -> bool {
-    matches!(name, "allow-shell")
+    matches!(name, "allow-shell" | "tag-streams" | "allow-ssh-control")
 }
 
 /// `true`/`false`, `1`/`0`, `yes`/`no`, `on`/`off` (any case).
@@ -774,6 +798,22 @@ fn redact_password(v: &str) -> String {
     }
 }
 
+/// A systemd unit name: letters, digits and `@._:-` (nothing a shell or
+/// systemctl would read as an option).
+fn unit_name(v: &str) -> Result<String, String> {
+    let ok = !v.is_empty()
+        && !v.starts_with('-')
+        && v.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "@._:-".contains(c));
+    if ok {
+        Ok(v.to_owned())
+    } else {
+        Err(format!(
+            "'{v}' is not a systemd unit name (letters, digits and @._:-)"
+        ))
+    }
+}
+
 fn non_empty(v: &str) -> Result<String, String> {
     if v.is_empty() {
         Err("must not be empty".into())
@@ -853,7 +893,8 @@ mod tests {
                 "service-args" => "vllm=--model m",
                 "service-bind" => "127.0.0.1",
                 "max-job-size" | "shell-output-cap" => "4096",
-                "allow-shell" => "true",
+                "allow-shell" | "tag-streams" | "allow-ssh-control" => "true",
+                "ssh-unit" => "sshd.service",
                 n if n.contains("retries")
                     || n.contains("max")
                     || n.ends_with("-attempts")

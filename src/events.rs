@@ -6,11 +6,35 @@ use serde_json::{json, Map, Value};
 
 pub const AGENT_VERSION: &str = env!("CARGO_PKG_VERSION");
 
-/// Who is speaking: copied into `data.meta` of every event.
+/// Who is speaking: copied into `data.meta` of every event. `node_id` is
+/// the node-name setting (stable identity); `node_name` the device name an
+/// APPLY_DEVICE_CONFIG set, else the node name; `tags` its custom tags. The
+/// meta object is serialized once, here, not per event.
 #[derive(Debug, Clone)]
 pub struct NodeFacts {
     pub node_id: String,
     pub node_name: String,
+    pub tags: Vec<String>,
+    /// `{"node_id":…,"node_name":…,"tags":[…]}` as JSON text.
+    meta: String,
+}
+
+impl NodeFacts {
+    pub fn new(node_id: &str, node_name: &str, tags: &[String]) -> NodeFacts {
+        let meta = json!({"node_id": node_id, "node_name": node_name, "tags": tags}).to_string();
+        NodeFacts {
+            node_id: node_id.to_owned(),
+            node_name: node_name.to_owned(),
+            tags: tags.to_vec(),
+            meta,
+        }
+    }
+
+    /// Facts of a node known by its name only (no device config).
+    #[cfg(test)]
+    pub fn named(name: &str) -> NodeFacts {
+        NodeFacts::new(name, name, &[])
+    }
 }
 
 /// The Pub/Sub channel of a job's events.
@@ -18,7 +42,8 @@ pub fn channel(job_id: &str) -> String {
     format!("stream:v1:{job_id}")
 }
 
-/// One event as its JSON text.
+/// One event as its JSON text. Written piece by piece (the node's meta is
+/// spliced in as ready text), in the contract's key order.
 pub fn event(
     kind: &str,
     job_id: &str,
@@ -26,24 +51,37 @@ pub fn event(
     data: Value,
     node: &NodeFacts,
 ) -> String {
-    let mut data = match data {
+    let data = match data {
         Value::Object(m) => m,
         _ => Map::new(),
     };
-    data.insert(
-        "meta".into(),
-        json!({"node_id": node.node_id, "node_name": node.node_name}),
-    );
-    let mut ev = Map::new();
-    ev.insert("version".into(), "1.0".into());
-    ev.insert("type".into(), kind.into());
-    ev.insert("jobId".into(), job_id.into());
+    let mut out: Vec<u8> = Vec::with_capacity(160 + node.meta.len());
+    let text = |out: &mut Vec<u8>, s: &str| {
+        // Writing a &str into a Vec cannot fail.
+        let _ = serde_json::to_writer(&mut *out, s);
+    };
+    out.extend_from_slice(br#"{"version":"1.0","type":"#);
+    text(&mut out, kind);
+    out.extend_from_slice(br#","jobId":"#);
+    text(&mut out, job_id);
     if let Some(r) = ray_id.filter(|r| !r.is_empty()) {
-        ev.insert("rayId".into(), r.into());
+        out.extend_from_slice(br#","rayId":"#);
+        text(&mut out, r);
     }
-    ev.insert("timestamp".into(), clock::now_rfc3339().into());
-    ev.insert("data".into(), Value::Object(data));
-    Value::Object(ev).to_string()
+    out.extend_from_slice(br#","timestamp":"#);
+    text(&mut out, &clock::now_rfc3339());
+    out.extend_from_slice(br#","data":{"#);
+    for (k, v) in data.iter().filter(|(k, _)| *k != "meta") {
+        text(&mut out, k);
+        out.push(b':');
+        let _ = serde_json::to_writer(&mut out, v);
+        out.push(b',');
+    }
+    out.extend_from_slice(br#""meta":"#);
+    out.extend_from_slice(node.meta.as_bytes());
+    out.extend_from_slice(b"}}");
+    // Every piece is JSON text serde_json wrote, or ASCII.
+    String::from_utf8(out).unwrap_or_default()
 }
 
 pub fn claimed() -> Value {
@@ -76,21 +114,18 @@ mod tests {
 
     #[test]
     fn event_has_the_contract_shape() {
-        let node = NodeFacts {
-            node_id: "gpu-01".into(),
-            node_name: "gpu-01".into(),
-        };
-        let text = event("chunk", "j-42", Some("r-1"), chunk("Hel", 0), &node);
+        let node = NodeFacts::new("gpu-01", "rack-3.gpu", &["a100".into(), "eu-west".into()]);
+        let text = event("chunk", "j-42", Some("r-1"), chunk("Hel\"\n", 0), &node);
         let v: Value = serde_json::from_str(&text).unwrap();
         assert_eq!(v["version"], "1.0");
         assert_eq!(v["type"], "chunk");
         assert_eq!(v["jobId"], "j-42");
         assert_eq!(v["rayId"], "r-1");
-        assert_eq!(v["data"]["content"], "Hel");
+        assert_eq!(v["data"]["content"], "Hel\"\n");
         assert_eq!(v["data"]["index"], 0);
         assert_eq!(
             v["data"]["meta"],
-            json!({"node_id": "gpu-01", "node_name": "gpu-01"})
+            json!({"node_id": "gpu-01", "node_name": "rack-3.gpu", "tags": ["a100", "eu-west"]})
         );
         let ts = v["timestamp"].as_str().unwrap();
         assert!(ts.ends_with('Z') && ts.len() == 24, "{ts}");
@@ -98,15 +133,29 @@ mod tests {
 
     #[test]
     fn empty_ray_id_is_omitted() {
-        let node = NodeFacts {
-            node_id: "n".into(),
-            node_name: "n".into(),
-        };
+        let node = NodeFacts::named("n");
         for ray in [None, Some("")] {
             let v: Value =
                 serde_json::from_str(&event("end", "j", ray, end(&json!({})), &node)).unwrap();
             assert!(v.get("rayId").is_none());
-            assert!(v["data"]["meta"].is_object());
+            assert_eq!(
+                v["data"]["meta"],
+                json!({"node_id": "n", "node_name": "n", "tags": []})
+            );
         }
+    }
+
+    #[test]
+    fn data_that_is_not_an_object_still_gets_meta_and_a_stray_meta_is_replaced() {
+        let node = NodeFacts::named("n");
+        let v: Value = serde_json::from_str(&event("end", "j", None, json!(3), &node)).unwrap();
+        assert_eq!(
+            v["data"],
+            json!({"meta": {"node_id": "n", "node_name": "n", "tags": []}})
+        );
+        let data = json!({"meta": "mine", "result": {"a": [1, 2]}});
+        let v: Value = serde_json::from_str(&event("end", "j", None, data, &node)).unwrap();
+        assert_eq!(v["data"]["result"], json!({"a": [1, 2]}));
+        assert_eq!(v["data"]["meta"]["node_id"], "n");
     }
 }

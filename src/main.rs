@@ -42,10 +42,7 @@ fn run() -> Result<i32, Exit> {
     let cli = cli::parse(std::env::args_os().skip(1)).map_err(|e| Exit(2, e))?;
     let settings = cli.settings;
     let executor = || {
-        let node = events::NodeFacts {
-            node_id: settings.node_name.clone(),
-            node_name: settings.node_name.clone(),
-        };
+        let profile = node::profile::LiveProfile::load(&settings);
         let policy = worker::exec::RetryPolicy {
             max_retries: settings.max_retries,
             base: settings.retry_base,
@@ -54,7 +51,7 @@ fn run() -> Result<i32, Exit> {
         Arc::new(worker::exec::Executor::new(
             handlers::Registry::from_settings(&settings),
             policy,
-            node,
+            profile,
         ))
     };
     match cli.command {

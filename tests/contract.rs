@@ -201,7 +201,7 @@ fn job_emits_contract_events_in_order() {
         ["claimed", "start", "chunk", "chunk", "chunk", "end"],
         "events: {events:?}"
     );
-    let meta = json!({"node_id": "node-ev", "node_name": "node-ev"});
+    let meta = json!({"node_id": "node-ev", "node_name": "node-ev", "tags": []});
     let mut last_ts = String::new();
     for ev in &events {
         assert_eq!(

@@ -9,11 +9,20 @@ use redis::Connection;
 
 pub fn run(settings: &Settings, cmd: &Dlq) -> Result<i32, Exit> {
     let mut conn = connect(settings)?;
-    let streams: Vec<String> = settings
-        .streams()
-        .iter()
-        .map(|q| dead_letter::stream_for(q))
-        .collect();
+    let mut queues = settings.streams();
+    // The tag streams of the stored device config, which the worker reads too.
+    let file = settings.state_dir.join(crate::node::profile::FILE);
+    if let Ok(Some(config)) = crate::node::profile::load_file(&file) {
+        if settings.tag_streams {
+            queues.extend(
+                config
+                    .custom_tags
+                    .iter()
+                    .map(|t| crate::node::profile::tag_stream(t)),
+            );
+        }
+    }
+    let streams: Vec<String> = queues.iter().map(|q| dead_letter::stream_for(q)).collect();
     match cmd {
         Dlq::List { count } => {
             for s in &streams {

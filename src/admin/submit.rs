@@ -22,9 +22,10 @@ pub fn run(settings: &Settings, s: &Submit) -> Result<i32, Exit> {
             backoff::random_u64() as u32
         )
     });
-    let stream = match &s.node {
-        Some(node) => format!("jobs:v1:node:{node}"),
-        None => settings.queues[0].clone(),
+    let stream = match (&s.node, &s.tag) {
+        (Some(node), _) => format!("jobs:v1:node:{node}"),
+        (None, Some(tag)) => crate::node::profile::tag_stream(tag),
+        (None, None) => settings.queues[0].clone(),
     };
     let mut conn = connect(settings)?;
     let mut xadd = redis::cmd("XADD");

@@ -4,6 +4,7 @@
 //! classified [`JobError`]. It never sees the transport: the same handler runs
 //! under Redis Streams, Nexus polling and `citadel run-job`.
 
+mod device_config;
 mod download;
 mod echo;
 mod extraction;
@@ -11,8 +12,8 @@ pub mod inference;
 pub mod shell;
 
 use crate::config::Settings;
-use crate::events::NodeFacts;
 use crate::job::{Job, JobError};
+use crate::node::profile::LiveProfile;
 use crate::worker::cancel::CancelToken;
 use serde_json::Value;
 use std::sync::Arc;
@@ -33,7 +34,7 @@ pub struct Context<'a> {
     token: &'a Arc<CancelToken>,
     sink: &'a mut dyn FnMut(&str),
     deadline: Option<Instant>,
-    node: &'a NodeFacts,
+    profile: &'a Arc<LiveProfile>,
 }
 
 #[allow(dead_code)]
@@ -42,13 +43,13 @@ impl<'a> Context<'a> {
         token: &'a Arc<CancelToken>,
         sink: &'a mut dyn FnMut(&str),
         deadline: Option<Instant>,
-        node: &'a NodeFacts,
+        profile: &'a Arc<LiveProfile>,
     ) -> Self {
         Context {
             token,
             sink,
             deadline,
-            node,
+            profile,
         }
     }
 
@@ -83,8 +84,9 @@ impl<'a> Context<'a> {
         self.deadline
     }
 
-    pub fn node(&self) -> &NodeFacts {
-        self.node
+    /// The node's device config (live; APPLY_DEVICE_CONFIG replaces it).
+    pub fn profile(&self) -> &Arc<LiveProfile> {
+        self.profile
     }
 }
 
@@ -100,6 +102,10 @@ impl Registry {
         Registry {
             entries: vec![
                 (&["echo"], Arc::new(echo::Echo)),
+                (
+                    &["APPLY_DEVICE_CONFIG", "apply_device_config"],
+                    Arc::new(device_config::ApplyDeviceConfig::new(settings)),
+                ),
                 (
                     &["extraction", "GLINER_EXTRACTION", "EXTRACTION"],
                     Arc::new(extraction::Extraction::new(settings)),

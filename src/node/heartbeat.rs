@@ -9,12 +9,19 @@
 //! once (`backoff::Outage`) and the next beat simply tries again. It runs
 //! wherever a Redis URL is configured; Nexus polling without one has no
 //! heartbeat. A stop wakes it at once.
+//!
+//! What it says of the node comes from the live device config
+//! (`profile`): the device name and tags, the alert switches; while the
+//! config has `healthMonitoringEnabled` false no beat is sent (the thread
+//! keeps its cadence and sends again once it is true). Its stream field
+//! `nodeId` and its channel stay the node name.
 
 use super::gpu::{GpuReader, GpuSource};
 use super::host::HostReader;
 use crate::backoff::Outage;
 use crate::config::{Mode, Settings};
-use crate::events::{NodeFacts, AGENT_VERSION};
+use crate::events::AGENT_VERSION;
+use crate::node::profile::{LiveProfile, Snapshot};
 use crate::redis_conn::{self, Fault};
 use crate::worker::counters::Counters;
 use crate::worker::exec::Executor;
@@ -74,7 +81,7 @@ impl Heartbeat {
         let beat = Beat {
             url,
             settings: settings.clone(),
-            node: exec.node.clone(),
+            profile: exec.profile.clone(),
             counters: exec.counters.clone(),
             started: Instant::now(),
             conn: None,
@@ -109,7 +116,7 @@ impl Heartbeat {
 struct Beat {
     url: String,
     settings: Settings,
-    node: NodeFacts,
+    profile: Arc<LiveProfile>,
     counters: Arc<Counters>,
     started: Instant,
     conn: Option<Connection>,
@@ -122,12 +129,26 @@ impl Beat {
         let interval = self.settings.heartbeat_interval;
         let mut gpus = GpuReader::new(GpuSource::detect(), self.settings.gpu_query_timeout);
         let mut next = Instant::now();
+        let mut paused = false;
         loop {
             if stop.sleep(next.saturating_duration_since(Instant::now())) {
                 return;
             }
             // A beat that took longer than the interval is not caught up.
             next = (next + interval).max(Instant::now());
+            let profile = self.profile.now();
+            if !profile.config.health_monitoring_enabled {
+                if !std::mem::replace(&mut paused, true) {
+                    log::info!(
+                        "heartbeat: paused (the device config has healthMonitoringEnabled false)"
+                    );
+                }
+                log::debug!("heartbeat: beat skipped (healthMonitoringEnabled false)");
+                continue;
+            }
+            if std::mem::take(&mut paused) {
+                log::info!("heartbeat: resumed (healthMonitoringEnabled true)");
+            }
             let gpus = gpus.read(stop);
             if stop.is_set() {
                 return;
@@ -135,7 +156,7 @@ impl Beat {
             let host = self.host.read(&self.settings.state_dir);
             let timestamp = crate::clock::now_rfc3339();
             let body = payload(
-                &self.node,
+                &profile,
                 &self.settings,
                 &timestamp,
                 self.started.elapsed(),
@@ -164,7 +185,7 @@ impl Beat {
                 self.conn.insert(redis_conn::connect(&self.url, t, t)?)
             }
         };
-        let name = &self.node.node_name;
+        let name = &self.settings.node_name;
         redis::pipe()
             .cmd("XADD")
             .arg(STREAM)
@@ -173,7 +194,7 @@ impl Beat {
             .arg(STREAM_MAXLEN)
             .arg("*")
             .arg("nodeId")
-            .arg(&self.node.node_id)
+            .arg(name)
             .arg("timestamp")
             .arg(timestamp)
             .arg("payload")
@@ -187,9 +208,11 @@ impl Beat {
     }
 }
 
-/// The heartbeat's JSON.
+/// The heartbeat's JSON. `nodeId` is the node name; `nodeName` and `tags`
+/// come from the device config, as do the alert switches (`monitoring`),
+/// recorded for whoever watches the beats.
 fn payload(
-    node: &NodeFacts,
+    profile: &Snapshot,
     settings: &Settings,
     timestamp: &str,
     uptime: Duration,
@@ -202,12 +225,19 @@ fn payload(
         Mode::Nexus => "nexus",
         Mode::Auto => "auto",
     };
+    let (node, c) = (&profile.facts, &profile.config);
     let mut body = json!({
         "version": "1.0",
         "agent_version": AGENT_VERSION,
         "timestamp": timestamp,
         "nodeId": node.node_id,
         "nodeName": node.node_name,
+        "tags": node.tags,
+        "monitoring": {
+            "healthMonitoringEnabled": c.health_monitoring_enabled,
+            "alertOnOffline": c.alert_on_offline,
+            "alertOnHighTemp": c.alert_on_high_temp,
+        },
         "hostname": crate::config::hostname(),
         "uptime_seconds": uptime.as_secs(),
         "mode": mode,
@@ -247,14 +277,19 @@ mod tests {
 
     #[test]
     fn the_payload_carries_node_host_gpus_and_worker() {
-        let node = NodeFacts {
-            node_id: "n1".into(),
-            node_name: "n1".into(),
+        let mut s = Settings::default();
+        s.set("node-name", "n1").unwrap();
+        let config = crate::node::profile::DeviceConfig {
+            device_name: Some("dev-1".into()),
+            custom_tags: vec!["t1".into()],
+            alert_on_high_temp: true,
+            ..Default::default()
         };
+        let live = LiveProfile::new(&s, "unused".into(), config, true);
         let host = json!({"cpu": {"cores": 2}, "memory": {}, "disk": {}});
         let body = payload(
-            &node,
-            &Settings::default(),
+            &live.now(),
+            &s,
             "2026-01-20T10:00:01.123Z",
             Duration::from_secs(61),
             host,
@@ -262,6 +297,10 @@ mod tests {
             json!({"processed": 0}),
         );
         assert_eq!(body["nodeId"], "n1");
+        assert_eq!(body["nodeName"], "dev-1");
+        assert_eq!(body["tags"], json!(["t1"]));
+        assert_eq!(body["monitoring"]["alertOnHighTemp"], true);
+        assert_eq!(body["monitoring"]["alertOnOffline"], false);
         assert_eq!(body["uptime_seconds"], 61);
         assert_eq!(body["mode"], "redis");
         assert_eq!(body["cpu"]["cores"], 2);

@@ -7,9 +7,9 @@ use super::cancel::{CancelReason, CancelToken};
 use super::counters::Counters;
 use super::watchdog::Watchdog;
 use crate::backoff::full_jitter;
-use crate::events::NodeFacts;
 use crate::handlers::{Context, Registry};
 use crate::job::{Job, JobError};
+use crate::node::profile::LiveProfile;
 use serde_json::Value;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
@@ -51,18 +51,19 @@ pub struct RetryPolicy {
 pub struct Executor {
     pub registry: Registry,
     pub policy: RetryPolicy,
-    pub node: NodeFacts,
+    /// The device config: event meta, and what APPLY_DEVICE_CONFIG changes.
+    pub profile: Arc<LiveProfile>,
     /// What this process has run, for the heartbeat.
     pub counters: Arc<Counters>,
     watchdog: Watchdog,
 }
 
 impl Executor {
-    pub fn new(registry: Registry, policy: RetryPolicy, node: NodeFacts) -> Self {
+    pub fn new(registry: Registry, policy: RetryPolicy, profile: Arc<LiveProfile>) -> Self {
         Executor {
             registry,
             policy,
-            node,
+            profile,
             counters: Arc::default(),
             watchdog: Watchdog::start(),
         }
@@ -97,7 +98,7 @@ impl Executor {
                     streamed += 1;
                     sink(text)
                 };
-                let mut ctx = Context::new(token, &mut counted, deadline, &self.node);
+                let mut ctx = Context::new(token, &mut counted, deadline, &self.profile);
                 catch_unwind(AssertUnwindSafe(|| handler.run(job, &mut ctx)))
             };
             let (err, panicked) = match result {
@@ -200,16 +201,20 @@ mod tests {
     use serde_json::json;
 
     fn executor(max_retries: u32) -> Executor {
-        let node = NodeFacts {
-            node_id: "n".into(),
-            node_name: "n".into(),
-        };
+        let settings = Settings::default();
+        let path = settings.state_dir.join("unused-device-config.json");
+        let profile = Arc::new(LiveProfile::new(
+            &settings,
+            path,
+            crate::node::profile::DeviceConfig::default(),
+            true,
+        ));
         let policy = RetryPolicy {
             max_retries,
             base: Duration::from_millis(1),
             cap: Duration::from_millis(1),
         };
-        Executor::new(Registry::from_settings(&Settings::default()), policy, node)
+        Executor::new(Registry::from_settings(&settings), policy, profile)
     }
 
     fn run(exec: &Executor, payload: serde_json::Value) -> (Outcome, usize) {

@@ -120,7 +120,7 @@ impl Intake {
                     st.queue.push(Msg::Finish(e, outcome));
                 }
                 Verdict::Run(job) => {
-                    let claimed = event_json(&e, "claimed", events::claimed(), &st.node);
+                    let claimed = event_json(&e, "claimed", events::claimed(), &st.profile.facts());
                     st.queue.push(Msg::Claimed(e.clone(), claimed));
                     let task = Task {
                         job,
@@ -182,16 +182,21 @@ impl Report for RedisReport {
     fn started(&mut self) {
         let e = &self.entry;
         let kind = e.kind.as_deref().unwrap_or("job");
-        let node = &self.state.node;
+        let node = self.state.profile.facts();
         let text = format!("{kind} job started on {}", node.node_name);
-        let start = event_json(e, "start", events::start(&text), node);
+        let start = event_json(e, "start", events::start(&text), &node);
         self.state.queue.push(Msg::Started(e.clone(), start));
     }
 
     fn chunk(&mut self, text: &str) {
         let e = &self.entry;
         let st = &self.state;
-        let json = event_json(e, "chunk", events::chunk(text, self.index), &st.node);
+        let json = event_json(
+            e,
+            "chunk",
+            events::chunk(text, self.index),
+            &st.profile.facts(),
+        );
         self.index += 1;
         let blocked = || st.settle_blocked.load(Ordering::SeqCst) || e.is_lost();
         if !st

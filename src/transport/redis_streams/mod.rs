@@ -18,7 +18,7 @@ mod scripts;
 mod settler;
 
 use crate::config::Settings;
-use crate::events::NodeFacts;
+use crate::node::profile::LiveProfile;
 use crate::redis_conn;
 use crate::sync::lock;
 use crate::worker::cancel::CancelReason;
@@ -41,8 +41,11 @@ use std::time::{Duration, Instant};
 pub struct StreamsState {
     pub settings: Settings,
     pub consumer: String,
-    pub streams: Vec<Arc<str>>,
-    pub node: NodeFacts,
+    /// The queues and the node's own stream; the reader adds the device
+    /// config's tag streams (which change while it runs).
+    pub base_streams: Vec<Arc<str>>,
+    /// The device config: event meta and tags, read live.
+    pub profile: Arc<LiveProfile>,
     /// The executor's counters: dead letters Redis took, entries reclaimed.
     pub counters: Arc<Counters>,
     slots: Arc<Slots>,
@@ -99,8 +102,8 @@ impl RedisStreams {
     ) -> Self {
         let shared = Arc::new(StreamsState {
             consumer: settings.consumer().to_owned(),
-            streams: settings.streams().into_iter().map(Arc::from).collect(),
-            node: exec.node.clone(),
+            base_streams: settings.streams().into_iter().map(Arc::from).collect(),
+            profile: exec.profile.clone(),
             counters: exec.counters.clone(),
             inflight: InFlight::new(slots.clone()),
             queue: SettleQueue::new(slots.capacity() * 64),
@@ -122,11 +125,17 @@ impl RedisStreams {
         });
         log::info!(
             "working: streams {:?}, group '{}', consumer '{}', claim-idle {:?}",
-            shared.streams,
+            shared.base_streams,
             shared.settings.group,
             shared.consumer,
             shared.settings.claim_idle,
         );
+        if shared.settings.tag_streams {
+            let tags = shared.profile.now().tag_streams.clone();
+            log::info!("tag streams (the device config's tags, followed live): {tags:?}");
+        } else {
+            log::info!("tag streams: off (--tag-streams=false)");
+        }
         let settler = spawn("settle", {
             let shared = shared.clone();
             move || settler::Settler::new(shared).run()

@@ -14,6 +14,14 @@
 //! 4. reads new entries: a sweep of every stream, then one BLOCK on all of
 //!    them.
 //!
+//! The streams are the queues, the node's own stream and the tag streams of
+//! the device config (`jobs:v1:tag:{tag}`). The reader looks at the live
+//! config's generation before each step (one atomic load) and, when a config
+//! job changed the tags, reads the new list from then on: groups created
+//! for new streams, per-stream cursors carried over by name. A removed
+//! tag's stream is no longer read; its entries running here settle as
+//! usual (an entry knows its stream).
+//!
 //! What becomes of an entry read is `intake`'s business.
 
 use super::entry::{self, RawEntry};
@@ -33,6 +41,10 @@ pub struct Reader {
     intake: Intake,
     conn: Option<Connection>,
     outage: Outage,
+    /// What is read: the base streams, then the tag streams.
+    streams: Arc<[Arc<str>]>,
+    /// The device-config generation `streams` was made from.
+    generation: Option<u64>,
     /// Per stream, where taking back own pending entries goes on (`None`
     /// once done); `None` overall when there is nothing to take back.
     own: Option<Vec<Option<String>>>,
@@ -49,8 +61,12 @@ pub struct Reader {
 impl Reader {
     pub fn new(intake: Intake) -> Self {
         let state = intake.state.clone();
-        let n = state.streams.len();
+        let generation = state.profile.generation();
+        let streams = streams_now(&state);
+        let n = streams.len();
         Reader {
+            generation: Some(generation),
+            streams: streams.into(),
             state,
             intake,
             conn: None,
@@ -116,6 +132,7 @@ impl Reader {
 
     fn step(&mut self, free: &mut Vec<Slot>) -> RedisResult<()> {
         if self.conn.is_none() {
+            self.refresh_streams(None)?;
             self.conn = Some(self.open()?);
             if self.state.stopping() {
                 return Ok(()); // the connect outlasted a stop: read nothing
@@ -123,11 +140,13 @@ impl Reader {
             self.outage.recovered();
             // A read cut off by the outage may have delivered entries to this
             // consumer that nobody runs: take back own pending entries first.
-            self.own = Some(vec![Some("-".into()); self.state.streams.len()]);
+            self.own = Some(vec![Some("-".into()); self.streams.len()]);
             self.state.lock_lost.store(true, Ordering::SeqCst);
         }
         let mut conn = self.conn.take().expect("connection just opened");
-        let result = if self.state.lock_lost.load(Ordering::SeqCst) {
+        let result = if let Err(e) = self.refresh_streams(Some(&mut conn)) {
+            Err(e)
+        } else if self.state.lock_lost.load(Ordering::SeqCst) {
             self.take_name(&mut conn)
         } else if self.own.is_some() {
             self.take_back_own(&mut conn, free)
@@ -146,22 +165,63 @@ impl Reader {
         let s = &self.state.settings;
         let mut conn =
             redis_conn::connect(&s.redis_url, s.redis_timeout, s.block + s.redis_timeout)?;
-        for stream in &self.state.streams {
-            let created: RedisResult<()> = redis::cmd("XGROUP")
-                .arg("CREATE")
-                .arg(&**stream)
-                .arg(&s.group)
-                .arg("0")
-                .arg("MKSTREAM")
-                .query(&mut conn);
-            match created {
-                Err(e) if e.code() != Some("BUSYGROUP") => return Err(e),
-                _ => {}
-            }
+        for stream in self.streams.iter() {
+            create_group(&mut conn, stream, &s.group)?;
         }
         let id: u64 = redis::cmd("CLIENT").arg("ID").query(&mut conn)?;
         self.state.reader_client.store(id, Ordering::SeqCst);
         Ok(conn)
+    }
+
+    /// When the device config changed since the last look: read its tag
+    /// streams from now on. With a connection, groups are created for the
+    /// new streams first (without one, `open` creates them all). Per-stream
+    /// cursors are kept by name; a new stream starts its own take-back (an
+    /// earlier run may have left entries pending there for this consumer).
+    fn refresh_streams(&mut self, conn: Option<&mut Connection>) -> RedisResult<()> {
+        let generation = self.state.profile.generation();
+        if self.generation == Some(generation) {
+            return Ok(());
+        }
+        let list = streams_now(&self.state);
+        let added: Vec<Arc<str>> = list
+            .iter()
+            .filter(|s| !self.streams.contains(s))
+            .cloned()
+            .collect();
+        if let Some(conn) = conn {
+            for stream in &added {
+                create_group(conn, stream, &self.state.settings.group)?;
+            }
+        }
+        let old = std::mem::replace(&mut self.streams, list.into());
+        let at = |s: &Arc<str>| old.iter().position(|o| o == s);
+        self.reclaim_cursor = self
+            .streams
+            .iter()
+            .map(|s| at(s).map_or_else(|| "0-0".into(), |i| self.reclaim_cursor[i].clone()))
+            .collect();
+        let own = self.own.take();
+        if own.is_some() || !added.is_empty() {
+            self.own = Some(
+                self.streams
+                    .iter()
+                    .map(|s| match (at(s), &own) {
+                        (Some(i), Some(own)) => own[i].clone(),
+                        (Some(_), None) => None,
+                        (None, _) => Some("-".into()),
+                    })
+                    .collect(),
+            );
+        }
+        if *old != *self.streams {
+            log::info!(
+                "the device config's tags changed: reading streams {:?}",
+                self.streams
+            );
+        }
+        self.generation = Some(generation);
+        Ok(())
     }
 
     /// Take (or take again, after a reconnect) the consumer name. The first
@@ -251,7 +311,7 @@ impl Reader {
         free: &mut Vec<Slot>,
     ) -> RedisResult<Option<String>> {
         let st = self.state.clone();
-        let stream = &st.streams[i];
+        let stream = &self.streams[i].clone();
         let page = free.len() + st.inflight.len() + 16;
         let rows = pending_rows(conn, &st, stream, (start, "+"), page)?;
         let candidates: Vec<&(String, u64)> = rows
@@ -301,7 +361,8 @@ impl Reader {
     /// XAUTOCLAIM entries idle longer than claim-idle, up to the free slots.
     fn reclaim(&mut self, conn: &mut Connection, free: &mut Vec<Slot>) -> RedisResult<()> {
         let st = self.state.clone();
-        for (i, stream) in st.streams.iter().enumerate() {
+        let streams = self.streams.clone();
+        for (i, stream) in streams.iter().enumerate() {
             for _ in 0..16 {
                 if free.is_empty() {
                     return Ok(());
@@ -360,9 +421,10 @@ impl Reader {
     /// this consumer and are taken back as soon as a slot frees.
     fn read_new(&mut self, conn: &mut Connection, free: &mut Vec<Slot>) -> RedisResult<()> {
         let st = self.state.clone();
+        let streams = self.streams.clone();
         if !self.idle {
             let before = free.len();
-            for stream in &st.streams {
+            for stream in streams.iter() {
                 if free.is_empty() {
                     return Ok(());
                 }
@@ -381,18 +443,44 @@ impl Reader {
             .block
             .min(until_reclaim)
             .max(Duration::from_millis(1));
-        let all: Vec<&Arc<str>> = st.streams.iter().collect();
+        let all: Vec<&Arc<str>> = streams.iter().collect();
         let reply = xreadgroup(conn, &st, 1, Some(block), &all)?;
         self.idle = reply.iter().all(|(_, raws)| raws.is_empty());
         for (name, raws) in reply {
-            if let Some(stream) = st.streams.iter().find(|s| ***s == *name) {
+            if let Some(stream) = streams.iter().find(|s| ***s == *name) {
                 let fresh = raws.into_iter().map(|r| (r, 1)).collect();
                 if self.intake.take(conn, stream, fresh, free).left_pending > 0 {
-                    self.own = Some(vec![Some("-".into()); st.streams.len()]);
+                    self.own = Some(vec![Some("-".into()); streams.len()]);
                 }
             }
         }
         Ok(())
+    }
+}
+
+/// The base streams, then the device config's tag streams (repeats dropped).
+fn streams_now(st: &StreamsState) -> Vec<Arc<str>> {
+    let mut list = st.base_streams.clone();
+    for t in st.profile.now().tag_streams.iter() {
+        if !list.contains(t) {
+            list.push(t.clone());
+        }
+    }
+    list
+}
+
+/// `XGROUP CREATE stream group 0 MKSTREAM`; an existing group is fine.
+fn create_group(conn: &mut Connection, stream: &str, group: &str) -> RedisResult<()> {
+    let created: RedisResult<()> = redis::cmd("XGROUP")
+        .arg("CREATE")
+        .arg(stream)
+        .arg(group)
+        .arg("0")
+        .arg("MKSTREAM")
+        .query(conn);
+    match created {
+        Err(e) if e.code() != Some("BUSYGROUP") => Err(e),
+        _ => Ok(()),
     }
 }
 

@@ -458,7 +458,8 @@ fn settle_cmd(
     e: &Entry,
     outcome: Option<&Outcome>,
 ) -> redis::Cmd {
-    let event = |kind, data| Some(event_json(e, kind, data, &st.node));
+    let node = st.profile.facts();
+    let event = |kind, data| Some(event_json(e, kind, data, &node));
     match outcome {
         None | Some(Outcome::Abandoned) => scripts.settle(st, e, "", None, None, None),
         Some(Outcome::Success(v)) => {
