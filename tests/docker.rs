@@ -296,6 +296,123 @@ fn first_start_runs_the_engines_as_specified_and_a_second_changes_nothing() {
     assert_eq!((n.id("citadel-llamacpp"), n.id("citadel-ollama")), ids);
 }
 
+/// The docker calls logged since the last look, and the log emptied.
+fn take_calls(calls: &Path) -> Vec<String> {
+    let text = fs::read_to_string(calls).unwrap_or_default();
+    fs::write(calls, "").unwrap();
+    text.lines().map(str::to_owned).collect()
+}
+
+fn mutating(calls: &[String]) -> Vec<&String> {
+    calls
+        .iter()
+        .filter(|l| MUTATING.contains(&l.split_whitespace().next().unwrap_or("")))
+        .collect()
+}
+
+/// Enqueue an APPLY_DEVICE_CONFIG job; its terminal event.
+fn config_job(conn: &mut redis::Connection, sub: &Subscriber, job: &str, config: &Json) -> Json {
+    xadd_job(
+        conn,
+        "jobs:v1:gpu-general",
+        job,
+        "APPLY_DEVICE_CONFIG",
+        &json!({ "config": config }).to_string(),
+    );
+    wait_until(&format!("the terminal event of {job}"), WAIT * 2, || {
+        sub.events_for(job)
+            .into_iter()
+            .find(|e| matches!(e["type"].as_str(), Some("end" | "error" | "cancelled")))
+    })
+}
+
+#[test]
+fn a_config_job_reconciles_the_services_and_the_same_config_again_runs_no_mutating_command() {
+    let Some(n) = node(
+        "a_config_job_reconciles_the_services_and_the_same_config_again_runs_no_mutating_command",
+    ) else {
+        return;
+    };
+    let (wrapper, calls) = logging_docker(&n.dir);
+    let redis = RedisServer::start();
+    let sub = Subscriber::new(&redis, "stream:v1:*");
+    let mut args = n.args("");
+    args.extend([
+        "--docker".into(),
+        wrapper.to_str().unwrap().into(),
+        "--redis-url".into(),
+        redis.url(),
+    ]);
+    let mut all = vec!["work"];
+    all.extend(args.iter().map(String::as_str));
+    let mut c = Citadel::spawn(&all, &[("DOCKER_HOST", n.daemon.host()), ("PATH", &n.path)]);
+    c.wait_working();
+    let mut conn = redis.conn();
+
+    // The wizard's config: both engines, started automatically.
+    let config = json!({"deviceName": "edge-7", "services": ["llamacpp", "ollama"],
+                        "autoStartServices": true, "customTags": ["lab"]});
+    let end = config_job(&mut conn, &sub, "cfg-1", &config);
+    assert_eq!(end["type"], "end", "{end}\n{}", c.log());
+    let services = &end["data"]["result"]["services"];
+    assert_eq!(names(&services["started"]), ["llamacpp", "ollama"], "{end}");
+    assert_eq!(names(&services["ready"]), ["llamacpp", "ollama"], "{end}");
+    assert_eq!(end["data"]["meta"]["node_name"], "edge-7", "{end}");
+    assert!(!mutating(&take_calls(&calls)).is_empty());
+    let port = n.llamacpp.to_string();
+    assert!(
+        n.seen(n.llamacpp, "args").lines().any(|l| l == port),
+        "the engine serves where --llamacpp-url points"
+    );
+    let ids = (n.id("citadel-llamacpp"), n.id("citadel-ollama"));
+
+    // The same config again: no changes, and no mutating docker command.
+    let end = config_job(&mut conn, &sub, "cfg-2", &config);
+    assert_eq!(end["type"], "end", "{end}");
+    let result = &end["data"]["result"];
+    assert_eq!(result["message"], "no changes", "{result}");
+    assert_eq!(names(&result["services"]["kept"]), ["llamacpp", "ollama"]);
+    let seen = take_calls(&calls);
+    assert!(seen.iter().any(|l| l.starts_with("ps ")), "{seen:?}");
+    assert!(mutating(&seen).is_empty(), "{seen:?}");
+    assert_eq!((n.id("citadel-llamacpp"), n.id("citadel-ollama")), ids);
+
+    // An invalid config changes nothing, in Redis's view or Docker's.
+    let bad = json!({"services": ["llamacpp", "tgi"], "autoStartServices": true});
+    let end = config_job(&mut conn, &sub, "cfg-bad", &bad);
+    assert_eq!(end["type"], "error", "{end}");
+    let error = end["data"]["error"].as_str().unwrap();
+    assert!(
+        error.contains("config.services[1]") && error.contains("tgi"),
+        "{error}"
+    );
+    assert!(take_calls(&calls).is_empty(), "no docker call at all");
+
+    // Ollama no longer wanted: stopped and removed; llama.cpp kept.
+    let end = config_job(
+        &mut conn,
+        &sub,
+        "cfg-3",
+        &json!({"services": ["llamacpp"], "autoStartServices": true}),
+    );
+    assert_eq!(end["type"], "end", "{end}");
+    let services = &end["data"]["result"]["services"];
+    assert_eq!(names(&services["stopped"]), ["ollama"], "{end}");
+    assert_eq!(names(&services["kept"]), ["llamacpp"], "{end}");
+    assert!(n
+        .daemon
+        .ok(&["ps", "-a", "--format", "{{.Names}}"])
+        .lines()
+        .all(|l| l != "citadel-ollama"));
+    assert_eq!(n.id("citadel-llamacpp"), ids.0);
+    c.sigterm();
+    assert!(
+        c.wait_exit(WAIT).is_some_and(|s| s.success()),
+        "{}",
+        c.log()
+    );
+}
+
 #[test]
 fn a_service_no_longer_wanted_is_stopped_and_removed() {
     let Some(n) = node("a_service_no_longer_wanted_is_stopped_and_removed") else {
@@ -869,8 +986,9 @@ fn llama_rootfs(binary: &Path, root: &Path) {
 }
 
 #[test]
-fn citadel_up_serves_llm_inference_from_a_real_llama_server_container() {
-    let test = "citadel_up_serves_llm_inference_from_a_real_llama_server_container";
+fn a_config_job_starts_a_real_llama_server_container_that_serves_llm_inference_and_up_brings_it_back(
+) {
+    let test = "a_config_job_starts_a_real_llama_server_container_that_serves_llm_inference_and_up_brings_it_back";
     if std::env::var("CITADEL_SKIP_REAL_ENGINE").is_ok_and(|v| v == "1" || v == "true") {
         support::report_skip(test, "CITADEL_SKIP_REAL_ENGINE=1");
         return;
@@ -901,78 +1019,121 @@ fn citadel_up_serves_llm_inference_from_a_real_llama_server_container() {
     let redis = RedisServer::start();
     let sub = Subscriber::new(&redis, "stream:v1:*");
     let url = format!("http://127.0.0.1:{}", n.llamacpp);
-    let node_name = format!("docker-e2e-{}", n.llamacpp);
-    let c = Citadel::spawn(
-        &[
-            "up",
-            "--redis-url",
-            &redis.url(),
-            "--node-name",
-            &node_name,
-            "--services",
-            "llamacpp",
-            "--llamacpp-model",
-            "model.gguf",
-            "--service-image",
-            "llamacpp=citadel-test/llama:1",
-            "--llamacpp-url",
-            &url,
-            "--service-args",
-            "llamacpp=-c 512 -np 1 -t 1 --no-webui",
-            "--models-dir",
-            n.models.to_str().unwrap(),
-            "--engine-first-token-timeout",
-            "60s",
-        ],
-        &[("DOCKER_HOST", n.daemon.host()), ("PATH", &n.path)],
+    let state = n.dir.join("state");
+    let settings: Vec<String> = [
+        "--redis-url",
+        &redis.url(),
+        "--node-name",
+        &format!("docker-e2e-{}", n.llamacpp),
+        "--state-dir",
+        state.to_str().unwrap(),
+        "--llamacpp-model",
+        "model.gguf",
+        "--service-image",
+        "llamacpp=citadel-test/llama:1",
+        "--llamacpp-url",
+        &url,
+        "--service-args",
+        "llamacpp=-c 512 -np 1 -t 1 --no-webui",
+        "--models-dir",
+        n.models.to_str().unwrap(),
+        "--engine-first-token-timeout",
+        "60s",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let up = || {
+        let mut args = vec!["up"];
+        args.extend(settings.iter().map(String::as_str));
+        let c = Citadel::spawn(
+            &args,
+            &[("DOCKER_HOST", n.daemon.host()), ("PATH", &n.path)],
+        );
+        c.wait_for_log("starting the agent", WAIT * 2);
+        c.wait_working();
+        c
+    };
+    let mut conn = redis.conn();
+    let inference = |conn: &mut redis::Connection, job: &str| {
+        let payload = json!({"backend": "llamacpp", "model": "llamacpp/smollm2",
+                             "prompt": "Once upon a time", "max_tokens": 8, "temperature": 0});
+        xadd_job(
+            conn,
+            "jobs:v1:gpu-general",
+            job,
+            "llm_inference",
+            &payload.to_string(),
+        );
+        let events = wait_until("the job's terminal event", WAIT * 2, || {
+            let events = sub.events_for(job);
+            events
+                .iter()
+                .any(|e| matches!(e["type"].as_str(), Some("end" | "error" | "cancelled")))
+                .then_some(events)
+        });
+        let last = events.last().unwrap();
+        assert_eq!(last["type"], "end", "{events:?}");
+        let chunks: Vec<&str> = events
+            .iter()
+            .filter(|e| e["type"] == "chunk")
+            .map(|e| e["data"]["content"].as_str().unwrap())
+            .collect();
+        assert!(
+            chunks.len() > 1,
+            "tokens streamed in several chunks: {events:?}"
+        );
+        assert_eq!(last["data"]["result"]["content"], chunks.concat(), "{last}");
+        let completion = last["data"]["result"]["usage"]["completion_tokens"]
+            .as_u64()
+            .unwrap_or(0);
+        assert!((1..=8).contains(&completion), "{last}");
+    };
+
+    // A bare node: nothing configured, `citadel up` just runs the agent.
+    let mut c = up();
+    assert!(c.log().contains("citadel up: no services are configured"), "{}", c.log());
+    // The wizard's config arrives as a job and starts the engine.
+    let end = config_job(
+        &mut conn,
+        &sub,
+        "docker-e2e-config",
+        &json!({"deviceName": "gpu-box", "services": ["llamacpp"], "autoStartServices": true}),
     );
-    c.wait_for_log("starting the agent", WAIT * 2);
+    assert_eq!(end["type"], "end", "{end}\n{}", c.log());
+    let services = &end["data"]["result"]["services"];
+    assert_eq!(names(&services["started"]), ["llamacpp"], "{end}");
+    assert_eq!(
+        names(&services["ready"]),
+        ["llamacpp"],
+        "{end}\n{}",
+        c.log()
+    );
+    inference(&mut conn, "docker-e2e-1");
+    assert_eq!(
+        n.daemon.inspect("citadel-llamacpp", "{{.State.Status}}"),
+        "running"
+    );
+
+    // The agent stops and the engine is stopped by hand: `citadel up` on
+    // this configured node brings it back (from the stored config) and serves.
+    c.sigterm();
+    assert!(
+        c.wait_exit(WAIT).is_some_and(|s| s.success()),
+        "{}",
+        c.log()
+    );
+    n.daemon.ok(&["stop", "citadel-llamacpp"]);
+    let c = up();
     let report = report_in(&c.log());
-    assert_eq!(names(&report["started"]), ["llamacpp"], "{report}");
+    assert_eq!(names(&report["restarted"]), ["llamacpp"], "{report}");
     assert_eq!(
         names(&report["ready"]),
         ["llamacpp"],
         "{report}\n{}",
         c.log()
     );
-    c.wait_working();
-
-    let mut conn = redis.conn();
-    let payload = json!({"backend": "llamacpp", "model": "llamacpp/smollm2",
-                         "prompt": "Once upon a time", "max_tokens": 8, "temperature": 0});
-    xadd_job(
-        &mut conn,
-        "jobs:v1:gpu-general",
-        "docker-e2e",
-        "llm_inference",
-        &payload.to_string(),
-    );
-    let events = wait_until("the job's terminal event", WAIT * 2, || {
-        let events = sub.events_for("docker-e2e");
-        events
-            .iter()
-            .any(|e| matches!(e["type"].as_str(), Some("end" | "error" | "cancelled")))
-            .then_some(events)
-    });
-    let last = events.last().unwrap();
-    assert_eq!(last["type"], "end", "{events:?}");
-    let chunks: Vec<&str> = events
-        .iter()
-        .filter(|e| e["type"] == "chunk")
-        .map(|e| e["data"]["content"].as_str().unwrap())
-        .collect();
-    assert!(
-        chunks.len() > 1,
-        "tokens streamed in several chunks: {events:?}"
-    );
-    assert_eq!(last["data"]["result"]["content"], chunks.concat(), "{last}");
-    let completion = last["data"]["result"]["usage"]["completion_tokens"]
-        .as_u64()
-        .unwrap_or(0);
-    assert!((1..=8).contains(&completion), "{last}");
-    // It was the container that answered.
-    assert_eq!(
-        n.daemon.inspect("citadel-llamacpp", "{{.State.Status}}"),
-        "running"
-    );
+    inference(&mut conn, "docker-e2e-2");
+    let meta = &sub.events_for("docker-e2e-2")[0]["data"]["meta"];
+    assert_eq!(meta["node_name"], "gpu-box", "{meta}");
 }
