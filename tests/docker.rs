@@ -1092,7 +1092,11 @@ fn a_config_job_starts_a_real_llama_server_container_that_serves_llm_inference_a
 
     // A bare node: nothing configured, `citadel up` just runs the agent.
     let mut c = up();
-    assert!(c.log().contains("citadel up: no services are configured"), "{}", c.log());
+    assert!(
+        c.log().contains("citadel up: no services are configured"),
+        "{}",
+        c.log()
+    );
     // The wizard's config arrives as a job and starts the engine.
     let end = config_job(
         &mut conn,
