@@ -104,5 +104,7 @@ fn run() -> Result<i32, Exit> {
         Command::Submit(s) => admin::submit::run(&settings, &s),
         Command::Dlq(d) => admin::dlq::run(&settings, &d),
         Command::Status => admin::status::run(&settings),
+        Command::Init(i) => admin::init::run(&settings, &i),
+        Command::Service(s) => admin::init::service(&settings, &s),
     }
 }

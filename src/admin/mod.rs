@@ -1,7 +1,8 @@
-//! The operator's commands: `submit` and `dlq`. Each is a short-lived client of
-//! the same Redis the workers use.
+//! The operator's commands: `submit` and `dlq` (short-lived clients of the
+//! same Redis the workers use), `status`, `init` and `service`.
 
 pub mod dlq;
+pub mod init;
 pub mod status;
 pub mod submit;
 
