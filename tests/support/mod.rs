@@ -10,6 +10,7 @@
 #![allow(dead_code)]
 
 pub mod dead_letters;
+pub mod fake_auth;
 pub mod fake_engine;
 pub mod fake_extraction;
 pub mod fake_nexus;
