@@ -69,7 +69,6 @@ pub fn unit_text(u: &Unit) -> String {
 # removes it. Edit with `systemctl edit citadel` (a drop-in), not here.
 {created}[Unit]
 Description=Citadel node agent (job fabric worker)
-Documentation=https://github.com/citadel/citadel
 Wants=network-online.target
 After=network-online.target
 # Restarted forever, {RESTART_SEC} s apart; more than {START_LIMIT_BURST} starts in {START_LIMIT_INTERVAL} s (only by hand) stop it.
