@@ -783,3 +783,137 @@ fn the_agent_afterwards_polls_nexus_with_the_stored_token_and_uses_the_stored_re
     assert!(worker.wait_exit(Duration::from_secs(30)).is_some());
     assert!(!worker.log().contains(TOKEN));
 }
+
+/// `citadel <args>` as a non-root user (uid 65534 through setpriv when the
+/// tests run as root) with `HOME` and no `CITADEL_CONFIG`: the default
+/// config file is `~/.config/citadel/config.json` (or under
+/// `XDG_CONFIG_HOME`), for init and for every other command alike.
+fn as_user(home: &Path, xdg: Option<&Path>, args: &[&str]) -> Run {
+    let root = running_as_root();
+    let mut cmd = if root {
+        let mut c = std::process::Command::new("setpriv");
+        c.args(["--reuid", "65534", "--regid", "65534", "--clear-groups"])
+            .arg(support::citadel_bin());
+        c
+    } else {
+        std::process::Command::new(support::citadel_bin())
+    };
+    support::clean_env(&mut cmd, home);
+    cmd.env_remove("CITADEL_CONFIG")
+        .env_remove("XDG_CONFIG_HOME")
+        .env("HOME", home)
+        .args(args);
+    if let Some(x) = xdg {
+        cmd.env("XDG_CONFIG_HOME", x);
+    }
+    let t0 = Instant::now();
+    let out = cmd.output().expect("running citadel as a user");
+    Run {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        took: t0.elapsed(),
+    }
+}
+
+fn running_as_root() -> bool {
+    use std::os::unix::fs::MetadataExt;
+    fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0)
+}
+
+#[test]
+fn a_non_root_user_keeps_credentials_in_the_home_config_which_every_command_reads() {
+    let home = fresh_temp_dir("init-home");
+    fs::set_permissions(&home, fs::Permissions::from_mode(0o777)).unwrap();
+    let run = as_user(
+        &home,
+        None,
+        &[
+            "init",
+            "--token",
+            TOKEN,
+            "--nexus-url",
+            "http://127.0.0.1:9",
+        ],
+    );
+    assert_eq!(run.code, 0, "{}", run.all());
+    let config = home.join(".config/citadel/config.json");
+    assert_eq!(read_json(&config)["device_api_token"], TOKEN);
+    assert_eq!(mode(&config), 0o600);
+    assert_eq!(mode(config.parent().unwrap()), 0o700);
+    assert!(
+        run.stdout.contains(config.to_str().unwrap()),
+        "{}",
+        run.stdout
+    );
+    let status = as_user(
+        &home,
+        None,
+        &["status", "--engine-connect-timeout", "100ms"],
+    );
+    assert_eq!(status.code, 0, "{}", status.all());
+    assert!(
+        status.stdout.contains("credentials: device_api_token ***")
+            && status.stdout.contains(config.to_str().unwrap())
+            && status.stdout.contains("nexus http://127.0.0.1:9"),
+        "{}",
+        status.stdout
+    );
+    status.assert_no_token(TOKEN);
+    let again = as_user(&home, None, &["init", "--token", "other"]);
+    assert!(
+        again.stdout.contains("already provisioned"),
+        "{}",
+        again.all()
+    );
+
+    let xdg = home.join("xdg");
+    let run = as_user(&home, Some(&xdg), &["init", "--token", TOKEN]);
+    assert_eq!(run.code, 0, "{}", run.all());
+    assert!(xdg.join("citadel/config.json").exists());
+}
+
+#[test]
+fn on_a_terminal_the_url_is_also_a_qr_code() {
+    let auth = FakeAuth::start();
+    auth.push_token(Token::Approve(approval(TOKEN, None, None)));
+    let (base, config) = new_config();
+    let log = base.join("typescript");
+    // script(1) gives the command a pseudo-terminal as stdout.
+    let inner = format!(
+        "{} init --config {} --auth-url {}",
+        support::citadel_bin(),
+        config.display(),
+        auth.url()
+    );
+    let mut cmd = std::process::Command::new("script");
+    support::clean_env(&mut cmd, &base);
+    let out = match cmd
+        .args(["-q", "-e", "-c", &inner])
+        .arg(&log)
+        .stdin(Stdio::null())
+        .output()
+    {
+        Ok(o) => o,
+        Err(e) => {
+            support::skip_unless_ci(
+                "on_a_terminal_the_url_is_also_a_qr_code",
+                &format!("script(1) (util-linux) cannot run: {e}"),
+            );
+            return;
+        }
+    };
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains('█') && text.contains('▀'),
+        "no QR code:\n{text}"
+    );
+    assert!(text.contains(fake_auth::USER_CODE), "{text}");
+    assert!(!text.contains(TOKEN));
+    assert_eq!(read_json(&config)["device_api_token"], TOKEN);
+}
