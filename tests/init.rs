@@ -349,7 +349,10 @@ fn garbage_answers_end_with_clear_errors() {
             Start::Status(404, r#"{"error":"not_found"}"#.into()),
             "refused to start (HTTP 404): not_found",
         ),
-        (Start::Status(200, huge.clone()), "unreadable body"),
+        (
+            Start::Status(200, huge.clone()),
+            "answered HTTP 200 with an unreadable body (at most 1 MiB",
+        ),
     ];
     for (reply, want) in start_cases {
         let auth = FakeAuth::start();
@@ -409,7 +412,10 @@ fn garbage_answers_end_with_clear_errors() {
             Token::Status(400, r#"{"message":"?"}"#.into()),
             "has no error code",
         ),
-        (Token::Status(200, huge), "unreadable body"),
+        (
+            Token::Status(200, huge),
+            "answered the token request with HTTP 200 with an unreadable body",
+        ),
     ];
     for (reply, want) in token_cases {
         let auth = FakeAuth::start();
@@ -426,6 +432,12 @@ fn garbage_answers_end_with_clear_errors() {
             "want {want:?} in:\n{}",
             run.stderr
         );
+        assert_eq!(
+            auth.polls().len(),
+            1,
+            "{want}: it ends at the first such answer"
+        );
+        assert!(!run.stderr.contains("no approval within"), "{}", run.stderr);
         run.assert_no_token(TOKEN);
         assert!(!config.exists(), "{want}: nothing is stored");
     }
@@ -437,6 +449,8 @@ fn server_errors_and_dropped_connections_are_retried_until_approval() {
     auth.push_token(Token::Status(503, "<html>maintenance</html>".into()));
     auth.push_token(Token::Drop);
     auth.push_token(Token::Status(500, "{}".into()));
+    // A 5xx whose body is over the limit is still a 5xx: asked again.
+    auth.push_token(Token::Status(502, "x".repeat(2 << 20)));
     auth.push_token(Token::Pending);
     auth.push_token(Token::Approve(approval(TOKEN, None, None)));
     let (_base, config) = new_config();
@@ -446,7 +460,7 @@ fn server_errors_and_dropped_connections_are_retried_until_approval() {
         Duration::from_secs(120),
     );
     assert_eq!(run.code, 0, "{}", run.all());
-    assert_eq!(auth.polls().len(), 5);
+    assert_eq!(auth.polls().len(), 6);
     assert!(run.stderr.contains("HTTP 503"), "{}", run.stderr);
     assert!(run.stderr.contains("asking again in"), "{}", run.stderr);
     assert_eq!(read_json(&config)["device_api_token"], TOKEN);

@@ -425,9 +425,15 @@ impl AuthClient {
         }
     }
 
-    /// POST `body` as JSON to `path`; the status and body text, or why there
-    /// is none.
-    fn post(&self, path: &str, body: &Value, deadline: Instant) -> Result<(u16, String), String> {
+    /// POST `body` as JSON to `path`: the status and the body text (or why
+    /// the body could not be read: cut off, over 1 MiB, not UTF-8), or why
+    /// there is no answer.
+    fn post(
+        &self,
+        path: &str,
+        body: &Value,
+        deadline: Instant,
+    ) -> Result<(u16, Result<String, String>), String> {
         let left = deadline.saturating_duration_since(Instant::now());
         let timeout = self.timeout.min(left).max(Duration::from_millis(1));
         let mut resp = self
@@ -446,7 +452,9 @@ impl AuthClient {
             .with_config()
             .limit(MAX_BODY)
             .read_to_string()
-            .map_err(|e| format!("HTTP {status}, an unreadable body: {e}"))?;
+            .map_err(|e| {
+                format!("HTTP {status} with an unreadable body (at most 1 MiB of UTF-8): {e}")
+            });
         Ok((status, text))
     }
 
@@ -460,6 +468,7 @@ impl AuthClient {
         let (status, text) = self
             .post(START_PATH, &body, deadline)
             .map_err(|e| format!("cannot reach the auth server at {}: {e}", self.base))?;
+        let text = text.map_err(|e| format!("the auth server at {} answered {e}", self.base))?;
         parse_start(status, &text)
     }
 
@@ -467,7 +476,12 @@ impl AuthClient {
     pub fn poll(&self, code: &DeviceCode, deadline: Instant) -> Poll {
         let body = json!({"device_code": code.device_code.0, "grant_type": GRANT_TYPE});
         match self.post(TOKEN_PATH, &body, deadline) {
-            Ok((status, text)) => parse_token(status, &text),
+            Ok((status, Ok(text))) => parse_token(status, &text),
+            // A server in trouble may send anything: ask again.
+            Ok((status @ (429 | 500..=599), Err(e))) => Poll::Retry(format!("HTTP {status}: {e}")),
+            Ok((_, Err(e))) => Poll::Stop(Failure::Error(format!(
+                "the auth server answered the token request with {e}"
+            ))),
             Err(e) => Poll::Retry(e),
         }
     }
