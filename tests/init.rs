@@ -807,7 +807,7 @@ fn as_user(home: &Path, xdg: Option<&Path>, args: &[&str]) -> Run {
     let mut cmd = if root {
         let mut c = std::process::Command::new("setpriv");
         c.args(["--reuid", "65534", "--regid", "65534", "--clear-groups"])
-            .arg(support::citadel_bin());
+            .arg(binary_anyone_can_run());
         c
     } else {
         std::process::Command::new(support::citadel_bin())
@@ -828,6 +828,21 @@ fn as_user(home: &Path, xdg: Option<&Path>, args: &[&str]) -> Run {
         stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
         took: t0.elapsed(),
     }
+}
+
+/// A copy of the citadel binary in a temp dir that uid 65534 can reach
+/// (the checkout may be under a home only root can enter).
+fn binary_anyone_can_run() -> PathBuf {
+    static COPY: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    COPY.get_or_init(|| {
+        let dir = fresh_temp_dir("init-bin");
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).unwrap();
+        let bin = dir.join("citadel");
+        fs::copy(support::citadel_bin(), &bin).unwrap();
+        fs::set_permissions(&bin, fs::Permissions::from_mode(0o755)).unwrap();
+        bin
+    })
+    .clone()
 }
 
 fn running_as_root() -> bool {
