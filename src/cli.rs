@@ -296,7 +296,8 @@ fn text(v: Result<OsString, lexopt::Error>) -> Result<String, String> {
 fn settings_help() -> String {
     let mut out = String::from(
         "\nSettings (flag / environment variable; also keys of the JSON config file):\n\
-         \x20 --config PATH             config file [CITADEL_CONFIG, else /etc/citadel/config.json]\n",
+         \x20 --config PATH             config file [CITADEL_CONFIG, else /etc/citadel/config.json as root,\n\
+         \x20                           else ~/.config/citadel/config.json]\n",
     );
     for (name, help) in SETTINGS {
         out.push_str(&format!(

@@ -617,6 +617,34 @@ fn a_token_file_provisions_without_a_browser() {
     assert!(stored.get("redis_url").is_none(), "{stored}");
     assert_eq!(mode(&config), 0o600);
 
+    // --token-file - reads stdin.
+    let (_b, config_stdin) = new_config();
+    let mut child = citadel_cmd(&[
+        "init",
+        "--config",
+        config_stdin.to_str().unwrap(),
+        "--token-file",
+        "-",
+    ])
+    .stdin(Stdio::piped())
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped())
+    .spawn()
+    .unwrap();
+    {
+        use std::io::Write;
+        let mut stdin = child.stdin.take().unwrap();
+        stdin.write_all(format!("{TOKEN}\n").as_bytes()).unwrap();
+    }
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!String::from_utf8_lossy(&out.stdout).contains(TOKEN));
+    assert_eq!(read_json(&config_stdin)["device_api_token"], TOKEN);
+
     // --token, and bad tokens.
     let (_b, config2) = new_config();
     let run = init(&config2, &["--token", TOKEN], Duration::from_secs(20));
@@ -668,6 +696,18 @@ fn a_provisioned_node_is_left_alone_unless_relogin() {
         fs::read_to_string(&config).unwrap(),
         before,
         "nothing changed"
+    );
+    assert!(auth.requests().is_empty(), "no request was made");
+    let run = init(
+        &config,
+        &["--auth-url", &auth.url(), "--json"],
+        Duration::from_secs(20),
+    );
+    assert_eq!(run.code, 0, "{}", run.all());
+    let line: Json = serde_json::from_str(run.stdout.trim()).unwrap();
+    assert_eq!(
+        line,
+        json!({"event": "already_provisioned", "config": config.to_str().unwrap()})
     );
     assert!(auth.requests().is_empty(), "no request was made");
 
