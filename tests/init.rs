@@ -163,7 +163,11 @@ fn pending_polls_then_approval_store_credentials_0600_in_a_0700_dir() {
     for p in &polls {
         assert_eq!(
             p.json(),
-            json!({"device_code": fake_auth::DEVICE_CODE, "grant_type": fake_auth::GRANT_TYPE})
+            json!({
+                "device_code": fake_auth::DEVICE_CODE,
+                "grant_type": fake_auth::GRANT_TYPE,
+                "client_id": "citadel-cli",
+            })
         );
     }
     let first = polls[0].at - starts[0].at;

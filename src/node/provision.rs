@@ -474,7 +474,13 @@ impl AuthClient {
 
     /// One `POST device-auth/token`.
     pub fn poll(&self, code: &DeviceCode, deadline: Instant) -> Poll {
-        let body = json!({"device_code": code.device_code.0, "grant_type": GRANT_TYPE});
+        // client_id: RFC 8628 §3.4 asks it of a client that does not
+        // authenticate (this one); PROTOCOL.md §6 leaves it out.
+        let body = json!({
+            "device_code": code.device_code.0,
+            "grant_type": GRANT_TYPE,
+            "client_id": CLIENT_ID,
+        });
         match self.post(TOKEN_PATH, &body, deadline) {
             Ok((status, Ok(text))) => parse_token(status, &text),
             // A server in trouble may send anything: ask again.
