@@ -16,8 +16,14 @@
 # 2 cores) into ~/.cache/citadel/real-engine (CITADEL_ENGINE_CACHE), then
 # they are reused. apt runs through sudo only when not already root.
 #
+# Then the static release binaries: scripts/build-release.sh builds them
+# (x86_64 and aarch64 musl; the first build installs musl-tools, zig and
+# cargo-zigbuild and takes ~5 min on 2 cores, later runs reuse what cargo
+# built) and scripts/check-release.sh checks them (static, a real echo job,
+# aarch64 under qemu-aarch64-static).
+#
 # Nothing is skipped unless asked for: only CITADEL_SKIP_REAL_ENGINE=1 skips
-# the real-engine tests. The last line always says how many tests were
+# the real-engine tests, and CITADEL_SKIP_RELEASE=1 the release build. The last line always says how many tests were
 # skipped and which. Under CI=true a missing tool (openssl, the engine) is a
 # failure in the tests themselves too, never a skip.
 set -euo pipefail
@@ -31,6 +37,11 @@ ensure_rust
 ensure_openssl
 ensure_docker
 printf 'using %s, %s\n' "$(cargo --version)" "$(redis-server --version | cut -d' ' -f1-3)"
+# tests/install.rs checks the systemd unit with systemd-analyze verify.
+if ! command -v systemd-analyze >/dev/null 2>&1; then
+    step "installing systemd (systemd-analyze, for the unit's check)"
+    apt_install systemd || die "could not install systemd (systemd-analyze); apt-get install systemd and rerun"
+fi
 
 # --- lint ---------------------------------------------------------------------
 # ensure_component SUBCOMMAND COMPONENT: `cargo SUBCOMMAND` must work.
@@ -101,5 +112,26 @@ if [ "$rc" -ne 0 ]; then
     echo "FAILED: cargo test exited $rc; $summary"
     exit "$rc"
 fi
+
+# --- the static release binaries ------------------------------------------------
+# scripts/build-release.sh (x86_64 + aarch64 musl; cargo reuses what is built
+# when the sources did not change) and scripts/check-release.sh (static,
+# version, a real echo job; aarch64 under qemu-aarch64-static).
+case "${CITADEL_SKIP_RELEASE:-0}" in
+1 | true)
+    step "not building the release binaries (CITADEL_SKIP_RELEASE=1): their checks are SKIPPED"
+    skipped=$((skipped + 1))
+    summary="$skipped test(s) skipped: ${names:+$names }release-checks"
+    ;;
+*)
+    step "release build (scripts/build-release.sh) and checks (scripts/check-release.sh)"
+    release_start=$(date +%s)
+    scripts/build-release.sh || { echo "FAILED: scripts/build-release.sh; $summary"; exit 1; }
+    release_built=$(date +%s)
+    scripts/check-release.sh || { echo "FAILED: scripts/check-release.sh; $summary"; exit 1; }
+    release_end=$(date +%s)
+    echo "release build took $((release_built - release_start)) s, its checks $((release_end - release_built)) s"
+    ;;
+esac
 step "all checks passed"
 echo "all checks passed; $summary"

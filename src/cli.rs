@@ -22,6 +22,10 @@ pub enum Command {
     Status,
     /// `citadel services [list|start|stop|restart] [NAME]`.
     Services(Services),
+    /// `citadel init`: device authorization, credentials into the config file.
+    Init(Init),
+    /// `citadel service install|status|uninstall`.
+    Service(Service),
     Version,
     /// Print this help text and exit 0.
     Help(String),
@@ -37,6 +41,31 @@ pub struct Submit {
     /// Send to `jobs:v1:tag:{tag}` (exclusive with `node`).
     pub tag: Option<String>,
     pub follow: bool,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Init {
+    /// Machine-readable progress lines on stdout.
+    pub json: bool,
+    /// Replace stored credentials.
+    pub relogin: bool,
+    /// `--token`: the token itself (no browser).
+    pub token: Option<String>,
+    /// `--token-file`: a file holding it (`-`: stdin).
+    pub token_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum ServiceAction {
+    Install,
+    Status,
+    Uninstall,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Service {
+    pub action: ServiceAction,
+    pub request: crate::node::systemd::Request,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -91,6 +120,18 @@ pub fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Cli, String> {
     let mut count = 20usize;
     let mut help = false;
     let mut json = false;
+    let mut init = Init {
+        json: false,
+        relogin: false,
+        token: None,
+        token_file: None,
+    };
+    let mut service = crate::node::systemd::Request {
+        root: PathBuf::from("/"),
+        user: None,
+        binary: None,
+        up: false,
+    };
 
     while let Some(arg) = p.next().map_err(|e| e.to_string())? {
         match arg {
@@ -129,6 +170,22 @@ pub fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Cli, String> {
             }
             Long("all") if name.as_deref() == Some("dlq") => all = true,
             Long("json") if name.as_deref() == Some("services") => json = true,
+            Long("json") if name.as_deref() == Some("init") => init.json = true,
+            Long("relogin") if name.as_deref() == Some("init") => init.relogin = true,
+            Long("token") if name.as_deref() == Some("init") => init.token = Some(text(p.value())?),
+            Long("token-file") if name.as_deref() == Some("init") => {
+                init.token_file = Some(p.value().map_err(|e| e.to_string())?.into())
+            }
+            Long("root") if name.as_deref() == Some("service") => {
+                service.root = p.value().map_err(|e| e.to_string())?.into()
+            }
+            Long("user") if name.as_deref() == Some("service") => {
+                service.user = Some(text(p.value())?)
+            }
+            Long("binary") if name.as_deref() == Some("service") => {
+                service.binary = Some(p.value().map_err(|e| e.to_string())?.into())
+            }
+            Long("up") if name.as_deref() == Some("service") => service.up = true,
             Long("count") if name.as_deref() == Some("dlq") => {
                 count = text(p.value())?
                     .parse()
@@ -161,7 +218,8 @@ pub fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Cli, String> {
         });
     }
 
-    let mut settings = Settings::load(config_path.as_deref())?;
+    // `citadel init` creates the config file it is told to write.
+    let mut settings = Settings::load_with(config_path.as_deref(), name == "init")?;
     if !queues.is_empty() {
         flags.push(("queue".into(), queues.join(",")));
     }
@@ -260,6 +318,30 @@ pub fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Cli, String> {
                 json,
             })
         }
+        "init" => {
+            extra(0)?;
+            if init.token.is_some() && init.token_file.is_some() {
+                return Err("init takes --token or --token-file, not both".into());
+            }
+            Command::Init(init)
+        }
+        "service" => {
+            let action =
+                match positional.first().map(String::as_str) {
+                    Some("install") => ServiceAction::Install,
+                    Some("status") => ServiceAction::Status,
+                    Some("uninstall") => ServiceAction::Uninstall,
+                    _ => return Err(
+                        "service needs install, status or uninstall (see 'citadel service --help')"
+                            .into(),
+                    ),
+                };
+            extra(1)?;
+            Command::Service(Service {
+                action,
+                request: service,
+            })
+        }
         "version" => Command::Version,
         other => return Err(format!("unknown command '{other}' (see 'citadel --help')")),
     };
@@ -275,7 +357,8 @@ fn text(v: Result<OsString, lexopt::Error>) -> Result<String, String> {
 fn settings_help() -> String {
     let mut out = String::from(
         "\nSettings (flag / environment variable; also keys of the JSON config file):\n\
-         \x20 --config PATH             config file [CITADEL_CONFIG, else /etc/citadel/config.json]\n",
+         \x20 --config PATH             config file [CITADEL_CONFIG, else /etc/citadel/config.json as root,\n\
+         \x20                           else ~/.config/citadel/config.json]\n",
     );
     for (name, help) in SETTINGS {
         out.push_str(&format!(
@@ -301,6 +384,8 @@ pub fn help_text(topic: &str) -> Result<String, String> {
                \x20 dlq        list, show, replay or purge dead letters\n\
                \x20 status     say which inference engines (vLLM, Ollama, llama.cpp) answer\n\
                \x20 services   list, start, stop or restart the node's service containers (Docker)\n\
+               \x20 init       authorize this node (device code in a browser) and store its credentials\n\
+               \x20 service    install, show or uninstall the systemd service\n\
                \x20 version    print the version\n\n\
                'citadel <command> --help' describes a command and its flags.\n"
             .to_string(),
@@ -398,6 +483,43 @@ pub fn help_text(topic: &str) -> Result<String, String> {
              Exit 0 ok, 1 a service failed or did not get ready, 2 bad input.\n{}",
             settings_help()
         ),
+        "init" => format!(
+            "citadel init — authorize this node and store its credentials\n\n\
+             Usage: citadel init [--auth-url URL] [--json] [--relogin]\n\
+             \x20      citadel init --token-file PATH|- [--nexus-url URL] [--redis-url URL]\n\n\
+             Asks the auth server (--auth-url) for a device code (RFC 8628), shows the code\n\
+             and the URL to open (and a QR code on a terminal), then waits for someone to\n\
+             approve it, polling at the server's interval (slower when asked), for at most\n\
+             --init-timeout. The credentials it gets (device_api_token, nexus_url, redis_url,\n\
+             org_id, …) are merged into the config file (--config; as root\n\
+             /etc/citadel/config.json, else ~/.config/citadel/config.json), written\n\
+             atomically with mode 0600; the token is never printed or logged. Later\n\
+             commands read them from there: the agent sends the token to Nexus.\n\n\
+             \x20 --json             progress as JSON lines on stdout: the code, then the outcome\n\
+             \x20 --relogin          replace stored credentials (without it, a provisioned node\n\
+             \x20                    says so and changes nothing)\n\
+             \x20 --token TOKEN      store this token without a browser (visible in ps: prefer\n\
+             \x20                    --token-file); with the --nexus-url / --redis-url in effect\n\
+             \x20 --token-file PATH  the same, the token read from PATH ('-': stdin)\n\n\
+             Exit 0 when stored (or already provisioned), 1 when expired, denied, timed out\n\
+             or the server's answers are unusable, 2 on bad input.\n{}",
+            settings_help()
+        ),
+        "service" => format!(
+            "citadel service — the agent as an always-on systemd service\n\n\
+             Usage: citadel service install [--user NAME] [--up] [--binary PATH] [--root DIR]\n\
+             \x20      citadel service status\n\
+             \x20      citadel service uninstall [--root DIR]\n\n\
+             install writes /etc/systemd/system/citadel.service (Restart=always, ExecStart=\n\
+             this binary's 'agent', or 'up' with --up), creates the system user 'citadel'\n\
+             unless --user names an existing one (and adds it to the 'docker' group when\n\
+             docker-managed services are configured: root-equivalent access), prepares\n\
+             /etc/citadel/config.json for that user, then systemctl enable --now. Running it\n\
+             again changes nothing. uninstall stops, disables and removes the unit (and the\n\
+             user install created); credentials and state stay. status is systemctl status.\n\
+             --root DIR writes under DIR instead of / (for tests and images). Needs root.\n{}",
+            settings_help()
+        ),
         "version" => "citadel version — print the version\n".to_string(),
         other => return Err(format!("no help for unknown command '{other}'")),
     };
@@ -489,6 +611,7 @@ mod tests {
     fn every_command_has_help() {
         for topic in [
             "", "work", "agent", "up", "run-job", "submit", "dlq", "status", "services", "version",
+            "init", "service",
         ] {
             assert!(help_text(topic).is_ok());
         }

@@ -201,6 +201,19 @@ pub const SETTINGS: &[(&str, &str)] = &[
         "let APPLY_DEVICE_CONFIG's sshEnabled start/stop the ssh service through systemctl [false]",
     ),
     ("ssh-unit", "the systemd unit sshEnabled starts and stops [ssh]"),
+    // provisioning
+    (
+        "auth-url",
+        "device-authorization server base URL for 'citadel init' (POST {auth-url}/api/fabric/device-auth/…) [none]",
+    ),
+    (
+        "init-timeout",
+        "longest 'citadel init' waits for its code to be approved [10m]",
+    ),
+    (
+        "device-api-token",
+        "this node's credential, stored by 'citadel init'; the Nexus bearer token when --nexus-token is not set [none]",
+    ),
 ];
 
 /// Where jobs come from.
@@ -292,6 +305,13 @@ pub struct Settings {
     /// sshEnabled may run `systemctl start|stop {ssh_unit}`.
     pub allow_ssh_control: bool,
     pub ssh_unit: String,
+    // provisioning
+    pub auth_url: Option<String>,
+    pub init_timeout: Duration,
+    pub device_api_token: Option<Secret>,
+    /// The config file these settings were read from, or would have been
+    /// had it existed (`citadel init` writes its credentials there).
+    pub config_file: PathBuf,
 }
 
 impl Default for Settings {
@@ -363,6 +383,11 @@ impl Default for Settings {
             tag_streams: true,
             allow_ssh_control: false,
             ssh_unit: "ssh".into(),
+            // provisioning
+            auth_url: None,
+            init_timeout: Duration::from_secs(600),
+            device_api_token: None,
+            config_file: default_config_file(),
         }
     }
 }
@@ -370,15 +395,18 @@ impl Default for Settings {
 impl Settings {
     /// Defaults, then the config file, then `CITADEL_*` variables. Flags are
     /// applied by the caller with [`Settings::set`] afterwards.
-    pub fn load(config_flag: Option<&Path>) -> Result<Settings, String> {
+    /// With `missing_ok`, a file named by the flag or the variable that does
+    /// not exist yet is no settings (`citadel init` creates it).
+    pub fn load_with(config_flag: Option<&Path>, missing_ok: bool) -> Result<Settings, String> {
         let mut s = Settings::default();
         let (path, must_exist) = match config_flag {
-            Some(p) => (p.to_path_buf(), true),
+            Some(p) => (p.to_path_buf(), !missing_ok),
             None => match std::env::var_os("CITADEL_CONFIG") {
-                Some(p) if !p.is_empty() => (PathBuf::from(p), true),
-                _ => (PathBuf::from("/etc/citadel/config.json"), false),
+                Some(p) if !p.is_empty() => (PathBuf::from(p), !missing_ok),
+                _ => (default_config_file(), false),
             },
         };
+        s.config_file = path.clone();
         match std::fs::read_to_string(&path) {
             Ok(text) => s
                 .apply_file(&text)
@@ -586,6 +614,12 @@ impl Settings {
             "tag-streams" => self.tag_streams = boolean(v)?,
             "allow-ssh-control" => self.allow_ssh_control = boolean(v)?,
             "ssh-unit" => self.ssh_unit = unit_name(v)?,
+            // provisioning
+            "auth-url" => self.auth_url = Some(http_url(v)?),
+            "init-timeout" => self.init_timeout = positive(parse_duration(v)?)?,
+            "device-api-token" => {
+                self.device_api_token = Some(Secret(crate::node::provision::check_token(v)?))
+            }
             _ => return Err(format!("unknown setting '{name}'")),
         }
         Ok(())
@@ -624,6 +658,35 @@ impl Settings {
         }
         streams
     }
+}
+
+impl Settings {
+    /// The bearer token for Nexus: `nexus-token`, else the stored
+    /// `device-api-token`.
+    pub fn nexus_bearer(&self) -> Option<&str> {
+        self.nexus_token
+            .as_deref()
+            .or(self.device_api_token.as_ref().map(|t| t.0.as_str()))
+    }
+}
+
+/// The config file when neither `--config` nor `CITADEL_CONFIG` names one:
+/// `/etc/citadel/config.json` for root, else
+/// `$XDG_CONFIG_HOME/citadel/config.json` or `~/.config/citadel/config.json`.
+pub fn default_config_file() -> PathBuf {
+    let home = std::env::var_os("HOME").filter(|h| !h.is_empty());
+    match (is_root(), std::env::var_os("XDG_CONFIG_HOME"), home) {
+        (true, _, _) => "/etc/citadel/config.json".into(),
+        (_, Some(x), _) if !x.is_empty() => PathBuf::from(x).join("citadel/config.json"),
+        (_, _, Some(h)) => PathBuf::from(h).join(".config/citadel/config.json"),
+        _ => "/etc/citadel/config.json".into(),
+    }
+}
+
+/// Whether this process runs as root.
+pub fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() == 0 }
 }
 
 /// A credential: its `Debug` never shows it, so no `{:?}` of the settings
@@ -783,7 +846,7 @@ fn check_redis_url(v: &str) -> Result<(), String> {
 }
 
 /// `redis://user:secret@host` → `redis://user:***@host`.
-fn redact_password(v: &str) -> String {
+pub fn redact_password(v: &str) -> String {
     let Some((scheme, rest)) = v.split_once("://") else {
         return v.to_owned();
     };

@@ -99,6 +99,8 @@ fn run() -> Result<i32, Exit> {
         Command::Dlq(d) => admin::dlq::run(&settings, &d),
         Command::Status => admin::status::run(&settings),
         Command::Services(s) => admin::services::run(&settings, &s),
+        Command::Init(i) => admin::init::run(&settings, &i),
+        Command::Service(s) => admin::init::service(&settings, &s),
     }
 }
 

@@ -1,8 +1,9 @@
-//! The operator's commands: `submit` and `dlq` (each a short-lived client of
-//! the same Redis the workers use), `status`, and `services` (the node's
-//! service containers, through the Docker driver).
+//! The operator's commands: `submit` and `dlq` (short-lived clients of the
+//! same Redis the workers use), `status`, `services` (the node's service
+//! containers, through the Docker driver), `init` and `service`.
 
 pub mod dlq;
+pub mod init;
 pub mod services;
 pub mod status;
 pub mod submit;

@@ -41,6 +41,7 @@ impl Readiness {
 /// the extraction service; exit 0.
 pub fn run(settings: &Settings) -> Result<i32, Exit> {
     println!("{}", agent_mode(&settings.state_dir));
+    println!("{}", crate::node::provision::describe(settings));
     let (engines, extraction) = std::thread::scope(|s| {
         let extraction = s.spawn(|| probe_extraction(settings));
         let engines = probe_all(settings);

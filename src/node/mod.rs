@@ -5,12 +5,16 @@
 //! live copy events, heartbeat and reader use). Reads the worker's
 //! counters; never touches a job. The node's service containers: the
 //! catalog (`services`), the docker CLI (`docker`) and bringing them to a
-//! wanted set (`reconcile`).
+//! wanted set (`reconcile`). Provisioning (`provision`: `citadel init`'s
+//! device authorization, the stored credentials) and the systemd unit
+//! (`systemd`).
 
 pub mod docker;
 pub mod gpu;
 pub mod heartbeat;
 pub mod host;
 pub mod profile;
+pub mod provision;
 pub mod reconcile;
 pub mod services;
+pub mod systemd;

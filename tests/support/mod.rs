@@ -11,6 +11,7 @@
 
 pub mod dead_letters;
 pub mod docker;
+pub mod fake_auth;
 pub mod fake_engine;
 pub mod fake_extraction;
 pub mod fake_nexus;

@@ -61,7 +61,7 @@ impl NexusClient {
         NexusClient {
             agent: crate::http::control_plane_agent(base, settings.nexus_timeout),
             base: base.trim_end_matches('/').to_owned(),
-            token: settings.nexus_token.clone(),
+            token: settings.nexus_bearer().map(str::to_owned),
         }
     }
 
