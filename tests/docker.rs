@@ -635,6 +635,52 @@ fn a_taken_port_fails_that_service_and_the_others_still_start() {
 }
 
 #[test]
+fn a_user_the_docker_socket_refuses_is_told_to_join_the_docker_group() {
+    let test = "a_user_the_docker_socket_refuses_is_told_to_join_the_docker_group";
+    let Some(n) = node(test) else {
+        return;
+    };
+    // A copy of citadel that uid 65534 can run (the checkout may be closed to it).
+    use std::os::unix::fs::PermissionsExt;
+    let bin_dir = n.dir.join("nobody-bin");
+    fs::create_dir_all(&bin_dir).unwrap();
+    for d in [&n.dir, &bin_dir] {
+        fs::set_permissions(d, fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let bin = bin_dir.join("citadel");
+    fs::copy(support::citadel_bin(), &bin).unwrap();
+    let state = n.dir.join("nobody-state");
+    let mut cmd = Command::new("setpriv");
+    cmd.args(["--reuid", "65534", "--regid", "65534", "--clear-groups"])
+        .arg(&bin)
+        .args(["services", "start", "--json", "--state-dir"])
+        .arg(&state)
+        .args(n.args("ollama"))
+        .env_clear()
+        .env("PATH", &n.path)
+        .env("DOCKER_HOST", n.daemon.host())
+        .env("HOME", &state);
+    let out = match cmd.output() {
+        Ok(out) if !String::from_utf8_lossy(&out.stderr).contains("setpriv:") => out,
+        _ => {
+            skip_unless_ci(test, "setpriv cannot switch to uid 65534 here");
+            return;
+        }
+    };
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    let report: Json = serde_json::from_str(stdout.trim()).unwrap();
+    let failed = failures(&report, "failed");
+    assert_eq!(failed.len(), 1, "{report}");
+    assert!(
+        failed[0].1.contains("may not use the Docker daemon")
+            && failed[0].1.contains("'docker' group"),
+        "{report}"
+    );
+    assert!(n.daemon.all_ids().is_empty(), "nothing was made");
+}
+
+#[test]
 fn services_list_stop_and_restart() {
     let Some(n) = node("services_list_stop_and_restart") else {
         return;

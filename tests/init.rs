@@ -990,3 +990,79 @@ fn on_a_terminal_the_url_is_also_a_qr_code() {
     assert!(!text.contains(TOKEN));
     assert_eq!(read_json(&config)["device_api_token"], TOKEN);
 }
+
+/// A `systemctl` that records its calls in `dir/calls` and says the unit is
+/// installed (is-enabled) when `dir/enabled` exists.
+fn fake_systemctl(dir: &Path) -> String {
+    let bin = dir.join("bin");
+    fs::create_dir_all(&bin).unwrap();
+    let script = bin.join("systemctl");
+    fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\necho \"$*\" >> '{d}/calls'\ncase \"$1\" in\nis-enabled) [ -f '{d}/enabled' ] ;;\n*) exit 0 ;;\nesac\n",
+            d = dir.display()
+        ),
+    )
+    .unwrap();
+    fs::set_permissions(&script, fs::Permissions::from_mode(0o755)).unwrap();
+    format!(
+        "{}:{}",
+        bin.display(),
+        std::env::var("PATH").unwrap_or_default()
+    )
+}
+
+#[test]
+fn an_installed_service_is_restarted_to_run_with_the_new_credentials() {
+    if !running_as_root() {
+        support::skip_unless_ci(
+            "an_installed_service_is_restarted_to_run_with_the_new_credentials",
+            "only root restarts the service (the tests do not run as root)",
+        );
+        return;
+    }
+    let (base, config) = new_config();
+    let token_file = base.join("token");
+    fs::write(&token_file, format!("{TOKEN}\n")).unwrap();
+    let path = fake_systemctl(&base);
+    let run_init = |config: &Path, json: bool| {
+        let mut args = vec![
+            "init",
+            "--config",
+            config.to_str().unwrap(),
+            "--token-file",
+            token_file.to_str().unwrap(),
+        ];
+        if json {
+            args.push("--json");
+        }
+        let out = citadel_cmd(&args).env("PATH", &path).output().unwrap();
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let calls = || fs::read_to_string(base.join("calls")).unwrap_or_default();
+
+    // No service installed: nothing restarted.
+    let stdout = run_init(&config, false);
+    assert!(!stdout.contains("restarted"), "{stdout}");
+    assert!(!calls().contains("try-restart"), "{}", calls());
+
+    // Installed: restarted (if running) at once, so approval is all it takes.
+    fs::write(base.join("enabled"), "").unwrap();
+    let (_b, config2) = new_config();
+    let stdout = run_init(&config2, false);
+    assert!(
+        stdout.contains("restarted citadel.service: the agent now runs with these credentials"),
+        "{stdout}"
+    );
+    assert!(
+        calls().lines().any(|l| l == "try-restart citadel.service"),
+        "{}",
+        calls()
+    );
+    let (_b, config3) = new_config();
+    let stdout = run_init(&config3, true);
+    let last: Json = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    assert_eq!(last["service"]["restarted"], true, "{stdout}");
+}

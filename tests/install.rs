@@ -514,6 +514,21 @@ fn docker_managed_services_put_the_service_user_in_the_docker_group() {
         "{unit}"
     );
 
+    // Docker installed, no services configured yet (a config job may bring
+    // them): the service user still joins the docker group.
+    fs::write(fakes.state.join("user-gpu2"), "").unwrap();
+    let out = fakes
+        .command(citadel_bin())
+        .args(["service", "install", "--root", r, "--user", "gpu2"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let calls = fakes.take_calls();
+    assert!(
+        calls.contains(&"usermod -aG docker gpu2".to_owned()),
+        "{calls:?}"
+    );
+
     // --user naming nobody: a clear error.
     let out = fakes
         .command(citadel_bin())

@@ -145,13 +145,20 @@ fn finish(settings: &Settings, init: &Init, creds: Credentials) -> Result<i32, E
     }
     let nexus = creds.get("nexus_url");
     let org = creds.get("org_id");
+    let restarted = crate::node::systemd::restart_for_credentials();
     if init.json {
+        let service = match &restarted {
+            None => json!(null),
+            Some(Ok(_)) => json!({"restarted": true}),
+            Some(Err(e)) => json!({"restarted": false, "error": e}),
+        };
         emit(json!({
             "event": "authorized",
             "config": path,
             "org_id": org,
             "nexus_url": nexus,
             "stored": creds.0.keys().collect::<Vec<_>>(),
+            "service": service,
         }));
     } else {
         let mut text = format!("Node authorized: credentials stored in {}", path.display());
@@ -161,9 +168,17 @@ fn finish(settings: &Settings, init: &Init, creds: Credentials) -> Result<i32, E
         if let Some(n) = nexus {
             text.push_str(&format!("; Nexus: {n}"));
         }
-        if std::path::Path::new("/etc/systemd/system")
-            .join(crate::node::systemd::UNIT_NAME)
-            .exists()
+        match &restarted {
+            Some(Ok(done)) => text.push_str(&format!("\n{done}")),
+            Some(Err(e)) => text.push_str(&format!(
+                "\nThe citadel service is installed, but restarting it failed ({e}): run systemctl restart citadel"
+            )),
+            None => {}
+        }
+        if restarted.is_none()
+            && std::path::Path::new("/etc/systemd/system")
+                .join(crate::node::systemd::UNIT_NAME)
+                .exists()
         {
             text.push_str(
                 "\nThe citadel service is installed: restart it to use them (systemctl restart citadel)",

@@ -27,6 +27,8 @@ pub enum DockerError {
     Missing { cli: PathBuf, why: String },
     /// The CLI answered that the daemon is not reachable.
     DaemonDown { host: String, message: String },
+    /// The daemon's socket is there, but this user may not use it.
+    Denied { host: String, message: String },
     /// It ran longer than its bound and was killed.
     TimedOut { what: String, after: Duration },
     /// It failed; docker's own message.
@@ -44,6 +46,10 @@ impl std::fmt::Display for DockerError {
             DockerError::DaemonDown { host, message } => write!(
                 f,
                 "the Docker daemon at {host} does not answer ({message}); start it (systemctl start docker) or set DOCKER_HOST"
+            ),
+            DockerError::Denied { host, message } => write!(
+                f,
+                "this agent's user may not use the Docker daemon at {host} ({message}); add the user to the 'docker' group (citadel service install does when Docker is installed) and restart the agent"
             ),
             DockerError::TimedOut { what, after } => write!(
                 f,
@@ -114,9 +120,14 @@ impl Docker {
             return Ok(out);
         }
         let message = crate::clip::one_line(err.trim(), 400);
+        if err.contains("permission denied while trying to connect to the Docker daemon") {
+            return Err(DockerError::Denied {
+                host: Docker::host(),
+                message,
+            });
+        }
         if err.contains("Cannot connect to the Docker daemon")
             || err.contains("Is the docker daemon running")
-            || err.contains("permission denied while trying to connect to the Docker daemon")
             || err.contains("error during connect")
         {
             return Err(DockerError::DaemonDown {

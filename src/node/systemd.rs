@@ -231,13 +231,16 @@ pub fn install(settings: &Settings, req: &Request) -> Result<Vec<String>, String
                 .ok_or_else(|| format!("useradd ran but there is no user '{user}'"))?
         }
     };
-    if !settings.services.is_empty() && user != "root" {
-        // Docker-managed services: the agent talks to the Docker socket.
-        if !group_exists("docker")? {
-            return Err(
-                "docker-managed services are configured (services), but there is no 'docker' group: install Docker first".into(),
-            );
-        }
+    // Docker-managed services (configured here, or later by an
+    // APPLY_DEVICE_CONFIG job): the agent talks to the Docker socket, so the
+    // service user joins the docker group wherever Docker is installed.
+    let docker_group = group_exists("docker")?;
+    if !settings.services.is_empty() && !docker_group {
+        return Err(
+            "docker-managed services are configured (services), but there is no 'docker' group: install Docker first".into(),
+        );
+    }
+    if docker_group && user != "root" {
         let groups = tool("id", &["-nG", &user])?;
         let member = String::from_utf8_lossy(&groups.stdout)
             .split_whitespace()
@@ -245,8 +248,9 @@ pub fn install(settings: &Settings, req: &Request) -> Result<Vec<String>, String
         if !member {
             tool_ok("usermod", &["-aG", "docker", &user])?;
             done.push(format!(
-                "added '{user}' to the 'docker' group (docker-managed services are configured): \
-                 this gives the service root-equivalent access to the machine through the Docker socket"
+                "added '{user}' to the 'docker' group (Docker is installed: the node's services, \
+                 set here or by an APPLY_DEVICE_CONFIG job, run as containers): this gives the \
+                 service root-equivalent access to the machine through the Docker socket"
             ));
         }
     }
@@ -379,6 +383,25 @@ pub fn uninstall(req: &Request) -> Result<Vec<String>, String> {
         "kept {CONFIG_DIR} (credentials) and {STATE_DIR} (state, models): remove them by hand if wanted"
     ));
     Ok(done)
+}
+
+/// After `citadel init` stored new credentials: restart the installed
+/// service, if it runs, so that it uses them (`systemctl try-restart`) —
+/// from approval to serving with no further command. `None` when no
+/// service is installed (or `systemctl` cannot tell) or this is not root.
+pub fn restart_for_credentials() -> Option<Result<String, String>> {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        return None;
+    }
+    let enabled = tool("systemctl", &["is-enabled", "--quiet", UNIT_NAME]).ok()?;
+    if !enabled.status.success() {
+        return None;
+    }
+    Some(
+        tool_ok("systemctl", &["try-restart", UNIT_NAME])
+            .map(|()| format!("restarted {UNIT_NAME}: the agent now runs with these credentials")),
+    )
 }
 
 /// `citadel service status`: `systemctl status`'s own output and exit code
