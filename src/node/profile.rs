@@ -14,6 +14,7 @@
 
 use crate::config::Settings;
 use crate::events::NodeFacts;
+use crate::job::json_kind;
 use serde_json::{json, Map, Value};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -87,13 +88,13 @@ pub fn config_of(payload: &Map<String, Value>) -> Result<Map<String, Value>, Str
             Ok(Value::Object(m)) => Ok(m),
             Ok(other) => Err(format!(
                 "config: the JSON string holds {}, not an object",
-                kind(&other)
+                json_kind(&other)
             )),
             Err(e) => Err(format!("config: a string that is not JSON ({e})")),
         },
         Some(other) => Err(format!(
             "config: must be an object or a JSON string of one, not {}",
-            kind(other)
+            json_kind(other)
         )),
     }
 }
@@ -155,27 +156,20 @@ pub const FIELDS: &[&str] = &[
     "alertOnHighTemp",
 ];
 
-fn kind(v: &Value) -> &'static str {
-    match v {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "an array",
-        Value::Object(_) => "an object",
-    }
-}
-
 fn boolean(v: &Value) -> Result<bool, String> {
-    v.as_bool()
-        .ok_or_else(|| format!("must be true or false (a JSON boolean), not {}", kind(v)))
+    v.as_bool().ok_or_else(|| {
+        format!(
+            "must be true or false (a JSON boolean), not {}",
+            json_kind(v)
+        )
+    })
 }
 
 /// `[A-Za-z0-9._-]`, 1–64 characters.
 fn device_name(v: &Value) -> Result<String, String> {
     let s = v
         .as_str()
-        .ok_or_else(|| format!("must be a string, not {}", kind(v)))?;
+        .ok_or_else(|| format!("must be a string, not {}", json_kind(v)))?;
     if s.is_empty() || s.chars().count() > MAX_NAME_LEN {
         return Err(format!(
             "must be 1 to {MAX_NAME_LEN} characters long, not {}",
@@ -197,12 +191,12 @@ fn device_name(v: &Value) -> Result<String, String> {
 fn services(v: &Value, field: &str) -> Result<Vec<String>, String> {
     let items = v
         .as_array()
-        .ok_or_else(|| format!("must be an array of service names, not {}", kind(v)))?;
+        .ok_or_else(|| format!("must be an array of service names, not {}", json_kind(v)))?;
     let mut out: Vec<String> = Vec::new();
     for (i, item) in items.iter().enumerate() {
         let name = item
             .as_str()
-            .ok_or_else(|| format!("{field}[{i}]: must be a string, not {}", kind(item)))?;
+            .ok_or_else(|| format!("{field}[{i}]: must be a string, not {}", json_kind(item)))?;
         if !crate::node::services::known(name) {
             return Err(format!(
                 "{field}[{i}]: '{name}' is not a service this agent runs (known: {})",
@@ -222,7 +216,7 @@ fn services(v: &Value, field: &str) -> Result<Vec<String>, String> {
 fn tags(v: &Value, field: &str) -> Result<Vec<String>, String> {
     let items = v
         .as_array()
-        .ok_or_else(|| format!("must be an array of strings, not {}", kind(v)))?;
+        .ok_or_else(|| format!("must be an array of strings, not {}", json_kind(v)))?;
     if items.len() > MAX_TAGS {
         return Err(format!(
             "{} tags, at most {MAX_TAGS} are allowed",
@@ -233,7 +227,7 @@ fn tags(v: &Value, field: &str) -> Result<Vec<String>, String> {
     for (i, item) in items.iter().enumerate() {
         let tag = item
             .as_str()
-            .ok_or_else(|| format!("{field}[{i}]: must be a string, not {}", kind(item)))?;
+            .ok_or_else(|| format!("{field}[{i}]: must be a string, not {}", json_kind(item)))?;
         let len = tag.chars().count();
         if len == 0 || len > MAX_TAG_LEN {
             return Err(format!(

@@ -12,6 +12,7 @@
 
 use crate::backoff::Backoff;
 use crate::config::{Secret, Settings};
+use crate::job::json_kind;
 use serde_json::{json, Map, Value};
 use std::fmt;
 use std::io::Write;
@@ -204,7 +205,7 @@ fn object(body: &str, what: &str, show_body: bool) -> Result<Map<String, Value>,
         Ok(Value::Object(m)) => Ok(m),
         Ok(other) => Err(format!(
             "the auth server's {what} is JSON but not an object ({})",
-            kind(&other)
+            json_kind(&other)
         )),
         Err(_) if show_body => Err(format!(
             "the auth server's {what} is not JSON: {}",
@@ -214,17 +215,6 @@ fn object(body: &str, what: &str, show_body: bool) -> Result<Map<String, Value>,
             "the auth server's {what} is not JSON ({} bytes)",
             body.len()
         )),
-    }
-}
-
-fn kind(v: &Value) -> &'static str {
-    match v {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "an array",
-        Value::Object(_) => "an object",
     }
 }
 
@@ -249,7 +239,7 @@ fn string(m: &Map<String, Value>, key: &str, what: &str) -> Result<String, Strin
         Some(Value::String(_)) => Err(format!("the auth server's {what} has an empty {key}")),
         Some(other) => Err(format!(
             "the auth server's {what} has {key} as {}, not a string",
-            kind(other)
+            json_kind(other)
         )),
         None => Err(format!("the auth server's {what} has no {key}")),
     }
@@ -267,7 +257,7 @@ fn seconds(m: &Map<String, Value>, key: &str, what: &str) -> Result<Option<Durat
         },
         Some(other) => Err(format!(
             "the auth server's {what} has {key} as {}, not a number",
-            kind(other)
+            json_kind(other)
         )),
     }
 }
@@ -397,7 +387,7 @@ fn credentials(m: &Map<String, Value>) -> Result<Credentials, String> {
             Some(other) => {
                 return Err(format!(
                     "the auth server's {WHAT} has {key} as {}, not a string",
-                    kind(other)
+                    json_kind(other)
                 ))
             }
         }
