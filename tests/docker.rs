@@ -982,29 +982,6 @@ fn bad_service_settings_are_bad_input() {
 // End to end: the real llama-server in a container
 // ---------------------------------------------------------------------------
 
-/// The cached real engine (see tests/real_engine.rs), or None.
-fn cached_engine() -> Option<(PathBuf, PathBuf)> {
-    let from_env = |k: &str| {
-        std::env::var_os(k)
-            .filter(|v| !v.is_empty())
-            .map(PathBuf::from)
-    };
-    if let (Some(s), Some(m)) = (
-        from_env("CITADEL_LLAMA_SERVER"),
-        from_env("CITADEL_LLAMA_MODEL"),
-    ) {
-        return Some((s, m));
-    }
-    let cache = from_env("CITADEL_ENGINE_CACHE")
-        .or_else(|| from_env("HOME").map(|h| h.join(".cache/citadel/real-engine")))?;
-    let (server, model) = (
-        cache.join("bin/llama-server"),
-        cache.join("models/model.gguf"),
-    );
-    (cache.join("VERSION").is_file() && server.is_file() && model.is_file())
-        .then_some((server, model))
-}
-
 /// A root fs holding `binary` at /app/llama-server and every library `ldd`
 /// lists, at the same paths.
 fn llama_rootfs(binary: &Path, root: &Path) {
@@ -1039,7 +1016,7 @@ fn a_config_job_starts_a_real_llama_server_container_that_serves_llm_inference_a
         support::report_skip(test, "CITADEL_SKIP_REAL_ENGINE=1");
         return;
     }
-    let Some((server, model)) = cached_engine() else {
+    let Some((server, model)) = support::cached_engine() else {
         skip_unless_ci(
             test,
             "the real llama-server is not cached; run scripts/real-engine.sh",

@@ -18,44 +18,12 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 use support::{
-    fresh_temp_dir, report_skip, skip_unless_ci, wait_until, xadd_job, Citadel, RedisServer,
-    Subscriber,
+    cached_engine, fresh_temp_dir, report_skip, skip_unless_ci, wait_until, xadd_job, Citadel,
+    RedisServer, Subscriber,
 };
 
 const WAIT: Duration = Duration::from_secs(60);
 const QUEUE: &str = "jobs:v1:gpu-general";
-
-/// The cached `llama-server` and model, if complete. Never builds anything.
-fn cached_engine() -> Option<(PathBuf, PathBuf)> {
-    let from_env = |k: &str| {
-        std::env::var_os(k)
-            .filter(|v| !v.is_empty())
-            .map(PathBuf::from)
-    };
-    if let (Some(server), Some(model)) = (
-        from_env("CITADEL_LLAMA_SERVER"),
-        from_env("CITADEL_LLAMA_MODEL"),
-    ) {
-        // Named explicitly: a wrong name is a mistake to report, not a skip.
-        for path in [&server, &model] {
-            assert!(
-                path.is_file(),
-                "CITADEL_LLAMA_SERVER / CITADEL_LLAMA_MODEL: {} is not a file",
-                path.display()
-            );
-        }
-        return Some((server, model));
-    }
-    let cache = from_env("CITADEL_ENGINE_CACHE")
-        .or_else(|| from_env("HOME").map(|h| h.join(".cache/citadel/real-engine")))?;
-    // VERSION is written last, once the engine passed its smoke test.
-    let (server, model) = (
-        cache.join("bin/llama-server"),
-        cache.join("models/model.gguf"),
-    );
-    (cache.join("VERSION").is_file() && server.is_file() && model.is_file())
-        .then_some((server, model))
-}
 
 /// One llama-server at a time: two of them spinning 2 threads each on a
 /// 2-core machine slow each other down many times over.

@@ -967,3 +967,37 @@ pub fn skip_unless_ci(test: &str, why: &str) {
     }
     report_skip(test, why);
 }
+
+/// The real `llama-server` and model (scripts/real-engine.sh's cache, or
+/// CITADEL_LLAMA_SERVER / CITADEL_LLAMA_MODEL), if complete. Never builds
+/// anything.
+pub fn cached_engine() -> Option<(PathBuf, PathBuf)> {
+    let from_env = |k: &str| {
+        std::env::var_os(k)
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+    };
+    if let (Some(server), Some(model)) = (
+        from_env("CITADEL_LLAMA_SERVER"),
+        from_env("CITADEL_LLAMA_MODEL"),
+    ) {
+        // Named explicitly: a wrong name is a mistake to report, not a skip.
+        for path in [&server, &model] {
+            assert!(
+                path.is_file(),
+                "CITADEL_LLAMA_SERVER / CITADEL_LLAMA_MODEL: {} is not a file",
+                path.display()
+            );
+        }
+        return Some((server, model));
+    }
+    let cache = from_env("CITADEL_ENGINE_CACHE")
+        .or_else(|| from_env("HOME").map(|h| h.join(".cache/citadel/real-engine")))?;
+    // VERSION is written last, once the engine passed its smoke test.
+    let (server, model) = (
+        cache.join("bin/llama-server"),
+        cache.join("models/model.gguf"),
+    );
+    (cache.join("VERSION").is_file() && server.is_file() && model.is_file())
+        .then_some((server, model))
+}
