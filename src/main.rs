@@ -67,7 +67,8 @@ fn run() -> Result<i32, Exit> {
         Command::Work | Command::Agent { .. } => {
             transport::check(&settings).map_err(|e| Exit(2, e))?;
             // Before anything starts: a port in use stops the start (exit 2).
-            let listener = observe::server::start(&settings.metrics_addr).map_err(|e| Exit(2, e))?;
+            let listener =
+                observe::server::start(&settings.metrics_addr).map_err(|e| Exit(2, e))?;
             if let Command::Agent { up: true } = cli.command {
                 up(&settings);
             }

@@ -16,7 +16,7 @@
 //! keeps its cadence and sends again once it is true). Its stream field
 //! `nodeId` and its channel stay the node name.
 
-use super::gpu::{GpuReader, GpuSource};
+use super::gpu::{Gpu, GpuReader, GpuSource};
 use super::host::HostReader;
 use crate::backoff::Outage;
 use crate::config::{Mode, Settings};
@@ -161,11 +161,6 @@ impl Beat {
                 return;
             }
             crate::observe::metrics::METRICS.set_gpus(&gpus);
-            let alerts = if profile.config.alert_on_high_temp {
-                high_temp_alerts(&gpus, self.settings.gpu_high_temp)
-            } else {
-                Vec::new()
-            };
             let host = self.host.read(&self.settings.state_dir);
             let timestamp = crate::clock::now_rfc3339();
             let body = payload(
@@ -174,9 +169,8 @@ impl Beat {
                 &timestamp,
                 self.started.elapsed(),
                 host,
-                serde_json::to_value(gpus).unwrap_or_default(),
+                &gpus,
                 self.counters.snapshot(),
-                alerts,
             );
             match self.send(&timestamp, &body.to_string()) {
                 Ok(()) => self.outage.recovered(),
@@ -231,9 +225,8 @@ fn payload(
     timestamp: &str,
     uptime: Duration,
     host: Value,
-    gpus: Value,
+    gpus: &[Gpu],
     worker: Value,
-    alerts: Vec<Value>,
 ) -> Value {
     let mode = match settings.mode {
         Mode::Redis => "redis",
@@ -241,6 +234,11 @@ fn payload(
         Mode::Auto => "auto",
     };
     let (node, c) = (&profile.facts, &profile.config);
+    let alerts = if c.alert_on_high_temp {
+        high_temp_alerts(gpus, settings.gpu_high_temp)
+    } else {
+        Vec::new()
+    };
     let mut body = json!({
         "version": "1.0",
         "agent_version": AGENT_VERSION,
@@ -269,7 +267,7 @@ fn payload(
 
 /// One `gpu_high_temperature` alert per GPU at or above `threshold` °C
 /// (a GPU without a temperature reading raises none).
-fn high_temp_alerts(gpus: &[super::gpu::Gpu], threshold: f64) -> Vec<Value> {
+fn high_temp_alerts(gpus: &[Gpu], threshold: f64) -> Vec<Value> {
     gpus.iter()
         .filter_map(|g| {
             let t = g.temperature_celsius.filter(|t| *t >= threshold)?;
@@ -327,9 +325,8 @@ mod tests {
             "2026-01-20T10:00:01.123Z",
             Duration::from_secs(61),
             host,
-            json!([]),
+            &[],
             json!({"processed": 0}),
-            Vec::new(),
         );
         assert_eq!(body["nodeId"], "n1");
         assert_eq!(body["nodeName"], "dev-1");
@@ -346,7 +343,7 @@ mod tests {
 
     #[test]
     fn a_gpu_at_or_above_the_threshold_raises_one_alert() {
-        let gpu = |index, t| super::super::gpu::Gpu {
+        let gpu = |index, t| Gpu {
             index,
             name: "NVIDIA H200".into(),
             uuid: Some(format!("GPU-{index}")),
@@ -358,7 +355,12 @@ mod tests {
             driver: None,
         };
         let alerts = high_temp_alerts(
-            &[gpu(0, Some(84.9)), gpu(1, Some(85.0)), gpu(2, None), gpu(3, Some(97.0))],
+            &[
+                gpu(0, Some(84.9)),
+                gpu(1, Some(85.0)),
+                gpu(2, None),
+                gpu(3, Some(97.0)),
+            ],
             85.0,
         );
         let at: Vec<u64> = alerts.iter().map(|a| a["gpu"].as_u64().unwrap()).collect();

@@ -290,12 +290,6 @@ impl Metrics {
         *lock(&self.gpus) = gpus.to_vec();
     }
 
-    /// A copy of one type's figures (tests).
-    #[cfg(test)]
-    pub fn type_stats(&self, kind: &str) -> Option<TypeStats> {
-        lock(&self.types).get(kind).cloned()
-    }
-
     /// The whole registry in the Prometheus text format.
     pub fn render(&self) -> String {
         let mut out = String::with_capacity(8192);
@@ -492,7 +486,7 @@ impl Metrics {
 
     fn render_gpus(&self, out: &mut String) {
         let gpus = lock(&self.gpus).clone();
-        let gauges: [(&str, &str, fn(&Gpu) -> Option<f64>); 5] = [
+        let gauges: [GpuGauge; 5] = [
             (
                 "citadel_gpu_utilization_percent",
                 "GPU utilisation, from the heartbeat's last sample.",
@@ -534,6 +528,9 @@ impl Metrics {
         }
     }
 }
+
+/// (metric name, help, the reading of one GPU).
+type GpuGauge = (&'static str, &'static str, fn(&Gpu) -> Option<f64>);
 
 fn header(out: &mut String, name: &str, kind: &str, help: &str) {
     let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
@@ -621,10 +618,7 @@ mod tests {
     #[test]
     fn label_values_are_escaped_and_entry_ages_read_from_ids() {
         assert_eq!(escape("a\"b\\c\nd"), "a\\\"b\\\\c\\nd");
-        assert_eq!(
-            entry_age("1000-3", 2500),
-            Some(Duration::from_millis(1500))
-        );
+        assert_eq!(entry_age("1000-3", 2500), Some(Duration::from_millis(1500)));
         assert_eq!(entry_age("bogus", 1), None);
     }
 }

@@ -63,8 +63,12 @@ pub fn start(addr: &str) -> Result<Option<Listener>, String> {
         format!("--metrics-addr {addr}: cannot make the listener's private socket directory: {e}")
     })?;
     let socket = socket_dir.join("http.sock");
-    let unix = UnixListener::bind(&socket)
-        .map_err(|e| format!("--metrics-addr {addr}: cannot bind {}: {e}", socket.display()))?;
+    let unix = UnixListener::bind(&socket).map_err(|e| {
+        format!(
+            "--metrics-addr {addr}: cannot bind {}: {e}",
+            socket.display()
+        )
+    })?;
     let server = Arc::new(
         Server::from_listener(unix, None)
             .map_err(|e| format!("cannot serve on --metrics-addr {addr}: {e}"))?,
@@ -217,13 +221,21 @@ fn route(method: &Method, url: &str, header_bytes: usize) -> (u16, &'static str,
     let path = url.split('?').next().unwrap_or_default();
     let known = matches!(path, "/metrics" | "/healthz" | "/readyz");
     if !known {
-        return (404, TEXT, "not found: try /metrics, /healthz or /readyz\n".into());
+        return (
+            404,
+            TEXT,
+            "not found: try /metrics, /healthz or /readyz\n".into(),
+        );
     }
     if !matches!(method, Method::Get | Method::Head) {
         return (405, TEXT, format!("{method} is not allowed: use GET\n"));
     }
     match path {
-        "/metrics" => (200, "text/plain; version=0.0.4; charset=utf-8", METRICS.render()),
+        "/metrics" => (
+            200,
+            "text/plain; version=0.0.4; charset=utf-8",
+            METRICS.render(),
+        ),
         "/healthz" => match alive::wedged() {
             w if w.is_empty() => (200, TEXT, "ok\n".into()),
             w => (503, TEXT, format!("wedged: {}\n", w.join(", "))),
@@ -267,7 +279,13 @@ mod tests {
         assert_eq!(route(&Method::Post, "/metrics", 10).0, 405);
         assert_eq!(route(&Method::Get, "/metrics", MAX_HEADER_BYTES + 1).0, 431);
         let (status, kind, body) = route(&Method::Get, "/metrics?x=1", 10);
-        assert_eq!((status, kind), (200, "text/plain; version=0.0.4; charset=utf-8"));
-        assert!(body.contains("# TYPE citadel_jobs_in_flight gauge"), "{body}");
+        assert_eq!(
+            (status, kind),
+            (200, "text/plain; version=0.0.4; charset=utf-8")
+        );
+        assert!(
+            body.contains("# TYPE citadel_jobs_in_flight gauge"),
+            "{body}"
+        );
     }
 }

@@ -7,10 +7,10 @@ use super::cancel::CancelToken;
 use super::exec::{Executor, Outcome};
 use super::slots::Slot;
 use crate::job::Job;
+use crate::observe::metrics::METRICS;
 use crossbeam_channel::Receiver;
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use crate::observe::metrics::METRICS;
 use std::time::{Duration, Instant};
 
 /// Where a running job's progress goes; the transport implements it.
@@ -61,8 +61,8 @@ fn run_task(exec: &Executor, task: Task) {
     log::info!("job {} ({}) started", job.id, job.kind);
     report.started();
     exec.counters.started();
-    let pickup = enqueued_ms
-        .map(|at| Duration::from_millis(crate::clock::now_millis().saturating_sub(at)));
+    let pickup =
+        enqueued_ms.map(|at| Duration::from_millis(crate::clock::now_millis().saturating_sub(at)));
     METRICS.job_started(&job.kind, pickup);
     let mut first_chunk = None;
     let outcome = exec.execute(&job, &token, &mut |text| {

@@ -277,7 +277,8 @@ fn poll(s: &Arc<NexusState>, tasks: &Sender<Task>) {
                 );
             }
             alive::set_ready("nexus", Some("the report spool is full".into()));
-            s.bell.wait(s.settings.poll_interval.min(Duration::from_secs(5)));
+            s.bell
+                .wait(s.settings.poll_interval.min(Duration::from_secs(5)));
             continue;
         }
         if let Some(since) = full_since.take() {

@@ -113,15 +113,12 @@ impl Reader {
                 continue;
             }
             match self.step(&mut free) {
-                Ok(()) if self.state.lock_lost.load(Ordering::SeqCst) => {
-                    self.tell(Some("the consumer name is held by another live worker".into()))
-                }
+                Ok(()) if self.state.lock_lost.load(Ordering::SeqCst) => self.tell(Some(
+                    "the consumer name is held by another live worker".into(),
+                )),
                 Ok(()) => self.tell(None),
                 Err(e) => {
-                    self.tell(Some(format!(
-                        "Redis: {} ({e})",
-                        redis_conn::describe(&e)
-                    )));
+                    self.tell(Some(format!("Redis: {} ({e})", redis_conn::describe(&e))));
                     let wait = self.failed(&e);
                     self.state.sleep(wait);
                 }
