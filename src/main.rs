@@ -108,7 +108,7 @@ fn run() -> Result<i32, Exit> {
         Command::RunJob { job } => run_job::run(&executor(), job),
         Command::Submit(s) => admin::submit::run(&settings, &s),
         Command::Dlq(d) => admin::dlq::run(&settings, &d),
-        Command::Status => admin::status::run(&settings),
+        Command::Status { json } => admin::status::run(&settings, json),
         Command::Services(s) => admin::services::run(&settings, &s),
         Command::Init(i) => admin::init::run(&settings, &i),
         Command::Service(s) => admin::init::service(&settings, &s),

@@ -108,6 +108,16 @@ pub fn nvidia_gpus_present(timeout: Duration) -> Option<bool> {
     }
 }
 
+/// The GPUs now, for `citadel status`: `Ok(None)` without nvidia-smi on
+/// PATH, else what it reports within `timeout` (killed past it). Logs
+/// nothing.
+pub fn query(timeout: Duration) -> Result<Option<Vec<Gpu>>, String> {
+    match find_on_path("nvidia-smi") {
+        None => Ok(None),
+        Some(path) => run_nvidia_smi(&path, timeout, &StopFlag::default()).map(Some),
+    }
+}
+
 fn find_on_path(name: &str) -> Option<PathBuf> {
     use std::os::unix::fs::PermissionsExt;
     let path = std::env::var_os("PATH")?;
