@@ -223,6 +223,10 @@ pub const SETTINGS: &[(&str, &str)] = &[
         "gpu-high-temp",
         "a GPU at or above this many °C adds a heartbeat alert when the device config's alertOnHighTemp is on [85]",
     ),
+    (
+        "gpu-telemetry",
+        "where heartbeat GPU figures come from: auto (NVML when built in and the driver library loads, else nvidia-smi) or nvidia-smi [auto]",
+    ),
 ];
 
 /// Where jobs come from.
@@ -325,6 +329,8 @@ pub struct Settings {
     /// Empty: no listener.
     pub metrics_addr: String,
     pub gpu_high_temp: f64,
+    /// `auto` or `nvidia-smi`.
+    pub gpu_telemetry: String,
 }
 
 impl Default for Settings {
@@ -404,6 +410,7 @@ impl Default for Settings {
             // observability
             metrics_addr: "127.0.0.1:9464".into(),
             gpu_high_temp: 85.0,
+            gpu_telemetry: "auto".into(),
         }
     }
 }
@@ -644,6 +651,10 @@ impl Settings {
                     return Err("must be a positive number of °C".into());
                 }
             }
+            "gpu-telemetry" => match v {
+                "auto" | "nvidia-smi" => self.gpu_telemetry = v.to_owned(),
+                _ => return Err(format!("'{v}' is not auto or nvidia-smi")),
+            },
             _ => return Err(format!("unknown setting '{name}'")),
         }
         Ok(())
@@ -1004,6 +1015,7 @@ mod tests {
                 "ssh-unit" => "sshd.service",
                 "metrics-addr" => "127.0.0.1:0",
                 "gpu-high-temp" => "90",
+                "gpu-telemetry" => "nvidia-smi",
                 n if n.contains("retries")
                     || n.contains("max")
                     || n.ends_with("-attempts")

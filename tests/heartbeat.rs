@@ -27,8 +27,16 @@ const TWO_GPUS: &str = "\
 ";
 
 /// `citadel work` as `node` with `args`; PATH is `path_dirs` (then the test's own PATH when `inherit`).
+/// GPUs come from nvidia-smi (the fake one on PATH), even where NVML would load.
 fn agent(redis: &RedisServer, node: &str, args: &[&str], path: Option<&str>) -> Citadel {
-    let mut all = vec!["--node-name", node, "--block", "1s"];
+    let mut all = vec![
+        "--node-name",
+        node,
+        "--block",
+        "1s",
+        "--gpu-telemetry",
+        "nvidia-smi",
+    ];
     all.extend_from_slice(args);
     match path {
         Some(p) => Citadel::work(redis, &all, &[("PATH", p)]),
@@ -566,4 +574,41 @@ fn a_hot_gpu_raises_an_alert_once_the_device_config_asks_for_high_temp_alerts() 
     ] {
         assert!(body.lines().any(|l| l == line), "no `{line}` in\n{body}");
     }
+}
+
+#[test]
+fn without_the_nvml_library_auto_telemetry_falls_back_to_nvidia_smi() {
+    let redis = RedisServer::start();
+    let fake = fake_nvidia_smi(&printing(TWO_GPUS));
+    let w = agent(
+        &redis,
+        "hb-auto",
+        &["--heartbeat-interval", "1h", "--gpu-telemetry", "auto"],
+        Some(&path_with(&fake)),
+    );
+    let mut conn = redis.conn();
+    let p = wait_payload(&mut conn, "a heartbeat", |_| true);
+    let log = w.log();
+    if log.contains("GPU telemetry: NVML (") {
+        support::report_skip(
+            "without_the_nvml_library_auto_telemetry_falls_back_to_nvidia_smi",
+            "libnvidia-ml loads on this machine",
+        );
+        return;
+    }
+    let line = log_lines_with(&log, "GPU telemetry: ");
+    assert_eq!(line.len(), 1, "the choice is logged once: {log}");
+    let expected = format!(
+        "GPU telemetry: {}/nvidia-smi (nvidia-smi; NVML ",
+        fake.display()
+    );
+    assert!(line[0].contains(&expected), "{}", line[0]);
+    if cfg!(feature = "nvml") {
+        assert!(line[0].contains("NVML did not load: "), "{}", line[0]);
+    }
+    assert_eq!(p["gpus"].as_array().map(Vec::len), Some(2), "{p}");
+    assert_eq!(
+        p["gpus"][0]["uuid"],
+        "GPU-3f1c2a9e-77aa-4b1e-9c55-0d1e2f3a4b5c"
+    );
 }

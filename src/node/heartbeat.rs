@@ -127,7 +127,13 @@ struct Beat {
 impl Beat {
     fn run(mut self, stop: &StopFlag) {
         let interval = self.settings.heartbeat_interval;
-        let mut gpus = GpuReader::new(GpuSource::detect(), self.settings.gpu_query_timeout);
+        let mut gpus = GpuReader::new(
+            GpuSource::detect(
+                &self.settings.gpu_telemetry,
+                self.settings.gpu_query_timeout,
+            ),
+            self.settings.gpu_query_timeout,
+        );
         let mut next = Instant::now();
         let mut paused = false;
         let s = &self.settings;
