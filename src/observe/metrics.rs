@@ -351,7 +351,7 @@ impl Metrics {
             &mut out,
             "citadel_redis_reconnects_total",
             "counter",
-            "Redis connections opened again by the reader, settle or heartbeat thread after one was lost.",
+            "Redis connections opened again by the reader or settle thread after one was lost.",
             n(&self.redis_reconnects),
         );
         plain(
