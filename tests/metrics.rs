@@ -355,3 +355,65 @@ fn a_metrics_port_in_use_stops_the_start_with_exit_2_naming_the_setting() {
         "no job was taken: {log}"
     );
 }
+
+#[test]
+fn nexus_readiness_follows_its_polls_and_its_jobs_are_counted() {
+    use support::fake_nexus::{FakeNexus, Next};
+    let nexus = FakeNexus::start();
+    let state = support::fresh_temp_dir("metrics-nexus");
+    let addr = format!("127.0.0.1:{}", free_port());
+    let w = support::Citadel::spawn(
+        &[
+            "work",
+            "--mode",
+            "nexus",
+            "--nexus-url",
+            &nexus.url(),
+            "--state-dir",
+            state.to_str().unwrap(),
+            "--poll-interval",
+            "100ms",
+            "--nexus-retry-cap",
+            "200ms",
+            "--metrics-addr",
+            &addr,
+        ],
+        &[("RUST_LOG", "debug")],
+    );
+    w.wait_for_log("metrics: http://", WAIT);
+    wait_until("/readyz 200 on Nexus", WAIT, || {
+        (get(&addr, "/readyz") == (200, "ready\n".into())).then_some(())
+    });
+    nexus.push_job("nx-1", "echo", serde_json::json!({"chunks": 1}));
+    nexus.wait_for_report("nx-1", WAIT);
+    let m = wait_metrics(
+        &addr,
+        &[
+            ("citadel_jobs_completed_total{type=\"echo\"}", 1.0),
+            ("citadel_chunks_published_total", 1.0),
+            (
+                "citadel_job_pickup_latency_seconds_count{type=\"echo\"}",
+                0.0,
+            ),
+            ("citadel_nexus_spool_reports", 0.0),
+        ],
+    );
+    assert_eq!(m["citadel_nexus_poll_errors_total"], 0.0);
+
+    nexus.set_default_next(vec![Next::Status(503, vec![], "maintenance".into())]);
+    let body = wait_until("/readyz 503 while Nexus fails", WAIT, || {
+        let (status, body) = get(&addr, "/readyz");
+        (status == 503).then_some(body)
+    });
+    assert!(
+        body.starts_with("not ready: nexus: Nexus polls fail: "),
+        "{body:?}"
+    );
+    assert!(scrape(&addr)["citadel_nexus_poll_errors_total"] >= 1.0);
+    assert_eq!(get(&addr, "/healthz").0, 200);
+
+    nexus.set_default_next(vec![Next::NoJob]);
+    wait_until("/readyz 200 once Nexus answers again", WAIT, || {
+        (get(&addr, "/readyz").0 == 200).then_some(())
+    });
+}

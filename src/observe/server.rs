@@ -96,13 +96,20 @@ pub fn start(addr: &str) -> Result<Option<Listener>, String> {
 impl Listener {
     /// Stop answering; returns once the answering threads ended.
     pub fn stop(self) {
+        let Listener {
+            server,
+            threads,
+            socket_dir,
+        } = self;
         for _ in 0..ANSWER_THREADS {
-            self.server.unblock();
+            server.unblock();
         }
-        for t in self.threads {
+        for t in threads {
             let _ = t.join();
         }
-        let _ = std::fs::remove_dir_all(&self.socket_dir);
+        // tiny_http's drop connects to its socket to end its accept loop.
+        drop(server);
+        let _ = std::fs::remove_dir_all(&socket_dir);
     }
 }
 
