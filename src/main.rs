@@ -82,7 +82,10 @@ fn run() -> Result<i32, Exit> {
             // The first heartbeat may go out before the transport has started.
             exec.counters.set_mode(transport::first_mode(&settings));
             let heartbeat = node::heartbeat::Heartbeat::start(&settings, &exec);
-            let sampler = observe::sampler::Sampler::start(&settings, exec.profile.clone());
+            // Its gauges are only read by /metrics: no listener, no sampling.
+            let sampler = listener
+                .as_ref()
+                .and_then(|_| observe::sampler::Sampler::start(&settings, exec.profile.clone()));
             let stopped = worker::lifecycle::run(
                 settings.concurrency,
                 settings.shutdown_grace,

@@ -406,7 +406,7 @@ impl Metrics {
                 &mut out,
                 "citadel_pending_entries",
                 "gauge",
-                "Entries pending for this consumer, by stream (sampled every few seconds).",
+                "Entries pending for this consumer, by stream (sampled every 5 s).",
             );
             for s in &sampled.streams {
                 let _ = writeln!(
@@ -434,7 +434,7 @@ impl Metrics {
                 &mut out,
                 "citadel_dead_letter_entries",
                 "gauge",
-                "Length of each dead-letter stream (sampled every few seconds).",
+                "Length of each dead-letter stream (sampled every 5 s).",
             );
             for (stream, len) in &sampled.dlq {
                 let _ = writeln!(

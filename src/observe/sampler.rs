@@ -5,7 +5,8 @@
 //! does not answer only leaves the last sample in place (logged at debug:
 //! the reader and settle threads already report outages).
 //!
-//! Own connection, bounded timeouts; shares nothing with the job path.
+//! Own connection, bounded timeouts; shares nothing with the job path. It
+//! runs only while the metrics listener is on (nobody else reads it).
 
 use super::alive::Beat;
 use super::metrics::{entry_age, StreamSample, METRICS};
@@ -19,7 +20,10 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-pub const SAMPLE_EVERY: Duration = Duration::from_secs(3);
+/// An idle worker costs Redis two commands per stream per sample (XPENDING,
+/// XLEN of its dead-letter stream; a third, XPENDING of the oldest entry,
+/// only while entries are pending).
+pub const SAMPLE_EVERY: Duration = Duration::from_secs(5);
 
 pub struct Sampler {
     stop: Arc<StopFlag>,
