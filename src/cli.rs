@@ -644,6 +644,15 @@ mod tests {
                 json: true
             })
         );
+        assert_eq!(
+            parse_args(&["status", "--json"]).unwrap().command,
+            Command::Status { json: true }
+        );
+        assert_eq!(
+            parse_args(&["status"]).unwrap().command,
+            Command::Status { json: false }
+        );
+        assert!(parse_args(&["dlq", "list", "--json"]).is_err());
         assert!(matches!(
             parse_args(&["services", "restart", "llamacpp"]).unwrap().command,
             Command::Services(Services { action: ServicesAction::Restart, name: Some(n), json: false }) if n == "llamacpp"
