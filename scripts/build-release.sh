@@ -21,6 +21,8 @@
 #   targets glibc), so the Debian route would mean a multiarch musl-dev:arm64
 #   plus linker wrappers.
 # - Rust's musl targets come from `rustup target add`.
+# - --no-default-features: no `nvml` (a static binary cannot dlopen
+#   libnvidia-ml.so; these builds read GPUs with nvidia-smi).
 # Installs, only when missing: those targets, musl-tools, ziglang (pip,
 # user site), cargo-zigbuild (cargo install). Sources unchanged: cargo
 # rebuilds nothing, and a tarball whose binary did not change is kept as it
@@ -102,14 +104,14 @@ for arch in "${targets[@]}"; do
     case "$arch" in
     x86_64)
         ensure_musl_gcc
-        step "cargo build --release --target $triple"
-        CC_x86_64_unknown_linux_musl=musl-gcc cargo build --release --locked --target "$triple"
+        step "cargo build --release --no-default-features --target $triple"
+        CC_x86_64_unknown_linux_musl=musl-gcc cargo build --release --locked --no-default-features --target "$triple"
         ;;
     aarch64)
         ensure_zig
         ensure_zigbuild
-        step "cargo zigbuild --release --target $triple"
-        cargo zigbuild --release --locked --target "$triple"
+        step "cargo zigbuild --release --no-default-features --target $triple"
+        cargo zigbuild --release --locked --no-default-features --target "$triple"
         ;;
     esac
     bin="target/$triple/release/citadel"

@@ -11,7 +11,8 @@
 # - aarch64: `file` says ARM aarch64, statically linked; under
 #   qemu-aarch64-static (Debian's qemu-user-static) it prints its version and
 #   runs `citadel run-job` with an echo job;
-# - each binary is at most 5 MiB.
+# - each binary is at most 5 MiB;
+# - x86_64: its /metrics listener answers and counts the echo job.
 #
 # Installs, only when missing: file, qemu-user-static, redis-server.
 # Exit 0 when every check passed; otherwise 1, naming the failed checks.
@@ -120,7 +121,7 @@ done
 url="redis://127.0.0.1:$port"
 env -u CITADEL_CONFIG CITADEL_CONFIG=/dev/null CITADEL_STATE_DIR="$work/state" \
     "$x86" work --redis-url "$url" --node-name release-check --block 1s \
-    --heartbeat-interval 0 >"$work/worker.log" 2>&1 &
+    --heartbeat-interval 0 --metrics-addr 127.0.0.1:0 >"$work/worker.log" 2>&1 &
 worker_pid=$!
 if out=$(CITADEL_CONFIG=/dev/null CITADEL_STATE_DIR="$work/state" timeout 60 \
     "$x86" submit --redis-url "$url" --type echo --payload '{"chunks":3,"said":"static"}' --follow 2>&1) &&
@@ -128,6 +129,20 @@ if out=$(CITADEL_CONFIG=/dev/null CITADEL_STATE_DIR="$work/state" timeout 60 \
     pass "x86_64: an echo job through citadel work and a real redis-server"
 else
     fail "x86_64-job" "x86_64: the echo job did not complete: $out; worker log: $(tail -n 20 "$work/worker.log")"
+fi
+# The metrics listener (an ephemeral port, so a busy 9464 does not matter):
+# /metrics counts the job just run.
+maddr=$(sed -n 's|.*metrics: http://\([0-9.]*\):\([0-9]*\)/metrics.*|\1 \2|p' "$work/worker.log" | head -n1)
+metrics=""
+if [ -n "$maddr" ] && exec 3<>"/dev/tcp/${maddr% *}/${maddr#* }"; then
+    printf 'GET /metrics HTTP/1.0\r\n\r\n' >&3
+    metrics=$(timeout 10 cat <&3 || true)
+    exec 3<&-
+fi
+if grep -q '^citadel_jobs_completed_total{type="echo"} 1' <<<"$metrics"; then
+    pass "x86_64: /metrics counts the job"
+else
+    fail "x86_64-metrics" "x86_64: /metrics did not count the echo job (listener '${maddr:-none}'): $(head -c 400 <<<"$metrics")"
 fi
 kill -TERM "$worker_pid" 2>/dev/null || true
 for _ in $(seq 300); do

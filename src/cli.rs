@@ -18,8 +18,10 @@ pub enum Command {
     },
     Submit(Submit),
     Dlq(Dlq),
-    /// Which inference engines answer.
-    Status,
+    /// The operator's screen (`--json`: one JSON object).
+    Status {
+        json: bool,
+    },
     /// `citadel services [list|start|stop|restart] [NAME]`.
     Services(Services),
     /// `citadel init`: device authorization, credentials into the config file.
@@ -169,7 +171,7 @@ pub fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Cli, String> {
                 submit.follow = true
             }
             Long("all") if name.as_deref() == Some("dlq") => all = true,
-            Long("json") if name.as_deref() == Some("services") => json = true,
+            Long("json") if matches!(name.as_deref(), Some("services" | "status")) => json = true,
             Long("json") if name.as_deref() == Some("init") => init.json = true,
             Long("relogin") if name.as_deref() == Some("init") => init.relogin = true,
             Long("token") if name.as_deref() == Some("init") => init.token = Some(text(p.value())?),
@@ -287,7 +289,7 @@ pub fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Cli, String> {
         }
         "status" => {
             extra(0)?;
-            Command::Status
+            Command::Status { json }
         }
         "services" => {
             // `citadel services NAME` is `citadel services list NAME`.
@@ -452,15 +454,21 @@ pub fn help_text(topic: &str) -> Result<String, String> {
             settings_help()
         ),
         "status" => format!(
-            "citadel status — the agent's mode and which inference engines answer\n\n\
-             Usage: citadel status [--state-dir DIR] [--vllm-url URL] [--ollama-url URL]\n\
-             \x20                     [--llamacpp-url URL]\n\n\
-             Prints the mode 'citadel agent' last recorded in {{state-dir}}/agent-status.json,\n\
-             then asks each engine at its configured URL (vLLM GET /v1/models, Ollama GET\n\
-             /api/tags, llama.cpp GET /health) and prints one line per engine: ready (with\n\
-             the models it lists), not ready (the HTTP status and message, e.g. 503 while a\n\
-             model loads) or not answering (why). Each probe takes at most twice\n\
-             --engine-connect-timeout. Always exits 0.\n{}",
+            "citadel status — one screen for an operator\n\n\
+             Usage: citadel status [--json] [--state-dir DIR] [--redis-url URL] [--vllm-url URL] …\n\n\
+             Prints the mode 'citadel agent' last recorded in {{state-dir}}/agent-status.json;\n\
+             the node (name, device name, version); the credentials, redacted; whether Redis\n\
+             and Nexus answer; per stream a worker with these settings reads (the queues,\n\
+             the node's own stream, the device config's tag streams) its length, the group's\n\
+             lag and pending count, the age of the oldest pending entry and each consumer\n\
+             with its pending count and idle time; the dead-letter counts; each engine at its\n\
+             configured URL (vLLM GET /v1/models, Ollama GET /api/tags, llama.cpp GET /health,\n\
+             extraction GET /health): ready (with the models it lists), not ready (the HTTP\n\
+             status and message, e.g. 503 while a model loads) or not answering (why); the\n\
+             GPUs (nvidia-smi, at most --gpu-query-timeout); the configured services and\n\
+             their containers. Every probe is bounded (an engine: twice\n\
+             --engine-connect-timeout; Redis: --redis-timeout). Secrets are never shown.\n\
+             --json prints one JSON object with stable field names (README). Always exits 0.\n{}",
             settings_help()
         ),
         "services" => format!(
@@ -636,6 +644,15 @@ mod tests {
                 json: true
             })
         );
+        assert_eq!(
+            parse_args(&["status", "--json"]).unwrap().command,
+            Command::Status { json: true }
+        );
+        assert_eq!(
+            parse_args(&["status"]).unwrap().command,
+            Command::Status { json: false }
+        );
+        assert!(parse_args(&["dlq", "list", "--json"]).is_err());
         assert!(matches!(
             parse_args(&["services", "restart", "llamacpp"]).unwrap().command,
             Command::Services(Services { action: ServicesAction::Restart, name: Some(n), json: false }) if n == "llamacpp"

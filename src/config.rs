@@ -214,6 +214,19 @@ pub const SETTINGS: &[(&str, &str)] = &[
         "device-api-token",
         "this node's credential, stored by 'citadel init'; the Nexus bearer token when --nexus-token is not set [none]",
     ),
+    // observability
+    (
+        "metrics-addr",
+        "address of the /metrics, /healthz and /readyz listener; empty turns it off; a port in use stops the start (exit 2) [127.0.0.1:9464]",
+    ),
+    (
+        "gpu-high-temp",
+        "a GPU at or above this many °C adds a heartbeat alert when the device config's alertOnHighTemp is on [85]",
+    ),
+    (
+        "gpu-telemetry",
+        "where heartbeat GPU figures come from: auto (NVML when built in and the driver library loads, else nvidia-smi) or nvidia-smi [auto]",
+    ),
 ];
 
 /// Where jobs come from.
@@ -312,6 +325,12 @@ pub struct Settings {
     /// The config file these settings were read from, or would have been
     /// had it existed (`citadel init` writes its credentials there).
     pub config_file: PathBuf,
+    // observability
+    /// Empty: no listener.
+    pub metrics_addr: String,
+    pub gpu_high_temp: f64,
+    /// `auto` or `nvidia-smi`.
+    pub gpu_telemetry: String,
 }
 
 impl Default for Settings {
@@ -388,6 +407,10 @@ impl Default for Settings {
             init_timeout: Duration::from_secs(600),
             device_api_token: None,
             config_file: default_config_file(),
+            // observability
+            metrics_addr: "127.0.0.1:9464".into(),
+            gpu_high_temp: 85.0,
+            gpu_telemetry: "auto".into(),
         }
     }
 }
@@ -620,6 +643,18 @@ impl Settings {
             "device-api-token" => {
                 self.device_api_token = Some(Secret(crate::node::provision::check_token(v)?))
             }
+            // observability
+            "metrics-addr" => self.metrics_addr = metrics_addr(v)?,
+            "gpu-high-temp" => {
+                self.gpu_high_temp = number::<f64>(v)?;
+                if !(self.gpu_high_temp.is_finite() && self.gpu_high_temp > 0.0) {
+                    return Err("must be a positive number of °C".into());
+                }
+            }
+            "gpu-telemetry" => match v {
+                "auto" | "nvidia-smi" => self.gpu_telemetry = v.to_owned(),
+                _ => return Err(format!("'{v}' is not auto or nvidia-smi")),
+            },
             _ => return Err(format!("unknown setting '{name}'")),
         }
         Ok(())
@@ -861,6 +896,26 @@ pub fn redact_password(v: &str) -> String {
     }
 }
 
+/// `HOST:PORT` the metrics listener binds (an IP or `localhost`), or empty
+/// for none.
+fn metrics_addr(v: &str) -> Result<String, String> {
+    use std::net::ToSocketAddrs;
+    let v = v.trim();
+    if v.is_empty() {
+        return Ok(String::new());
+    }
+    let ok = v.rsplit_once(':').is_some_and(|(host, port)| {
+        !host.is_empty() && port.parse::<u16>().is_ok() && v.to_socket_addrs().is_ok()
+    });
+    if ok {
+        Ok(v.to_owned())
+    } else {
+        Err(format!(
+            "'{v}' is not HOST:PORT (e.g. 127.0.0.1:9464, 0.0.0.0:9464; empty turns the listener off)"
+        ))
+    }
+}
+
 /// A systemd unit name: letters, digits and `@._:-` (nothing a shell or
 /// systemctl would read as an option).
 fn unit_name(v: &str) -> Result<String, String> {
@@ -958,6 +1013,9 @@ mod tests {
                 "max-job-size" | "shell-output-cap" => "4096",
                 "allow-shell" | "tag-streams" | "allow-ssh-control" => "true",
                 "ssh-unit" => "sshd.service",
+                "metrics-addr" => "127.0.0.1:0",
+                "gpu-high-temp" => "90",
+                "gpu-telemetry" => "nvidia-smi",
                 n if n.contains("retries")
                     || n.contains("max")
                     || n.ends_with("-attempts")

@@ -13,6 +13,7 @@ mod handlers;
 mod http;
 mod job;
 mod node;
+mod observe;
 mod redis_conn;
 mod run_job;
 mod sync;
@@ -65,6 +66,9 @@ fn run() -> Result<i32, Exit> {
         }
         Command::Work | Command::Agent { .. } => {
             transport::check(&settings).map_err(|e| Exit(2, e))?;
+            // Before anything starts: a port in use stops the start (exit 2).
+            let listener =
+                observe::server::start(&settings.metrics_addr).map_err(|e| Exit(2, e))?;
             if let Command::Agent { up: true } = cli.command {
                 up(&settings);
             }
@@ -78,6 +82,10 @@ fn run() -> Result<i32, Exit> {
             // The first heartbeat may go out before the transport has started.
             exec.counters.set_mode(transport::first_mode(&settings));
             let heartbeat = node::heartbeat::Heartbeat::start(&settings, &exec);
+            // Its gauges are only read by /metrics: no listener, no sampling.
+            let sampler = listener
+                .as_ref()
+                .and_then(|_| observe::sampler::Sampler::start(&settings, exec.profile.clone()));
             let stopped = worker::lifecycle::run(
                 settings.concurrency,
                 settings.shutdown_grace,
@@ -89,6 +97,12 @@ fn run() -> Result<i32, Exit> {
                 // Bounded: a heartbeat stuck on a hung Redis must not delay the exit.
                 h.stop(std::time::Instant::now() + std::time::Duration::from_millis(200));
             }
+            if let Some(s) = sampler {
+                s.stop(std::time::Instant::now() + std::time::Duration::from_millis(100));
+            }
+            if let Some(l) = listener {
+                l.stop();
+            }
             // A shell command that did not stop in time dies with the agent.
             handlers::shell::kill_running();
             stopped?;
@@ -97,7 +111,7 @@ fn run() -> Result<i32, Exit> {
         Command::RunJob { job } => run_job::run(&executor(), job),
         Command::Submit(s) => admin::submit::run(&settings, &s),
         Command::Dlq(d) => admin::dlq::run(&settings, &d),
-        Command::Status => admin::status::run(&settings),
+        Command::Status { json } => admin::status::run(&settings, json),
         Command::Services(s) => admin::services::run(&settings, &s),
         Command::Init(i) => admin::init::run(&settings, &i),
         Command::Service(s) => admin::init::service(&settings, &s),

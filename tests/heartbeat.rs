@@ -27,8 +27,16 @@ const TWO_GPUS: &str = "\
 ";
 
 /// `citadel work` as `node` with `args`; PATH is `path_dirs` (then the test's own PATH when `inherit`).
+/// GPUs come from nvidia-smi (the fake one on PATH), even where NVML would load.
 fn agent(redis: &RedisServer, node: &str, args: &[&str], path: Option<&str>) -> Citadel {
-    let mut all = vec!["--node-name", node, "--block", "1s"];
+    let mut all = vec![
+        "--node-name",
+        node,
+        "--block",
+        "1s",
+        "--gpu-telemetry",
+        "nvidia-smi",
+    ];
     all.extend_from_slice(args);
     match path {
         Some(p) => Citadel::work(redis, &all, &[("PATH", p)]),
@@ -488,5 +496,119 @@ fn nexus_polling_without_a_redis_url_sends_no_heartbeat() {
     w.wait_for_log(
         "heartbeat: none (Nexus polling without a configured Redis URL)",
         WAIT,
+    );
+}
+
+/// Two GPUs, the second one hot (91 °C).
+const HOT_GPU: &str = "\
+0, NVIDIA H200, GPU-cool, 1024, 143771, 37, 41, 118.52, 580.65.06
+1, NVIDIA H200, GPU-hot, 2048, 143771, 99, 91, 650.5, 580.65.06
+";
+
+#[test]
+fn a_hot_gpu_raises_an_alert_once_the_device_config_asks_for_high_temp_alerts() {
+    let redis = RedisServer::start();
+    let fake = fake_nvidia_smi(&printing(HOT_GPU));
+    let metrics = format!("127.0.0.1:{}", support::free_port());
+    let _w = agent(
+        &redis,
+        "hb-hot",
+        &[
+            "--heartbeat-interval",
+            "200ms",
+            "--gpu-high-temp",
+            "90",
+            "--metrics-addr",
+            &metrics,
+        ],
+        Some(&path_with(&fake)),
+    );
+    let mut conn = redis.conn();
+    // alertOnHighTemp is off by default: no alert, whatever the heat.
+    let before = wait_payload(&mut conn, "a heartbeat with two GPUs", |p| {
+        p["gpus"].as_array().is_some_and(|g| g.len() == 2)
+    });
+    assert_eq!(before["monitoring"]["alertOnHighTemp"], false);
+    assert_eq!(before["alerts"], serde_json::json!([]));
+
+    xadd_job(
+        &mut conn,
+        QUEUE,
+        "hot-cfg",
+        "APPLY_DEVICE_CONFIG",
+        r#"{"config": {"alertOnHighTemp": true}}"#,
+    );
+    wait_status(&mut conn, "hot-cfg", "completed", WAIT);
+    let p = wait_payload(&mut conn, "a heartbeat with high-temp alerts on", |p| {
+        p["monitoring"]["alertOnHighTemp"] == true
+    });
+    assert_eq!(
+        p["alerts"],
+        serde_json::json!([{
+            "type": "gpu_high_temperature",
+            "gpu": 1,
+            "uuid": "GPU-hot",
+            "name": "NVIDIA H200",
+            "temperature_celsius": 91.0,
+            "threshold_celsius": 90.0,
+        }]),
+        "only the GPU at or above --gpu-high-temp: {p}"
+    );
+
+    // The same sample feeds the GPU gauges of /metrics.
+    let body = wait_until("GPU gauges on /metrics", WAIT, || {
+        let mut c = std::net::TcpStream::connect(&metrics).ok()?;
+        use std::io::{Read, Write};
+        c.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .ok()?;
+        let mut text = String::new();
+        c.read_to_string(&mut text).ok()?;
+        text.contains("citadel_gpu_temperature_celsius{")
+            .then_some(text)
+    });
+    for line in [
+        "citadel_gpu_temperature_celsius{gpu=\"1\",name=\"NVIDIA H200\"} 91",
+        "citadel_gpu_utilization_percent{gpu=\"0\",name=\"NVIDIA H200\"} 37",
+        "citadel_gpu_power_watts{gpu=\"1\",name=\"NVIDIA H200\"} 650.5",
+        "citadel_gpu_memory_used_bytes{gpu=\"1\",name=\"NVIDIA H200\"} 2147483648",
+    ] {
+        assert!(body.lines().any(|l| l == line), "no `{line}` in\n{body}");
+    }
+}
+
+#[test]
+fn without_the_nvml_library_auto_telemetry_falls_back_to_nvidia_smi() {
+    let redis = RedisServer::start();
+    let fake = fake_nvidia_smi(&printing(TWO_GPUS));
+    let w = agent(
+        &redis,
+        "hb-auto",
+        &["--heartbeat-interval", "1h", "--gpu-telemetry", "auto"],
+        Some(&path_with(&fake)),
+    );
+    let mut conn = redis.conn();
+    let p = wait_payload(&mut conn, "a heartbeat", |_| true);
+    let log = w.log();
+    if log.contains("GPU telemetry: NVML (") {
+        support::report_skip(
+            "without_the_nvml_library_auto_telemetry_falls_back_to_nvidia_smi",
+            "libnvidia-ml loads on this machine",
+        );
+        return;
+    }
+    let line = log_lines_with(&log, "GPU telemetry: ");
+    assert_eq!(line.len(), 1, "the choice is logged once: {log}");
+    let expected = format!(
+        "GPU telemetry: {}/nvidia-smi (nvidia-smi; NVML ",
+        fake.display()
+    );
+    assert!(line[0].contains(&expected), "{}", line[0]);
+    if cfg!(feature = "nvml") {
+        assert!(line[0].contains("NVML did not load: "), "{}", line[0]);
+    }
+    assert_eq!(p["gpus"].as_array().map(Vec::len), Some(2), "{p}");
+    assert_eq!(
+        p["gpus"][0]["uuid"],
+        "GPU-3f1c2a9e-77aa-4b1e-9c55-0d1e2f3a4b5c"
     );
 }

@@ -6,6 +6,7 @@ pub mod dlq;
 pub mod init;
 pub mod services;
 pub mod status;
+mod status_redis;
 pub mod submit;
 
 /// A command's failure: the message and the exit code (1 = the operation or

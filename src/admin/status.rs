@@ -1,16 +1,30 @@
-//! `citadel status`: the mode a `citadel agent` last recorded in
-//! `{state-dir}/agent-status.json`, then which inference engines answer at
-//! their configured URLs (vLLM `GET /v1/models`, Ollama `GET /api/tags`,
-//! llama.cpp `GET /health`) and whether the extraction service does
-//! (`GET /health`); and the engines' state as one log line when
-//! `citadel work` starts. Nothing here fails the command: a missing status or
-//! an engine that does not answer is a state to report, not an error (exit 0).
+//! `citadel status`: one screen for an operator, or (`--json`) one JSON
+//! object with the same facts under stable names (README, "citadel
+//! status"). In order: the mode a `citadel agent` last recorded in
+//! `{state-dir}/agent-status.json`; the node (name, device name, version);
+//! credentials (redacted); Redis and Nexus reachability; per stream the
+//! worker reads (queues, node stream, tag streams) its length, the group's
+//! lag and pending count, the oldest pending entry's age and the consumers
+//! with their idle times (`status_redis`); dead-letter counts; which
+//! inference engines answer at their configured URLs (vLLM `GET
+//! /v1/models`, Ollama `GET /api/tags`, llama.cpp `GET /health`) and
+//! whether the extraction service does (`GET /health`); the GPUs
+//! (nvidia-smi, bounded by `--gpu-query-timeout`); the configured services
+//! and their containers (docker, only when services are configured). Also
+//! the engines' state as one log line when `citadel work` starts.
+//!
+//! Every probe runs at once and each is bounded, so the screen comes within
+//! the longest one. Nothing here fails the command: a missing status, a
+//! Redis or engine that does not answer is a state to report (exit 0).
+//! Secrets are never shown: the token as `***`, passwords in URLs redacted.
 
+use super::status_redis::{self, DeadLetters, StreamState};
 use super::Exit;
-use crate::config::Settings;
+use crate::config::{redact_password, Settings};
 use crate::handlers::inference::Backend;
 use crate::http::{HttpClient, ReadDeadline};
-use serde_json::Value;
+use crate::node::gpu::Gpu;
+use serde_json::{json, Value};
 use std::io::Read;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -35,23 +49,63 @@ impl Readiness {
             Readiness::Down(why) => format!("not answering: {why}"),
         }
     }
+
+    fn to_json(&self, name: &str, url: &str) -> Value {
+        let (state, models) = match self {
+            Readiness::Ready(m) => ("ready", m.clone()),
+            Readiness::Busy(..) => ("not_ready", Vec::new()),
+            Readiness::Down(_) => ("down", Vec::new()),
+        };
+        json!({"name": name, "url": url, "state": state, "detail": self.describe(), "models": models})
+    }
 }
 
-/// `citadel status`: the agent's mode, then one line per engine and one for
-/// the extraction service; exit 0.
-pub fn run(settings: &Settings) -> Result<i32, Exit> {
+/// Redis as `status` saw it.
+struct RedisView {
+    url: String,
+    /// The streams and dead letters, or why Redis could not tell.
+    answer: Result<(Vec<StreamState>, Vec<DeadLetters>), String>,
+}
+
+/// Everything the screen shows, gathered at once.
+struct View {
+    engines: Vec<(Backend, Readiness)>,
+    extraction: Readiness,
+    redis: RedisView,
+    nexus: Option<(String, Readiness)>,
+    gpus: Result<Option<Vec<Gpu>>, String>,
+    services: Vec<String>,
+    containers: Result<Vec<crate::node::docker::Container>, String>,
+}
+
+/// `citadel status [--json]`; exit 0.
+pub fn run(settings: &Settings, as_json: bool) -> Result<i32, Exit> {
+    let view = gather(settings);
+    if as_json {
+        println!("{}", to_json(settings, &view));
+        return Ok(0);
+    }
     println!("{}", agent_mode(&settings.state_dir));
+    let device = device_name(settings);
+    println!(
+        "node: {}{}, citadel {}",
+        settings.node_name,
+        device
+            .as_deref()
+            .map(|d| format!(" (device {d})"))
+            .unwrap_or_default(),
+        crate::events::AGENT_VERSION
+    );
     println!("{}", crate::node::provision::describe(settings));
-    let (engines, extraction) = std::thread::scope(|s| {
-        let extraction = s.spawn(|| probe_extraction(settings));
-        let engines = probe_all(settings);
-        let extraction = extraction
-            .join()
-            .unwrap_or_else(|_| Readiness::Down("probe panicked".into()));
-        (engines, extraction)
-    });
+    print_redis(settings, &view.redis);
+    match &view.nexus {
+        None => println!("nexus: not configured"),
+        Some((url, Readiness::Down(why))) => println!("nexus: {url} not answering: {why}"),
+        Some((url, Readiness::Busy(status, _))) => println!("nexus: {url} answers (HTTP {status})"),
+        Some((url, Readiness::Ready(_))) => println!("nexus: {url} answers"),
+    }
     println!("{:<10} {:<32} STATE", "ENGINE", "URL");
-    for (backend, readiness) in engines {
+    for (backend, readiness) in &view.engines {
         println!(
             "{:<10} {:<32} {}",
             backend.name(),
@@ -63,9 +117,302 @@ pub fn run(settings: &Settings) -> Result<i32, Exit> {
         "{:<10} {:<32} {}",
         "extraction",
         settings.extraction_url,
-        extraction.describe()
+        view.extraction.describe()
     );
+    print_gpus(&view.gpus);
+    print_services(&view);
     Ok(0)
+}
+
+fn gather(settings: &Settings) -> View {
+    let services = crate::node::profile::wanted_services(settings);
+    let configured = !services.is_empty();
+    std::thread::scope(|s| {
+        let extraction = s.spawn(|| probe_extraction(settings));
+        let redis = s.spawn(|| redis_view(settings));
+        let nexus = s.spawn(|| {
+            settings.nexus_url.as_ref().map(|url| {
+                let client = HttpClient::new(settings.engine_connect_timeout);
+                let shown = redact_password(url);
+                (
+                    shown,
+                    probe(&client, url, settings.engine_connect_timeout * 2),
+                )
+            })
+        });
+        let gpus = s.spawn(|| crate::node::gpu::query(settings.gpu_query_timeout));
+        let containers = s.spawn(move || {
+            if !configured {
+                return Ok(Vec::new());
+            }
+            crate::node::docker::Docker::new(&settings.docker)
+                .managed()
+                .map_err(|e| e.to_string())
+        });
+        let engines = probe_all(settings);
+        let down = |what: &str| Readiness::Down(format!("{what} probe panicked"));
+        View {
+            engines,
+            extraction: extraction.join().unwrap_or_else(|_| down("extraction")),
+            redis: redis.join().unwrap_or_else(|_| RedisView {
+                url: redact_password(&settings.redis_url),
+                answer: Err("the Redis probe panicked".into()),
+            }),
+            nexus: nexus.join().unwrap_or(None),
+            gpus: gpus
+                .join()
+                .unwrap_or_else(|_| Err("nvidia-smi probe panicked".into())),
+            containers: containers
+                .join()
+                .unwrap_or_else(|_| Err("docker probe panicked".into())),
+            services,
+        }
+    })
+}
+
+/// The streams a worker with these settings reads, with their role.
+fn watched_streams(settings: &Settings) -> Vec<(String, &'static str)> {
+    let mut list: Vec<(String, &'static str)> = settings
+        .queues
+        .iter()
+        .map(|q| (q.clone(), "queue"))
+        .collect();
+    list.push((settings.node_stream(), "node"));
+    if settings.tag_streams {
+        let path = settings.state_dir.join(crate::node::profile::FILE);
+        if let Ok(Some(c)) = crate::node::profile::load_file(&path) {
+            for t in &c.custom_tags {
+                let name = crate::node::profile::tag_stream(t);
+                if !list.iter().any(|(s, _)| *s == name) {
+                    list.push((name, "tag"));
+                }
+            }
+        }
+    }
+    list
+}
+
+fn device_name(settings: &Settings) -> Option<String> {
+    let path = settings.state_dir.join(crate::node::profile::FILE);
+    crate::node::profile::load_file(&path)
+        .ok()
+        .flatten()
+        .and_then(|c| c.device_name)
+}
+
+fn redis_view(settings: &Settings) -> RedisView {
+    let url = redact_password(&settings.redis_url);
+    let t = settings.redis_timeout;
+    let answer = crate::redis_conn::connect(&settings.redis_url, t, t)
+        .and_then(|mut conn| {
+            status_redis::streams(
+                &mut conn,
+                &settings.group,
+                &watched_streams(settings),
+                crate::clock::now_millis(),
+            )
+        })
+        .map_err(|e| {
+            // The client's message may carry the URL: show the redacted one.
+            let text = e.to_string().replace(&settings.redis_url, &url);
+            format!("{} ({text})", crate::redis_conn::describe(&e))
+        });
+    RedisView { url, answer }
+}
+
+fn print_redis(settings: &Settings, r: &RedisView) {
+    let (streams, dlq) = match &r.answer {
+        Ok(v) => v,
+        Err(why) => {
+            println!("redis: {} not reachable: {why}", r.url);
+            return;
+        }
+    };
+    println!("redis: {} reachable; group '{}'", r.url, settings.group);
+    println!(
+        "{:<32} {:<5} {:>8} {:>6} {:>8} {:>10}",
+        "STREAM", "ROLE", "LENGTH", "LAG", "PENDING", "OLDEST"
+    );
+    for s in streams {
+        let lag = match (s.group_exists, s.lag) {
+            (false, _) => "-".to_owned(),
+            (true, None) => "?".to_owned(),
+            (true, Some(n)) => n.to_string(),
+        };
+        println!(
+            "{:<32} {:<5} {:>8} {:>6} {:>8} {:>10}",
+            s.stream,
+            s.role,
+            s.length,
+            lag,
+            s.pending,
+            s.oldest_pending_age_seconds
+                .map(|a| age(Duration::from_secs_f64(a)))
+                .unwrap_or_else(|| "-".into())
+        );
+        if !s.group_exists {
+            println!(
+                "  (no group '{}' yet: no worker has read it)",
+                settings.group
+            );
+        }
+        for c in &s.consumers {
+            println!(
+                "  consumer {}: {} pending, idle {}",
+                c.name,
+                c.pending,
+                age(Duration::from_secs_f64(c.idle_seconds))
+            );
+        }
+    }
+    println!("{:<32} {:>8}", "DEAD LETTERS", "LENGTH");
+    for d in dlq {
+        println!("{:<32} {:>8}", d.stream, d.length);
+    }
+}
+
+fn print_gpus(gpus: &Result<Option<Vec<Gpu>>, String>) {
+    let list = match gpus {
+        Ok(None) => return println!("gpus: none (no nvidia-smi on PATH)"),
+        Err(e) => return println!("gpus: unknown ({e})"),
+        Ok(Some(list)) if list.is_empty() => return println!("gpus: none (nvidia-smi lists none)"),
+        Ok(Some(list)) => list,
+    };
+    let opt = |v: Option<f64>, unit: &str| v.map_or("-".into(), |v| format!("{v}{unit}"));
+    println!(
+        "{:<4} {:<24} {:>6} {:>6} {:>20} {:>9}",
+        "GPU", "NAME", "TEMP", "UTIL", "MEMORY", "POWER"
+    );
+    for g in list {
+        let mem = match (g.memory_used_mb, g.memory_total_mb) {
+            (Some(u), Some(t)) => format!("{u}/{t} MiB"),
+            _ => "-".into(),
+        };
+        println!(
+            "{:<4} {:<24} {:>6} {:>6} {:>20} {:>9}",
+            g.index,
+            g.name,
+            opt(g.temperature_celsius, "°C"),
+            opt(g.utilization_percent, "%"),
+            mem,
+            opt(g.power_watts, " W"),
+        );
+    }
+}
+
+fn print_services(v: &View) {
+    if v.services.is_empty() {
+        return println!("services: none configured");
+    }
+    for (name, state, container) in service_rows(v) {
+        println!(
+            "service {name}: {state}{}",
+            container
+                .map(|c| format!(" (container {c})"))
+                .unwrap_or_default()
+        );
+    }
+}
+
+/// (service, state, container name) of each configured service.
+fn service_rows(v: &View) -> Vec<(String, String, Option<String>)> {
+    v.services
+        .iter()
+        .map(|name| match &v.containers {
+            Err(e) => (name.clone(), format!("unknown (docker: {e})"), None),
+            Ok(list) => match list.iter().find(|c| c.service == *name) {
+                Some(c) => (name.clone(), c.state.clone(), Some(c.name.clone())),
+                None => (name.clone(), "no container".into(), None),
+            },
+        })
+        .collect()
+}
+
+/// `42s`, `3m07s`, `2h05m`, `3d04h`.
+fn age(d: Duration) -> String {
+    let s = d.as_secs();
+    match s {
+        0..=59 => format!("{:.1}s", d.as_secs_f64()),
+        60..=3599 => format!("{}m{:02}s", s / 60, s % 60),
+        3600..=86399 => format!("{}h{:02}m", s / 3600, s % 3600 / 60),
+        _ => format!("{}d{:02}h", s / 86400, s % 86400 / 3600),
+    }
+}
+
+/// The `--json` object (README, "citadel status", lists every field).
+fn to_json(settings: &Settings, v: &View) -> Value {
+    let agent = agent_status(&settings.state_dir);
+    let config = crate::node::provision::read_config(&settings.config_file).unwrap_or_default();
+    let (streams, dead_letters, redis_error) = match &v.redis.answer {
+        Ok((s, d)) => (json!(s), json!(d), Value::Null),
+        Err(e) => (json!([]), json!([]), json!(e)),
+    };
+    let mut engines: Vec<Value> = v
+        .engines
+        .iter()
+        .map(|(b, r)| r.to_json(b.name(), b.url(settings)))
+        .collect();
+    engines.push(v.extraction.to_json("extraction", &settings.extraction_url));
+    let (gpus, gpu_source, gpu_error) = match &v.gpus {
+        Ok(None) => (json!([]), "none", Value::Null),
+        Ok(Some(list)) => (json!(list), "nvidia-smi", Value::Null),
+        Err(e) => (json!([]), "nvidia-smi", json!(e)),
+    };
+    let services: Vec<Value> = service_rows(v)
+        .into_iter()
+        .map(|(name, state, container)| json!({"name": name, "state": state, "container": container}))
+        .collect();
+    json!({
+        "node": {
+            "name": settings.node_name,
+            "device_name": device_name(settings),
+            "version": crate::events::AGENT_VERSION,
+        },
+        "agent": agent,
+        "credentials": {
+            "config_file": settings.config_file,
+            "device_api_token": settings.device_api_token.as_ref().map(|_| "***"),
+            "org_id": config.get("org_id"),
+        },
+        "redis": {
+            "url": v.redis.url,
+            "reachable": v.redis.answer.is_ok(),
+            "error": redis_error,
+            "group": settings.group,
+        },
+        "nexus": match &v.nexus {
+            None => json!({"url": null, "reachable": null, "detail": null}),
+            Some((url, r)) => json!({
+                "url": url,
+                "reachable": !matches!(r, Readiness::Down(_)),
+                "detail": r.describe(),
+            }),
+        },
+        "streams": streams,
+        "dead_letters": dead_letters,
+        "engines": engines,
+        "gpu_source": gpu_source,
+        "gpu_error": gpu_error,
+        "gpus": gpus,
+        "services": services,
+    })
+}
+
+/// `agent-status.json` as the `agent` object: mode, since, pid, running.
+fn agent_status(state_dir: &std::path::Path) -> Value {
+    let path = state_dir.join("agent-status.json");
+    let v: Value = std::fs::read_to_string(&path)
+        .ok()
+        .and_then(|t| serde_json::from_str(&t).ok())
+        .unwrap_or(Value::Null);
+    let pid = v.get("pid").and_then(Value::as_u64);
+    json!({
+        "status_file": path,
+        "mode": v.get("mode").and_then(Value::as_str),
+        "since": v.get("since").and_then(Value::as_str),
+        "pid": pid,
+        "running": pid.map(|p| std::path::Path::new(&format!("/proc/{p}")).exists()),
+    })
 }
 
 /// The extraction service's `GET /health`, probed like an engine.

@@ -1,6 +1,10 @@
-//! GPU telemetry for the heartbeat. The source is decided once at start
-//! ([`GpuSource::detect`], logged): `nvidia-smi` when it is on PATH, else
-//! none (an empty list, not an error). NVML is not used yet.
+//! GPU telemetry for the heartbeat. The source is decided here, once at
+//! start ([`GpuSource::detect`], one log line saying which and why):
+//! NVML when this binary is built with the `nvml` feature (the default,
+//! glibc builds) and `libnvidia-ml.so` loads; else `nvidia-smi` when it is
+//! on PATH (always the case for the static musl release builds, which are
+//! built without the feature: a static binary cannot dlopen); else none (an
+//! empty list, not an error). `--gpu-telemetry nvidia-smi` skips NVML.
 //!
 //! `nvidia-smi` runs with a bounded time: one that does not answer within
 //! `gpu-query-timeout` is killed (its whole process group), logged once, and
@@ -72,24 +76,51 @@ fn unknown(s: &str) -> bool {
 
 /// Where GPU facts come from, decided once.
 pub enum GpuSource {
+    #[cfg(feature = "nvml")]
+    Nvml(super::nvml::NvmlSampler),
     NvidiaSmi(PathBuf),
     None,
 }
 
 impl GpuSource {
-    /// `nvidia-smi` on PATH, else none; logs the choice.
-    pub fn detect() -> GpuSource {
+    /// NVML (unless `telemetry` is `nvidia-smi`), else `nvidia-smi` on
+    /// PATH, else none; logs the choice and why NVML is not used.
+    pub fn detect(telemetry: &str, timeout: Duration) -> GpuSource {
+        let why_not_nvml = match telemetry {
+            "nvidia-smi" => "NVML not tried: --gpu-telemetry nvidia-smi".to_owned(),
+            _ => match nvml(timeout) {
+                Ok(source) => return source,
+                Err(e) => e,
+            },
+        };
         match find_on_path("nvidia-smi") {
             Some(path) => {
-                log::info!("GPU telemetry: {} (nvidia-smi)", path.display());
+                log::info!(
+                    "GPU telemetry: {} (nvidia-smi; {why_not_nvml})",
+                    path.display()
+                );
                 GpuSource::NvidiaSmi(path)
             }
             None => {
-                log::info!("GPU telemetry: none (no nvidia-smi on PATH); heartbeats list no GPUs");
+                log::info!(
+                    "GPU telemetry: none (no nvidia-smi on PATH; {why_not_nvml}); heartbeats list no GPUs"
+                );
                 GpuSource::None
             }
         }
     }
+}
+
+#[cfg(feature = "nvml")]
+fn nvml(timeout: Duration) -> Result<GpuSource, String> {
+    let sampler = super::nvml::NvmlSampler::start(timeout)?;
+    log::info!("GPU telemetry: NVML ({})", sampler.description);
+    Ok(GpuSource::Nvml(sampler))
+}
+
+#[cfg(not(feature = "nvml"))]
+fn nvml(_: Duration) -> Result<GpuSource, String> {
+    Err("NVML not built in (this binary has no `nvml` feature)".into())
 }
 
 /// Whether this node has NVIDIA GPUs (for `--gpus all` on service
@@ -105,6 +136,16 @@ pub fn nvidia_gpus_present(timeout: Duration) -> Option<bool> {
             log::warn!("services: cannot tell whether this node has GPUs: {e}");
             None
         }
+    }
+}
+
+/// The GPUs now, for `citadel status`: `Ok(None)` without nvidia-smi on
+/// PATH, else what it reports within `timeout` (killed past it). Logs
+/// nothing.
+pub fn query(timeout: Duration) -> Result<Option<Vec<Gpu>>, String> {
+    match find_on_path("nvidia-smi") {
+        None => Ok(None),
+        Some(path) => run_nvidia_smi(&path, timeout, &StopFlag::default()).map(Some),
     }
 }
 
@@ -142,17 +183,19 @@ impl GpuReader {
     /// first failure of a run of them is logged as a warning).
     /// A `stop` ends a run of nvidia-smi at once (it is killed).
     pub fn read(&mut self, stop: &StopFlag) -> Vec<Gpu> {
-        let GpuSource::NvidiaSmi(path) = &self.source else {
-            return Vec::new();
+        let (result, what) = match &mut self.source {
+            GpuSource::None => return Vec::new(),
+            #[cfg(feature = "nvml")]
+            GpuSource::Nvml(sampler) => (sampler.read(self.timeout), "NVML"),
+            GpuSource::NvidiaSmi(path) => (run_nvidia_smi(path, self.timeout, stop), "nvidia-smi"),
         };
-        let result = run_nvidia_smi(path, self.timeout, stop);
         if stop.is_set() {
             return self.last.clone();
         }
         match result {
             Ok(gpus) => {
                 if std::mem::take(&mut self.failing) {
-                    log::info!("GPU telemetry: nvidia-smi answers again");
+                    log::info!("GPU telemetry: {what} answers again");
                 }
                 self.last = gpus;
             }

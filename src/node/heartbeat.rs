@@ -16,7 +16,7 @@
 //! keeps its cadence and sends again once it is true). Its stream field
 //! `nodeId` and its channel stay the node name.
 
-use super::gpu::{GpuReader, GpuSource};
+use super::gpu::{Gpu, GpuReader, GpuSource};
 use super::host::HostReader;
 use crate::backoff::Outage;
 use crate::config::{Mode, Settings};
@@ -127,10 +127,23 @@ struct Beat {
 impl Beat {
     fn run(mut self, stop: &StopFlag) {
         let interval = self.settings.heartbeat_interval;
-        let mut gpus = GpuReader::new(GpuSource::detect(), self.settings.gpu_query_timeout);
+        let mut gpus = GpuReader::new(
+            GpuSource::detect(
+                &self.settings.gpu_telemetry,
+                self.settings.gpu_query_timeout,
+            ),
+            self.settings.gpu_query_timeout,
+        );
         let mut next = Instant::now();
         let mut paused = false;
+        let s = &self.settings;
+        // Its longest legitimate turn: the interval, nvidia-smi, a send.
+        let beat = crate::observe::alive::Beat::new(
+            "heartbeat",
+            interval + s.gpu_query_timeout + s.redis_timeout * 3 + Duration::from_secs(30),
+        );
         loop {
+            beat.tick();
             if stop.sleep(next.saturating_duration_since(Instant::now())) {
                 return;
             }
@@ -153,6 +166,7 @@ impl Beat {
             if stop.is_set() {
                 return;
             }
+            crate::observe::metrics::METRICS.set_gpus(&gpus);
             let host = self.host.read(&self.settings.state_dir);
             let timestamp = crate::clock::now_rfc3339();
             let body = payload(
@@ -161,7 +175,7 @@ impl Beat {
                 &timestamp,
                 self.started.elapsed(),
                 host,
-                serde_json::to_value(gpus).unwrap_or_default(),
+                &gpus,
                 self.counters.snapshot(),
             );
             match self.send(&timestamp, &body.to_string()) {
@@ -217,7 +231,7 @@ fn payload(
     timestamp: &str,
     uptime: Duration,
     host: Value,
-    gpus: Value,
+    gpus: &[Gpu],
     worker: Value,
 ) -> Value {
     let mode = match settings.mode {
@@ -226,6 +240,11 @@ fn payload(
         Mode::Auto => "auto",
     };
     let (node, c) = (&profile.facts, &profile.config);
+    let alerts = if c.alert_on_high_temp {
+        high_temp_alerts(gpus, settings.gpu_high_temp)
+    } else {
+        Vec::new()
+    };
     let mut body = json!({
         "version": "1.0",
         "agent_version": AGENT_VERSION,
@@ -244,11 +263,30 @@ fn payload(
         "concurrency": settings.concurrency,
         "gpus": gpus,
         "worker": worker,
+        "alerts": alerts,
     });
     if let (Value::Object(b), Value::Object(h)) = (&mut body, host) {
         b.extend(h);
     }
     body
+}
+
+/// One `gpu_high_temperature` alert per GPU at or above `threshold` °C
+/// (a GPU without a temperature reading raises none).
+fn high_temp_alerts(gpus: &[Gpu], threshold: f64) -> Vec<Value> {
+    gpus.iter()
+        .filter_map(|g| {
+            let t = g.temperature_celsius.filter(|t| *t >= threshold)?;
+            Some(json!({
+                "type": "gpu_high_temperature",
+                "gpu": g.index,
+                "uuid": g.uuid,
+                "name": g.name,
+                "temperature_celsius": t,
+                "threshold_celsius": threshold,
+            }))
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -293,7 +331,7 @@ mod tests {
             "2026-01-20T10:00:01.123Z",
             Duration::from_secs(61),
             host,
-            json!([]),
+            &[],
             json!({"processed": 0}),
         );
         assert_eq!(body["nodeId"], "n1");
@@ -306,5 +344,35 @@ mod tests {
         assert_eq!(body["cpu"]["cores"], 2);
         assert_eq!(body["worker"]["processed"], 0);
         assert_eq!(body["version"], "1.0");
+        assert_eq!(body["alerts"], json!([]));
+    }
+
+    #[test]
+    fn a_gpu_at_or_above_the_threshold_raises_one_alert() {
+        let gpu = |index, t| Gpu {
+            index,
+            name: "NVIDIA H200".into(),
+            uuid: Some(format!("GPU-{index}")),
+            memory_used_mb: None,
+            memory_total_mb: None,
+            utilization_percent: None,
+            temperature_celsius: t,
+            power_watts: None,
+            driver: None,
+        };
+        let alerts = high_temp_alerts(
+            &[
+                gpu(0, Some(84.9)),
+                gpu(1, Some(85.0)),
+                gpu(2, None),
+                gpu(3, Some(97.0)),
+            ],
+            85.0,
+        );
+        let at: Vec<u64> = alerts.iter().map(|a| a["gpu"].as_u64().unwrap()).collect();
+        assert_eq!(at, [1, 3]);
+        assert_eq!(alerts[1]["temperature_celsius"], 97.0);
+        assert_eq!(alerts[1]["threshold_celsius"], 85.0);
+        assert_eq!(alerts[1]["type"], "gpu_high_temperature");
     }
 }

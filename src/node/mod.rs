@@ -1,6 +1,7 @@
 //! The node itself, apart from jobs: what this machine is and how it is
 //! doing. Owns the heartbeat (`heartbeat`: its thread and Redis connection),
-//! GPU telemetry (`gpu`: nvidia-smi, bounded in time), host facts (`host`:
+//! GPU telemetry (`gpu`: NVML (`nvml`, feature `nvml`) or nvidia-smi,
+//! bounded in time), host facts (`host`:
 //! /proc and statvfs) and the device config (`profile`: its file and the
 //! live copy events, heartbeat and reader use). Reads the worker's
 //! counters; never touches a job. The node's service containers: the
@@ -13,6 +14,8 @@ pub mod docker;
 pub mod gpu;
 pub mod heartbeat;
 pub mod host;
+#[cfg(feature = "nvml")]
+mod nvml;
 pub mod profile;
 pub mod provision;
 pub mod reconcile;

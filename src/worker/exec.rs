@@ -144,6 +144,7 @@ impl Executor {
                 wait.as_millis()
             );
             attempt += 1;
+            crate::observe::metrics::METRICS.retried(&job.kind);
             if token.wait(wait) {
                 return cancelled(token, limit, e);
             }

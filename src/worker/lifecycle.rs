@@ -44,6 +44,7 @@ pub fn run(
     let (fatal_tx, fatal) = crossbeam_channel::unbounded();
     *lock(&FATAL) = Some(fatal_tx);
     let slots = Slots::new(concurrency);
+    crate::observe::metrics::METRICS.set_capacity(concurrency);
     let (task_tx, task_rx) = crossbeam_channel::bounded(concurrency);
     let handlers = pool::start(concurrency, task_rx, exec);
     let mut transport = start(task_tx, slots.clone()).map_err(|e| Exit(1, e))?;

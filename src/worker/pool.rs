@@ -7,10 +7,11 @@ use super::cancel::CancelToken;
 use super::exec::{Executor, Outcome};
 use super::slots::Slot;
 use crate::job::Job;
+use crate::observe::metrics::METRICS;
 use crossbeam_channel::Receiver;
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 /// Where a running job's progress goes; the transport implements it.
 pub trait Report: Send {
@@ -26,6 +27,9 @@ pub struct Task {
     /// The handler thread this job was given; free again once the job's
     /// outcome is handed to its report.
     pub slot: Slot,
+    /// When the job was enqueued (Unix ms: a stream entry id's time), for
+    /// the pickup latency metric; `None` when the transport cannot tell.
+    pub enqueued_ms: Option<u64>,
 }
 
 pub fn start(n: usize, tasks: Receiver<Task>, exec: Arc<Executor>) -> Vec<JoinHandle<()>> {
@@ -51,13 +55,24 @@ fn run_task(exec: &Executor, task: Task) {
         token,
         mut report,
         slot,
+        enqueued_ms,
     } = task;
     let t0 = Instant::now();
     log::info!("job {} ({}) started", job.id, job.kind);
     report.started();
     exec.counters.started();
-    let outcome = exec.execute(&job, &token, &mut |text| report.chunk(text));
+    let pickup =
+        enqueued_ms.map(|at| Duration::from_millis(crate::clock::now_millis().saturating_sub(at)));
+    METRICS.job_started(&job.kind, pickup);
+    let mut first_chunk = None;
+    let outcome = exec.execute(&job, &token, &mut |text| {
+        if first_chunk.is_none() {
+            first_chunk = Some(t0.elapsed());
+        }
+        report.chunk(text)
+    });
     exec.counters.finished(&outcome);
+    METRICS.job_finished(&job.kind, &outcome, t0.elapsed(), first_chunk);
     let ms = t0.elapsed().as_millis();
     match &outcome {
         Outcome::Failed { error, .. } => {

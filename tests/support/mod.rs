@@ -381,7 +381,8 @@ pub fn citadel_cmd(args: &[&str]) -> Command {
 /// `CITADEL_*` variable, `CITADEL_CONFIG` naming an empty JSON object file
 /// (so `/etc/citadel/config.json` is never read), and the state directory
 /// (`CITADEL_STATE_DIR`, and `XDG_STATE_HOME` for its default) under
-/// `scratch`. Variables a test sets on `cmd` afterwards win.
+/// `scratch`, no metrics listener (`CITADEL_METRICS_ADDR` empty). Variables
+/// a test sets on `cmd` afterwards win.
 pub fn clean_env(cmd: &mut Command, scratch: &Path) {
     for (key, _) in std::env::vars_os() {
         if key.to_string_lossy().starts_with("CITADEL_") {
@@ -389,6 +390,8 @@ pub fn clean_env(cmd: &mut Command, scratch: &Path) {
         }
     }
     cmd.env("CITADEL_CONFIG", empty_config_file())
+        // Many agents run at once in tests: none listens unless a test asks.
+        .env("CITADEL_METRICS_ADDR", "")
         .env("CITADEL_STATE_DIR", scratch.join("state"))
         .env("XDG_STATE_HOME", scratch.join("xdg-state"));
 }

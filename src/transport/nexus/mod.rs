@@ -20,6 +20,7 @@ pub mod spool;
 use crate::backoff::{random_unit, Outage};
 use crate::config::Settings;
 use crate::job::Job;
+use crate::observe::{alive, metrics::METRICS};
 use crate::sync::lock;
 use crate::worker::cancel::{CancelReason, CancelToken};
 use crate::worker::exec::{Executor, Outcome};
@@ -225,18 +226,42 @@ fn poll(s: &Arc<NexusState>, tasks: &Sender<Task>) {
     // when Nexus said when to come back).
     let mut cut_short = true;
     let mut full_since: Option<Instant> = None;
+    alive::set_ready("nexus", Some("no poll of Nexus answered yet".into()));
+    {
+        let weak = Arc::downgrade(s);
+        METRICS.set_spool(Box::new(move || weak.upgrade().map(|s| s.reporter.len())));
+    }
+    // Its longest legitimate waits: a poll (nexus-timeout), a backoff.
+    let new_beat = || {
+        alive::Beat::new(
+            "nexus-poller",
+            s.settings.nexus_timeout * 2 + s.settings.nexus_retry_cap + Duration::from_secs(30),
+        )
+    };
+    let mut beat = Some(new_beat());
     loop {
+        if let Some(b) = &beat {
+            b.tick();
+        }
         match reading(s) {
             Reading::Stopping => break,
             Reading::Paused => {
+                // Not this transport's turn: neither live nor ready counts.
+                alive::clear_ready("nexus");
+                beat = None;
                 s.bell.wait(Duration::from_secs(3600));
                 continue;
+            }
+            Reading::Polling if beat.is_none() => {
+                beat = Some(new_beat());
+                alive::set_ready("nexus", Some("no poll of Nexus answered yet".into()));
             }
             Reading::Polling => {}
         }
         let now = Instant::now();
         if now < next_poll {
-            if s.bell.wait(next_poll - now) && cut_short {
+            // In steps, so the loop's liveness ticks through a long Retry-After.
+            if s.bell.wait((next_poll - now).min(Duration::from_secs(5))) && cut_short {
                 next_poll = Instant::now();
             }
             continue;
@@ -251,7 +276,9 @@ fn poll(s: &Arc<NexusState>, tasks: &Sender<Task>) {
                     s.settings.nexus_spool_max
                 );
             }
-            s.bell.wait(s.settings.poll_interval);
+            alive::set_ready("nexus", Some("the report spool is full".into()));
+            s.bell
+                .wait(s.settings.poll_interval.min(Duration::from_secs(5)));
             continue;
         }
         if let Some(since) = full_since.take() {
@@ -263,7 +290,11 @@ fn poll(s: &Arc<NexusState>, tasks: &Sender<Task>) {
         let mut free = s.slots.take(Duration::from_millis(250), || usize::MAX);
         let mut wait: Option<(Duration, bool)> = None;
         while !free.is_empty() && reading(s) == Reading::Polling && has_room(s) {
-            let failure = match s.client.next_job() {
+            let answer = s.client.next_job();
+            if answer.is_ok() {
+                alive::set_ready("nexus", None);
+            }
+            let failure = match answer {
                 Ok(Some(body)) => match parse_job(&body) {
                     Ok(job) => {
                         outage.recovered();
@@ -285,6 +316,8 @@ fn poll(s: &Arc<NexusState>, tasks: &Sender<Task>) {
                 }
                 Err(e) => e,
             };
+            METRICS.nexus_poll_failed();
+            alive::set_ready("nexus", Some(format!("Nexus polls fail: {failure}")));
             let backoff = outage.failed(&failure);
             wait = Some(match failure {
                 NexusError::Busy {
@@ -301,6 +334,7 @@ fn poll(s: &Arc<NexusState>, tasks: &Sender<Task>) {
             cut_short = c;
         }
     }
+    alive::clear_ready("nexus");
     log::debug!("Nexus poller stopped");
 }
 
@@ -356,6 +390,8 @@ fn dispatch(s: &Arc<NexusState>, tasks: &Sender<Task>, job: Job, slot: Slot) {
             token,
             report,
             slot,
+            // Nexus hands out no enqueue time.
+            enqueued_ms: None,
         })
         .is_err()
     {
@@ -377,7 +413,9 @@ impl PoolReport for NexusReport {
     fn chunk(&mut self, text: &str) {
         if self.output.len() + text.len() <= MAX_OUTPUT {
             self.output.push_str(text);
+            METRICS.chunk_published();
         } else {
+            METRICS.chunks_dropped(1);
             self.dropped += text.len();
         }
     }

@@ -278,6 +278,7 @@ impl Reporter {
         now: Instant,
     ) -> Verdict {
         entry.attempts += 1;
+        crate::observe::metrics::METRICS.nexus_report_failed();
         entry.due = now + entry.backoff.next_delay();
         entry.token_refused = matches!(e, NexusError::Token(_));
         if !matches!(e, NexusError::Refused(404, _)) {

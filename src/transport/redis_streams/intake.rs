@@ -10,6 +10,7 @@ use super::settler::{cancel_key, event_json, Msg};
 use super::StreamsState;
 use crate::events;
 use crate::job::Job;
+use crate::observe::metrics::METRICS;
 use crate::worker::exec::{Executor, Outcome};
 use crate::worker::pool::{Report, Task};
 use crate::worker::slots::Slot;
@@ -39,6 +40,8 @@ pub struct Taken {
     /// read over several streams can return one per stream): this
     /// consumer's own pending entries, taken back when a slot frees.
     pub left_pending: usize,
+    /// The job type of each entry held (`unknown` when it has none).
+    pub kinds: Vec<String>,
 }
 
 impl Intake {
@@ -97,6 +100,9 @@ impl Intake {
             };
             st.inflight.insert(e.clone());
             taken.held += 1;
+            taken
+                .kinds
+                .push(e.kind.clone().unwrap_or_else(|| "unknown".into()));
             match verdict {
                 Verdict::Gone => st.queue.push(Msg::Gone(e)),
                 Verdict::Reject(reason, error) => {
@@ -116,6 +122,7 @@ impl Intake {
                         "job {} was cancelled before it started",
                         e.job_id.as_deref().unwrap_or("?")
                     );
+                    METRICS.cancelled_before_start(e.kind.as_deref().unwrap_or("unknown"));
                     let outcome = Outcome::Cancelled("cancelled before start".into());
                     st.queue.push(Msg::Finish(e, outcome));
                 }
@@ -131,6 +138,7 @@ impl Intake {
                             index: 0,
                         }),
                         slot: slot.expect("a runnable entry took a slot"),
+                        enqueued_ms: e.id.split('-').next().and_then(|ms| ms.parse().ok()),
                     };
                     if self.tasks.send(task).is_err() {
                         log::error!("handler pool is gone; entry {} stays pending", e.id);
@@ -204,6 +212,7 @@ impl Report for RedisReport {
             .push_bounded_unless(Msg::Chunk(e.clone(), json), blocked)
         {
             st.dropped_chunks.fetch_add(1, Ordering::Relaxed);
+            METRICS.chunks_dropped(1);
         }
     }
 

@@ -28,6 +28,7 @@ use super::entry::{self, RawEntry};
 use super::intake::Intake;
 use super::StreamsState;
 use crate::backoff::Outage;
+use crate::observe::{alive, metrics::METRICS};
 use crate::redis_conn::{self, Fault};
 use crate::worker::slots::Slot;
 use redis::{Connection, RedisResult, Value};
@@ -56,6 +57,10 @@ pub struct Reader {
     /// Whether this process ever held its consumer name.
     started: bool,
     lock_warned: bool,
+    /// Whether this reader had a connection before (a new one is a reconnect).
+    connected_before: bool,
+    /// What `/readyz` was last told (`None`: ready).
+    told: Option<String>,
 }
 
 impl Reader {
@@ -77,13 +82,24 @@ impl Reader {
             idle: false,
             started: false,
             lock_warned: false,
+            connected_before: false,
+            told: Some(String::new()),
         }
     }
 
     pub fn run(mut self) {
         let slots = self.state.slots.clone();
         let capacity = slots.capacity();
+        // Its longest legitimate turn: a connect, a BLOCK read, taking the
+        // consumer name (up to claim-idle), the outage backoff (30s).
+        let bound = {
+            let s = &self.state.settings;
+            s.block + s.redis_timeout * 4 + s.claim_idle * 2 + Duration::from_secs(60)
+        };
+        let beat = alive::Beat::new("reader", bound);
+        self.tell(Some("not connected to Redis yet".into()));
         while !self.state.stopping() {
+            beat.tick();
             if self.state.settle_blocked.load(Ordering::SeqCst) {
                 // Outcomes wait for Redis: take nothing new until they land.
                 self.state.sleep(Duration::from_millis(50));
@@ -96,12 +112,28 @@ impl Reader {
             if free.is_empty() || self.state.stopping() {
                 continue;
             }
-            if let Err(e) = self.step(&mut free) {
-                let wait = self.failed(&e);
-                self.state.sleep(wait);
+            match self.step(&mut free) {
+                Ok(()) if self.state.lock_lost.load(Ordering::SeqCst) => self.tell(Some(
+                    "the consumer name is held by another live worker".into(),
+                )),
+                Ok(()) => self.tell(None),
+                Err(e) => {
+                    self.tell(Some(format!("Redis: {} ({e})", redis_conn::describe(&e))));
+                    let wait = self.failed(&e);
+                    self.state.sleep(wait);
+                }
             }
         }
+        alive::clear_ready("redis");
         log::debug!("reader stopped");
+    }
+
+    /// Tell `/readyz` whether this reader can take jobs (only changes).
+    fn tell(&mut self, why_not: Option<String>) {
+        if self.told != why_not {
+            alive::set_ready("redis", why_not.clone());
+            self.told = why_not;
+        }
     }
 
     /// A failed step: what the error means decides the wait.
@@ -134,6 +166,9 @@ impl Reader {
         if self.conn.is_none() {
             self.refresh_streams(None)?;
             self.conn = Some(self.open()?);
+            if std::mem::replace(&mut self.connected_before, true) {
+                METRICS.redis_reconnected();
+            }
             if self.state.stopping() {
                 return Ok(()); // the connect outlasted a stop: read nothing
             }
@@ -397,6 +432,9 @@ impl Reader {
                         .filter_map(|r| counts.get(&r.id).map(|n| (r, *n)))
                         .collect();
                     let taken = self.intake.take(conn, stream, with_counts, free);
+                    for kind in &taken.kinds {
+                        METRICS.reclaimed(kind);
+                    }
                     if taken.held > 0 {
                         st.counters.reclaimed(taken.held as u64);
                         log::info!(

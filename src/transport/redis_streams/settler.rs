@@ -18,6 +18,7 @@ use super::scripts::{Scripts, RENEW_LEASE};
 use super::StreamsState;
 use crate::backoff::Outage;
 use crate::events::{self, NodeFacts};
+use crate::observe::{alive, metrics::METRICS};
 use crate::redis_conn::{self, Fault};
 use crate::worker::cancel::CancelReason;
 use crate::worker::exec::Outcome;
@@ -44,8 +45,9 @@ pub enum Msg {
 /// One command of a settle pipeline.
 enum Step {
     /// A plain event (`claimed`, `chunk`, or the `start` of a job ending in
-    /// the same batch): sent once, dropped if Redis refuses it.
-    Publish(Arc<Entry>, String),
+    /// the same batch): sent once, dropped if Redis refuses it. The flag
+    /// says it is a chunk (for the chunk metrics).
+    Publish(Arc<Entry>, String, bool),
     /// `processing` status and the `start` event, through a script.
     Start(Arc<Entry>, String),
     /// The outcome at this index of the backlog.
@@ -62,6 +64,8 @@ pub struct Settler {
     /// Events dropped during the current episode of a Redis that cannot
     /// take them.
     dropped: u64,
+    /// Whether this thread had a connection before (a new one is a reconnect).
+    connected_before: bool,
 }
 
 impl Settler {
@@ -73,10 +77,16 @@ impl Settler {
             backlog: Vec::new(),
             retry_at: Instant::now(),
             dropped: 0,
+            connected_before: false,
         }
     }
 
-    pub fn run(mut self) {
+    pub fn run(self) {
+        self.turn_until_stopped();
+        alive::clear_ready("redis-settle");
+    }
+
+    fn turn_until_stopped(mut self) {
         let s = &self.state.settings;
         let renew_every = (s.claim_idle / 3).max(Duration::from_millis(10));
         let name_every = self.state.lock.renew_every();
@@ -84,7 +94,17 @@ impl Settler {
         let now = Instant::now();
         let (mut next_renew, mut next_name, mut next_cancel) =
             (now + renew_every, now + name_every, now + cancel_every);
+        // Its longest legitimate turn: the longest wait between its periodic
+        // tasks, then a few Redis calls, each within redis-timeout.
+        let beat = alive::Beat::new(
+            "settle",
+            renew_every.max(name_every).max(cancel_every)
+                + s.redis_timeout * 8
+                + Duration::from_secs(30),
+        );
+        alive::set_ready("redis-settle", None);
         loop {
+            beat.tick();
             let stopping = self.state.stop_settling.load(Ordering::SeqCst);
             let mut until = next_renew.min(next_name).min(next_cancel);
             if !self.backlog.is_empty() {
@@ -145,13 +165,12 @@ impl Settler {
         let mut steps: Vec<Step> = (0..self.backlog.len()).map(Step::Settle).collect();
         for msg in batch {
             match msg {
-                Msg::Claimed(e, json) | Msg::Chunk(e, json) if !e.is_lost() => {
-                    steps.push(Step::Publish(e, json))
-                }
+                Msg::Claimed(e, json) if !e.is_lost() => steps.push(Step::Publish(e, json, false)),
+                Msg::Chunk(e, json) if !e.is_lost() => steps.push(Step::Publish(e, json, true)),
                 Msg::Started(e, json) if !e.is_lost() => {
                     // A status about to be overwritten in this same batch is skipped.
                     if ending.contains(&Arc::as_ptr(&e)) {
-                        steps.push(Step::Publish(e, json));
+                        steps.push(Step::Publish(e, json, false));
                     } else {
                         steps.push(Step::Start(e, json));
                     }
@@ -177,20 +196,26 @@ impl Settler {
             .iter()
             .filter(|s| !matches!(s, Step::Settle(_)))
             .count() as u64;
+        let chunks = steps
+            .iter()
+            .filter(|s| matches!(s, Step::Publish(_, _, true)))
+            .count() as u64;
         if st.settle_blocked.load(Ordering::SeqCst) && Instant::now() < self.retry_at {
             // Not yet time to try again: keep the outcomes, drop the events.
             self.dropped += events;
+            METRICS.chunks_dropped(chunks);
             return;
         }
         if let Err(e) = self.connection() {
             self.dropped += events;
+            METRICS.chunks_dropped(chunks);
             return self.blocked(redis_conn::fault(&e), &e);
         }
         let (mut conn, scripts) = self.conn.take().expect("connection just opened");
         let mut pipe = redis::pipe();
         for step in &steps {
             match step {
-                Step::Publish(e, json) => {
+                Step::Publish(e, json, _) => {
                     pipe.cmd("PUBLISH")
                         .arg(events::channel(e.job_id.as_deref().unwrap_or_default()))
                         .arg(json);
@@ -213,6 +238,7 @@ impl Settler {
                 // later (their scripts make that harmless); the events are
                 // not, so that no subscriber sees one twice.
                 self.dropped += events;
+                METRICS.chunks_dropped(chunks);
                 return self.blocked(redis_conn::fault(&e), &e);
             }
         };
@@ -225,13 +251,24 @@ impl Settler {
                 _ => None,
             };
             match (step, refused) {
-                (Step::Publish(..), None) => {}
+                (Step::Publish(_, _, chunk), None) => {
+                    if *chunk {
+                        METRICS.chunk_published();
+                    }
+                }
                 (Step::Start(..), None) => name_missing |= reply == Value::Int(-1),
-                (Step::Publish(..) | Step::Start(..), Some(_)) => self.dropped += 1,
+                (Step::Publish(_, _, chunk), Some(_)) => {
+                    self.dropped += 1;
+                    if *chunk {
+                        METRICS.chunks_dropped(1);
+                    }
+                }
+                (Step::Start(..), Some(_)) => self.dropped += 1,
                 (Step::Settle(i), None) => match reply {
                     Value::Int(1) => {
-                        if let (_, Some(Outcome::Failed { .. })) = &self.backlog[*i] {
+                        if let (e, Some(Outcome::Failed { .. })) = &self.backlog[*i] {
                             st.counters.dead_lettered();
+                            METRICS.dead_lettered(e.kind.as_deref().unwrap_or("unknown"));
                         }
                     }
                     Value::Int(0) => {}
@@ -298,10 +335,21 @@ impl Settler {
         self.retry_at = Instant::now() + wait.min(Duration::from_secs(2));
         let blocked = !self.backlog.is_empty();
         self.state.settle_blocked.store(blocked, Ordering::SeqCst);
+        if blocked {
+            alive::set_ready(
+                "redis-settle",
+                Some(format!(
+                    "{} outcomes wait for Redis ({}); no job is taken",
+                    self.backlog.len(),
+                    redis_conn::describe(e)
+                )),
+            );
+        }
     }
 
     fn unblocked(&mut self) {
         self.retry_at = Instant::now();
+        alive::set_ready("redis-settle", None);
         if !self.state.settle_blocked.swap(false, Ordering::SeqCst) && !self.outage.is_on() {
             return;
         }
@@ -322,6 +370,9 @@ impl Settler {
             let mut conn = redis_conn::connect(&s.redis_url, s.redis_timeout, s.redis_timeout)?;
             let scripts = Scripts::load(&mut conn)?;
             self.conn = Some((conn, scripts));
+            if std::mem::replace(&mut self.connected_before, true) {
+                METRICS.redis_reconnected();
+            }
         }
         let (conn, scripts) = self.conn.as_mut().expect("connection just set");
         Ok((conn, scripts))
