@@ -13,6 +13,8 @@ mod handlers;
 mod http;
 mod job;
 mod node;
+#[cfg(test)]
+mod proptests;
 mod redis_conn;
 mod run_job;
 mod sync;
