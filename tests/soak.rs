@@ -1,0 +1,257 @@
+//! Soak: many jobs through one `citadel work`, its RSS and open file
+//! descriptors sampled from /proc every 2 s; they must stay flat. Not in the
+//! suite: both tests are `#[ignore]`d and scripts/soak.sh runs them.
+//!
+//! - `soak_echo`: `SOAK_JOBS` (default 1 000 000) `echo` jobs, fed in
+//!   batches so the backlog stays under 20 000, the stream trimmed behind the
+//!   readers, status hashes kept 30 s (`--status-ttl`) so Redis stays small.
+//! - `soak_llm`: `SOAK_LLM_JOBS` (default 10 000) `llm_inference` jobs
+//!   against the fake vLLM (tests/support/fake_engine.rs), 50 tokens each.
+//!
+//! Each prints one line `SOAK <name> jobs=… seconds=… rate=… rss_kb
+//! first_min=… last_min=… max=… fds first_min=… last_min=… max=…` (the
+//! largest sample of the first and of the last minute, and of the whole
+//! run) and fails when the last minute's RSS exceeds the first minute's by
+//! more than 50 % + 8 MiB, or it holds 16 more fds.
+
+mod support;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use support::{wait_until, Citadel, RedisServer};
+
+const QUIET: &[(&str, &str)] = &[("RUST_LOG", "warn")];
+const SAMPLE_EVERY: Duration = Duration::from_secs(2);
+
+fn env_count(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .map(|v| {
+            v.parse()
+                .unwrap_or_else(|_| panic!("{name} must be a number"))
+        })
+        .unwrap_or(default)
+}
+
+fn rss_kb(pid: u32) -> u64 {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    text.lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|kb| kb.parse().ok())
+        .unwrap_or(0)
+}
+
+fn open_fds(pid: u32) -> u64 {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| d.count() as u64)
+        .unwrap_or(0)
+}
+
+/// RSS and fd samples with the time each was taken.
+#[derive(Default)]
+struct Samples {
+    at: Vec<Duration>,
+    rss: Vec<u64>,
+    fds: Vec<u64>,
+}
+
+impl Samples {
+    fn take(&mut self, pid: u32, t0: Instant) {
+        self.at.push(t0.elapsed());
+        self.rss.push(rss_kb(pid));
+        self.fds.push(open_fds(pid));
+    }
+
+    /// Largest of `v` over the first and the last minute, and overall.
+    fn windows(&self, v: &[u64]) -> (u64, u64, u64) {
+        let end = *self.at.last().expect("samples");
+        let minute = Duration::from_secs(60);
+        let mut first = 0;
+        let mut last = 0;
+        for (t, x) in self.at.iter().zip(v) {
+            if *t <= minute {
+                first = first.max(*x);
+            }
+            if *t + minute >= end {
+                last = last.max(*x);
+            }
+        }
+        (first, last, v.iter().copied().max().unwrap_or(0))
+    }
+
+    fn report(&self, name: &str, jobs: usize, secs: f64) {
+        let (r1, r2, rmax) = self.windows(&self.rss);
+        let (f1, f2, fmax) = self.windows(&self.fds);
+        let line = format!(
+            "SOAK {name} jobs={jobs} seconds={secs:.0} rate={:.0}/s samples={} rss_kb first_min={r1} \
+             last_min={r2} max={rmax} fds first_min={f1} last_min={f2} max={fmax}",
+            jobs as f64 / secs,
+            self.at.len()
+        );
+        {
+            use std::io::Write;
+            let _ = writeln!(std::io::stderr().lock(), "{line}");
+        }
+        assert!(r2 <= r1 + r1 / 2 + 8 * 1024, "RSS grew: {line}");
+        assert!(f2 <= f1 + 16, "fds grew: {line}");
+    }
+}
+
+fn redis_for_soak() -> RedisServer {
+    // A soak measures the agent, not the disk: no AOF.
+    RedisServer::start_with(&["--appendonly", "no"])
+}
+
+/// XINFO GROUPS of `stream`: (entries-read, pending) of its first group.
+fn progress(c: &mut redis::Connection, stream: &str) -> Option<(u64, u64)> {
+    let info: Vec<HashMap<String, redis::Value>> = redis::cmd("XINFO")
+        .arg("GROUPS")
+        .arg(stream)
+        .query(c)
+        .ok()?;
+    let g = info.first()?;
+    let int = |k: &str| match g.get(k) {
+        Some(redis::Value::Int(n)) => Some(*n as u64),
+        // entries-read is nil while Redis does not know it (nothing read yet).
+        Some(redis::Value::Nil) => Some(0),
+        _ => None,
+    };
+    Some((int("entries-read")?, int("pending")?))
+}
+
+/// Feeds `jobs` entries (made by `entry`) to `stream` in batches while the
+/// backlog is under `backlog`, sampling `pid` every 2 s, until every entry
+/// is read and acked. Returns the samples and the seconds taken.
+fn burn(
+    redis: &RedisServer,
+    pid: u32,
+    stream: &str,
+    jobs: usize,
+    backlog: usize,
+    entry: impl Fn(usize) -> (String, &'static str, String),
+) -> (Samples, f64) {
+    let mut c = redis.conn();
+    wait_until("the worker's group", Duration::from_secs(10), || {
+        progress(&mut c, stream)
+    });
+    let t0 = Instant::now();
+    let mut samples = Samples::default();
+    samples.take(pid, t0);
+    let mut next_sample = t0 + SAMPLE_EVERY;
+    let mut sent = 0usize;
+    loop {
+        let (read, pending) = progress(&mut c, stream).expect("XINFO GROUPS");
+        let read = read as usize;
+        if read >= jobs && pending == 0 {
+            break;
+        }
+        if sent < jobs && sent - read.min(sent) < backlog {
+            let n = (jobs - sent).min(5000);
+            let mut pipe = redis::pipe();
+            for i in sent..sent + n {
+                let (id, kind, payload) = entry(i);
+                pipe.cmd("XADD")
+                    .arg(stream)
+                    .arg("*")
+                    .arg("jobId")
+                    .arg(id)
+                    .arg("type")
+                    .arg(kind)
+                    .arg("payload")
+                    .arg(payload)
+                    .ignore();
+            }
+            // Keep the stream short: everything this far behind is read and
+            // acked (the worker holds at most --concurrency entries).
+            pipe.cmd("XTRIM")
+                .arg(stream)
+                .arg("MAXLEN")
+                .arg("~")
+                .arg(backlog * 3)
+                .ignore();
+            pipe.exec(&mut c).expect("XADD a batch");
+            sent += n;
+        } else {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        if Instant::now() >= next_sample {
+            samples.take(pid, t0);
+            next_sample += SAMPLE_EVERY;
+        }
+    }
+    samples.take(pid, t0);
+    (samples, t0.elapsed().as_secs_f64())
+}
+
+#[test]
+#[ignore = "scripts/soak.sh runs it (SOAK_JOBS, default 1 000 000)"]
+fn soak_echo() {
+    let jobs = env_count("SOAK_JOBS", 1_000_000);
+    let redis = redis_for_soak();
+    let w = Citadel::work(
+        &redis,
+        &[
+            "--node-name",
+            "soak",
+            "--concurrency",
+            "16",
+            "--status-ttl",
+            "30s",
+            "--heartbeat-interval",
+            "0",
+        ],
+        QUIET,
+    );
+    let (samples, secs) = burn(&redis, w.pid(), "jobs:v1:gpu-general", jobs, 20_000, |i| {
+        (format!("soak-{i}"), "echo", r#"{"chunks":1}"#.to_owned())
+    });
+    samples.report("echo", jobs, secs);
+}
+
+#[test]
+#[ignore = "scripts/soak.sh runs it (SOAK_LLM_JOBS, default 10 000)"]
+fn soak_llm() {
+    use support::fake_engine::{FakeEngine, Reply};
+    let jobs = env_count("SOAK_LLM_JOBS", 10_000);
+    let engine = FakeEngine::always(Reply::sse().generate(Arc::new(|write| {
+        for i in 0..50 {
+            let event = format!(
+                "data: {{\"choices\":[{{\"index\":0,\"delta\":{{\"content\":\"t{i} \"}},\"finish_reason\":null}}]}}\n\n"
+            );
+            write(event.as_bytes())?;
+        }
+        write(b"data: [DONE]\n\n")
+    })));
+    let redis = redis_for_soak();
+    let w = Citadel::work(
+        &redis,
+        &[
+            "--node-name",
+            "soak-llm",
+            "--queue",
+            "jobs:v1:llm",
+            "--concurrency",
+            "16",
+            "--status-ttl",
+            "30s",
+            "--heartbeat-interval",
+            "0",
+            "--vllm-url",
+            &engine.url(),
+        ],
+        QUIET,
+    );
+    let payload = r#"{"model":"m","messages":[{"role":"user","content":"go"}]}"#;
+    let (samples, secs) = burn(&redis, w.pid(), "jobs:v1:llm", jobs, 2_000, |i| {
+        (format!("soak-llm-{i}"), "llm_inference", payload.to_owned())
+    });
+    samples.report("llm", jobs, secs);
+    // Each request was answered: the engine saw every job.
+    assert!(
+        engine.requests().len() >= jobs,
+        "{} requests",
+        engine.requests().len()
+    );
+}
