@@ -1,5 +1,5 @@
 //! Soak: many jobs through one `citadel work`, its RSS and open file
-//! descriptors sampled from /proc every 2 s; they must stay flat. Not in the
+//! descriptors sampled from /proc every second; they must stay flat. Not in the
 //! suite: both tests are `#[ignore]`d and scripts/soak.sh runs them.
 //!
 //! - `soak_echo`: `SOAK_JOBS` (default 1 000 000) `echo` jobs, fed in
@@ -8,11 +8,12 @@
 //! - `soak_llm`: `SOAK_LLM_JOBS` (default 10 000) `llm_inference` jobs
 //!   against the fake vLLM (tests/support/fake_engine.rs), 50 tokens each.
 //!
-//! Each prints one line `SOAK <name> jobs=… seconds=… rate=… rss_kb
-//! first_min=… last_min=… max=… fds first_min=… last_min=… max=…` (the
-//! largest sample of the first and of the last minute, and of the whole
-//! run) and fails when the last minute's RSS exceeds the first minute's by
-//! more than 50 % + 8 MiB, or it holds 16 more fds.
+//! Each prints one line `SOAK <name> jobs=… seconds=… rate=… window_s=…
+//! rss_kb first=… last=… max=… fds first=… last=… max=…`: the largest sample
+//! of the first and of the last window (a minute, or a third of a run
+//! shorter than three minutes), and of the whole run. It fails when the last
+//! window's RSS exceeds the first's by more than 50 % + 8 MiB, or it holds
+//! 16 more fds.
 
 mod support;
 
@@ -22,7 +23,7 @@ use std::time::{Duration, Instant};
 use support::{wait_until, Citadel, RedisServer};
 
 const QUIET: &[(&str, &str)] = &[("RUST_LOG", "warn")];
-const SAMPLE_EVERY: Duration = Duration::from_secs(2);
+const SAMPLE_EVERY: Duration = Duration::from_secs(1);
 
 fn env_count(name: &str, default: usize) -> usize {
     std::env::var(name)
@@ -64,17 +65,24 @@ impl Samples {
         self.fds.push(open_fds(pid));
     }
 
-    /// Largest of `v` over the first and the last minute, and overall.
+    /// The window compared at each end: a minute, or a third of a run
+    /// shorter than three minutes (so that the two ends do not overlap).
+    fn window(&self) -> Duration {
+        let end = *self.at.last().expect("samples");
+        Duration::from_secs(60).min(end / 3)
+    }
+
+    /// Largest of `v` over the first and the last window, and overall.
     fn windows(&self, v: &[u64]) -> (u64, u64, u64) {
         let end = *self.at.last().expect("samples");
-        let minute = Duration::from_secs(60);
+        let w = self.window();
         let mut first = 0;
         let mut last = 0;
         for (t, x) in self.at.iter().zip(v) {
-            if *t <= minute {
+            if *t <= w {
                 first = first.max(*x);
             }
-            if *t + minute >= end {
+            if *t + w >= end {
                 last = last.max(*x);
             }
         }
@@ -85,10 +93,11 @@ impl Samples {
         let (r1, r2, rmax) = self.windows(&self.rss);
         let (f1, f2, fmax) = self.windows(&self.fds);
         let line = format!(
-            "SOAK {name} jobs={jobs} seconds={secs:.0} rate={:.0}/s samples={} rss_kb first_min={r1} \
-             last_min={r2} max={rmax} fds first_min={f1} last_min={f2} max={fmax}",
+            "SOAK {name} jobs={jobs} seconds={secs:.0} rate={:.0}/s samples={} window_s={} \
+             rss_kb first={r1} last={r2} max={rmax} fds first={f1} last={f2} max={fmax}",
             jobs as f64 / secs,
-            self.at.len()
+            self.at.len(),
+            self.window().as_secs()
         );
         {
             use std::io::Write;
@@ -104,25 +113,73 @@ fn redis_for_soak() -> RedisServer {
     RedisServer::start_with(&["--appendonly", "no"])
 }
 
-/// XINFO GROUPS of `stream`: (entries-read, pending) of its first group.
-fn progress(c: &mut redis::Connection, stream: &str) -> Option<(u64, u64)> {
-    let info: Vec<HashMap<String, redis::Value>> = redis::cmd("XINFO")
+/// Where the group stands on `stream`.
+struct Progress {
+    /// Every entry added so far was delivered (last-delivered-id is the
+    /// stream's last-generated-id).
+    drained: bool,
+    pending: u64,
+    /// `entries-read` (Redis's estimate: only paces the feeding).
+    read: u64,
+    /// Entries below this id are delivered and acked: safe to trim.
+    trim_below: String,
+}
+
+fn info_map(v: redis::Value) -> HashMap<String, redis::Value> {
+    match v {
+        redis::Value::Map(kv) => kv
+            .into_iter()
+            .map(|(k, v)| (support::value_to_string(&k), v))
+            .collect(),
+        redis::Value::Array(flat) => flat
+            .chunks(2)
+            .map(|p| (support::value_to_string(&p[0]), p[1].clone()))
+            .collect(),
+        _ => HashMap::new(),
+    }
+}
+
+fn progress(c: &mut redis::Connection, stream: &str) -> Option<Progress> {
+    let groups: Vec<redis::Value> = redis::cmd("XINFO")
         .arg("GROUPS")
         .arg(stream)
         .query(c)
         .ok()?;
-    let g = info.first()?;
+    let g = info_map(groups.into_iter().next()?);
+    let s = info_map(
+        redis::cmd("XINFO")
+            .arg("STREAM")
+            .arg(stream)
+            .query(c)
+            .ok()?,
+    );
+    let text = |m: &HashMap<String, redis::Value>, k: &str| m.get(k).map(support::value_to_string);
     let int = |k: &str| match g.get(k) {
-        Some(redis::Value::Int(n)) => Some(*n as u64),
-        // entries-read is nil while Redis does not know it (nothing read yet).
-        Some(redis::Value::Nil) => Some(0),
-        _ => None,
+        Some(redis::Value::Int(n)) => *n as u64,
+        _ => 0,
     };
-    Some((int("entries-read")?, int("pending")?))
+    let delivered = text(&g, "last-delivered-id")?;
+    let pending = int("pending");
+    // XPENDING's summary: [count, smallest id, largest id, consumers].
+    let summary: Vec<redis::Value> = redis::cmd("XPENDING")
+        .arg(stream)
+        .arg("workers")
+        .query(c)
+        .ok()?;
+    let trim_below = match summary.get(1) {
+        Some(v @ redis::Value::BulkString(_)) => support::value_to_string(v),
+        _ => delivered.clone(),
+    };
+    Some(Progress {
+        drained: text(&s, "last-generated-id")? == delivered,
+        pending,
+        read: int("entries-read"),
+        trim_below,
+    })
 }
 
 /// Feeds `jobs` entries (made by `entry`) to `stream` in batches while the
-/// backlog is under `backlog`, sampling `pid` every 2 s, until every entry
+/// backlog is under `backlog`, sampling `pid` every second, until every entry
 /// is read and acked. Returns the samples and the seconds taken.
 fn burn(
     redis: &RedisServer,
@@ -142,12 +199,12 @@ fn burn(
     let mut next_sample = t0 + SAMPLE_EVERY;
     let mut sent = 0usize;
     loop {
-        let (read, pending) = progress(&mut c, stream).expect("XINFO GROUPS");
-        let read = read as usize;
-        if read >= jobs && pending == 0 {
+        let p = progress(&mut c, stream).expect("XINFO GROUPS");
+        if sent == jobs && p.drained && p.pending == 0 {
             break;
         }
-        if sent < jobs && sent - read.min(sent) < backlog {
+        let read = p.read as usize;
+        if sent < jobs && (p.drained || sent - read.min(sent) < backlog) {
             let n = (jobs - sent).min(5000);
             let mut pipe = redis::pipe();
             for i in sent..sent + n {
@@ -163,13 +220,13 @@ fn burn(
                     .arg(payload)
                     .ignore();
             }
-            // Keep the stream short: everything this far behind is read and
-            // acked (the worker holds at most --concurrency entries).
+            // Keep the stream short: what is below the oldest pending entry
+            // (or the last delivered one) is read and acked.
             pipe.cmd("XTRIM")
                 .arg(stream)
-                .arg("MAXLEN")
+                .arg("MINID")
                 .arg("~")
-                .arg(backlog * 3)
+                .arg(&p.trim_below)
                 .ignore();
             pipe.exec(&mut c).expect("XADD a batch");
             sent += n;
