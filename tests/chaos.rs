@@ -302,8 +302,15 @@ impl Chaos {
         let mut oom_done = false;
         let mut redis_kill: Option<(u64, u64)> = None;
         let n = self.jobs;
+        let chaos_deadline = Instant::now() + Duration::from_secs(60 + n as u64 / 10);
         // Disruptions stop when 90% of the jobs have started a run.
         loop {
+            assert!(
+                Instant::now() < chaos_deadline,
+                "the chaos phase did not reach 90% of the jobs in time: {} runs so far; {}",
+                count_lines(&runs_path),
+                fig.line()
+            );
             let started = count_lines(&runs_path);
             let chaos_on = started < n * 9 / 10;
             let now = Instant::now();

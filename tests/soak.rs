@@ -6,7 +6,8 @@
 //!   batches so the backlog stays under 20 000, the stream trimmed behind the
 //!   readers, status hashes kept 30 s (`--status-ttl`) so Redis stays small.
 //! - `soak_llm`: `SOAK_LLM_JOBS` (default 10 000) `llm_inference` jobs
-//!   against the fake vLLM (tests/support/fake_engine.rs), 50 tokens each.
+//!   against the fake vLLM (tests/support/fake_engine.rs), `SOAK_LLM_TOKENS`
+//!   (200) tokens each.
 //!
 //! Each prints one line `SOAK <name> jobs=… seconds=… rate=… window_s=…
 //! rss_kb first=… last=… max=… fds first=… last=… max=…`: the largest sample
@@ -272,8 +273,9 @@ fn soak_echo() {
 fn soak_llm() {
     use support::fake_engine::{FakeEngine, Reply};
     let jobs = env_count("SOAK_LLM_JOBS", 10_000);
-    let engine = FakeEngine::always(Reply::sse().generate(Arc::new(|write| {
-        for i in 0..50 {
+    let tokens = env_count("SOAK_LLM_TOKENS", 200);
+    let engine = FakeEngine::always(Reply::sse().generate(Arc::new(move |write| {
+        for i in 0..tokens {
             let event = format!(
                 "data: {{\"choices\":[{{\"index\":0,\"delta\":{{\"content\":\"t{i} \"}},\"finish_reason\":null}}]}}\n\n"
             );
