@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Soak (not in CI): 1 000 000 echo jobs, then 10 000 llm_inference jobs
 # against the fake vLLM, each through one `citadel work` (release build);
-# its RSS and open fds are sampled from /proc every second and must stay flat.
+# its RSS and open fds are sampled from /proc every 500 ms and must stay flat.
 # See tests/soak.rs. Prints one `SOAK …` line per run: the largest RSS and
-# fd count of the first and the last minute (a third of a run under 3 min), and of the whole run.
+# fd count of the first minute after the warm-up and of the last minute (a third of
+# a run under 3 min), and of the whole run.
 #
 #   scripts/soak.sh                                  # 1 000 000 + 10 000
 #   scripts/soak.sh --jobs 100000 --llm-jobs 2000    # scaled down

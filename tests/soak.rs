@@ -1,5 +1,5 @@
 //! Soak: many jobs through one `citadel work`, its RSS and open file
-//! descriptors sampled from /proc every second; they must stay flat. Not in the
+//! descriptors sampled from /proc every 500 ms; they must stay flat. Not in the
 //! suite: both tests are `#[ignore]`d and scripts/soak.sh runs them.
 //!
 //! - `soak_echo`: `SOAK_JOBS` (default 1 000 000) `echo` jobs, fed in
@@ -11,7 +11,8 @@
 //!
 //! Each prints one line `SOAK <name> jobs=… seconds=… rate=… window_s=…
 //! rss_kb first=… last=… max=… fds first=… last=… max=…`: the largest sample
-//! of the first and of the last window (a minute, or a third of a run
+//! of the first window after the warm-up (from when a tenth of the jobs
+//! was fed) and of the last window (each a minute, or a third of a run
 //! shorter than three minutes), and of the whole run. It fails when the last
 //! window's RSS exceeds the first's by more than 50 % + 8 MiB, or it holds
 //! 16 more fds.
@@ -24,7 +25,7 @@ use std::time::{Duration, Instant};
 use support::{wait_until, Citadel, RedisServer};
 
 const QUIET: &[(&str, &str)] = &[("RUST_LOG", "warn")];
-const SAMPLE_EVERY: Duration = Duration::from_secs(1);
+const SAMPLE_EVERY: Duration = Duration::from_millis(500);
 
 fn env_count(name: &str, default: usize) -> usize {
     std::env::var(name)
@@ -54,6 +55,9 @@ fn open_fds(pid: u32) -> u64 {
 /// RSS and fd samples with the time each was taken.
 #[derive(Default)]
 struct Samples {
+    /// When a tenth of the jobs had been fed: the first window starts here,
+    /// after the warm-up (threads started, engine connections opened).
+    warm: Duration,
     at: Vec<Duration>,
     rss: Vec<u64>,
     fds: Vec<u64>,
@@ -67,20 +71,21 @@ impl Samples {
     }
 
     /// The window compared at each end: a minute, or a third of a run
-    /// shorter than three minutes (so that the two ends do not overlap).
+    /// (after the warm-up) shorter than three minutes.
     fn window(&self) -> Duration {
         let end = *self.at.last().expect("samples");
-        Duration::from_secs(60).min(end / 3)
+        Duration::from_secs(60).min(end.saturating_sub(self.warm) / 3)
     }
 
-    /// Largest of `v` over the first and the last window, and overall.
+    /// Largest of `v` over the first window after the warm-up and over the
+    /// last window, and overall.
     fn windows(&self, v: &[u64]) -> (u64, u64, u64) {
         let end = *self.at.last().expect("samples");
         let w = self.window();
         let mut first = 0;
         let mut last = 0;
         for (t, x) in self.at.iter().zip(v) {
-            if *t <= w {
+            if *t >= self.warm && *t <= self.warm + w {
                 first = first.max(*x);
             }
             if *t + w >= end {
@@ -180,7 +185,7 @@ fn progress(c: &mut redis::Connection, stream: &str) -> Option<Progress> {
 }
 
 /// Feeds `jobs` entries (made by `entry`) to `stream` in batches while the
-/// backlog is under `backlog`, sampling `pid` every second, until every entry
+/// backlog is under `backlog`, sampling `pid` every 500 ms, until every entry
 /// is read and acked. Returns the samples and the seconds taken.
 fn burn(
     redis: &RedisServer,
@@ -231,6 +236,9 @@ fn burn(
                 .ignore();
             pipe.exec(&mut c).expect("XADD a batch");
             sent += n;
+            if sent >= jobs / 10 && samples.warm.is_zero() {
+                samples.warm = t0.elapsed();
+            }
         } else {
             std::thread::sleep(Duration::from_millis(20));
         }
