@@ -301,6 +301,8 @@ impl Chaos {
         let mut oom_until: Option<Instant> = None;
         let mut oom_done = false;
         let mut redis_kill: Option<(u64, u64)> = None;
+        // (unix ms, what happened): printed with an unexplained duplicate.
+        let mut timeline: Vec<(u64, String)> = Vec::new();
         let n = self.jobs;
         let chaos_deadline = Instant::now() + Duration::from_secs(60 + n as u64 / 10);
         // Disruptions stop when 90% of the jobs have started a run.
@@ -318,6 +320,10 @@ impl Chaos {
                 if slot.restart_at.is_some_and(|t| t <= now) {
                     slot.restart_at = None;
                     slot.proc = Some(spawn(&redis, &slot.name));
+                    timeline.push((
+                        now_ms(),
+                        format!("restarted {} after claim-idle", slot.name),
+                    ));
                 }
             }
             if !chaos_on && slots.iter().all(|s| s.proc.is_some()) && oom_until.is_none() {
@@ -329,11 +335,16 @@ impl Chaos {
                     let i = alive[rng.range(0, alive.len() as u64 - 1) as usize];
                     let mut w = slots[i].proc.take().expect("alive");
                     killed.insert(w.pid(), now_ms());
+                    timeline.push((
+                        now_ms(),
+                        format!("SIGKILL worker {} pid {}", slots[i].name, w.pid()),
+                    ));
                     w.kill9();
                     fig.worker_kills += 1;
                     if rng.range(0, 1) == 0 {
                         fig.restarts_at_once += 1;
                         slots[i].proc = Some(spawn(&redis, &slots[i].name));
+                        timeline.push((now_ms(), format!("restarted {} at once", slots[i].name)));
                     } else {
                         fig.restarts_after_claim_idle += 1;
                         slots[i].restart_at =
@@ -344,24 +355,30 @@ impl Chaos {
             }
             if chaos_on && !graceful_done && started >= n / 5 {
                 graceful_done = true;
+                timeline.push((now_ms(), "redis graceful restart begins".into()));
                 redis.restart_graceful();
+                timeline.push((now_ms(), "redis back".into()));
                 fig.redis_restarts += 1;
             }
             if chaos_on && !oom_done && started >= n * 2 / 5 {
                 oom_done = true;
                 config_set(&redis, "maxmemory-policy", "noeviction");
                 config_set(&redis, "maxmemory", "1");
+                timeline.push((now_ms(), "redis full (maxmemory 1)".into()));
                 oom_until = Some(Instant::now() + Duration::from_secs(3));
                 fig.oom_ms = 3000;
             }
             if oom_until.is_some_and(|t| Instant::now() >= t) {
                 oom_until = None;
                 config_set(&redis, "maxmemory", "0");
+                timeline.push((now_ms(), "redis has room again".into()));
             }
             if chaos_on && redis_kill.is_none() && started >= n * 3 / 5 && oom_until.is_none() {
                 let at = now_ms();
                 redis.restart();
                 redis_kill = Some((at, now_ms()));
+                timeline.push((at, "redis SIGKILL".into()));
+                timeline.push((now_ms(), "redis back (AOF replayed)".into()));
                 fig.redis_restarts += 1;
             }
             thread::sleep(Duration::from_millis(50));
@@ -411,9 +428,14 @@ impl Chaos {
                     redis_kill_jobs.insert(job.clone());
                 } else {
                     fig.dup_unexplained += 1;
+                    let (from, to) = (prev.ms.saturating_sub(10_000), pair[1].ms + 1000);
                     eprintln!(
-                        "chaos: unexplained second run of {job}: runs (pid, ms) {:?}",
-                        list.iter().map(|r| (r.pid, r.ms)).collect::<Vec<_>>()
+                        "chaos: unexplained second run of {job}: runs (pid, ms) {:?}; around them: {:?}",
+                        list.iter().map(|r| (r.pid, r.ms)).collect::<Vec<_>>(),
+                        timeline
+                            .iter()
+                            .filter(|(t, _)| (from..=to).contains(t))
+                            .collect::<Vec<_>>()
                     );
                 }
             }
