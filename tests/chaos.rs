@@ -279,7 +279,7 @@ impl Chaos {
                     "--heartbeat-interval",
                     "0",
                 ],
-                &[("RUST_LOG", "info"), ("CITADEL_TEST_ECHO_RUNS", &runs_env)],
+                &[("RUST_LOG", "debug"), ("CITADEL_TEST_ECHO_RUNS", &runs_env)],
             );
             w.wait_for_log("working: streams", Duration::from_secs(30));
             w
@@ -340,6 +340,7 @@ impl Chaos {
                         format!("SIGKILL worker {} pid {}", slots[i].name, w.pid()),
                     ));
                     w.kill9();
+                    keep_log(&w, &slots[i].name);
                     fig.worker_kills += 1;
                     if rng.range(0, 1) == 0 {
                         fig.restarts_at_once += 1;
@@ -477,8 +478,24 @@ impl Chaos {
             drained,
             "pending list not empty {drain_deadline:?} after the last outcome: {line}"
         );
+        for slot in &slots {
+            if let Some(w) = &slot.proc {
+                keep_log(w, &slot.name);
+            }
+        }
         drop(slots);
         fig
+    }
+}
+
+/// `CHAOS_KEEP_LOGS=DIR`: each worker's log is copied there as
+/// `{name}-{pid}.log` when it is killed and at the end (for a post-mortem
+/// of an unexplained duplicate).
+fn keep_log(w: &Citadel, name: &str) {
+    if let Some(dir) = std::env::var_os("CHAOS_KEEP_LOGS") {
+        let dir = Path::new(&dir);
+        let _ = std::fs::create_dir_all(dir);
+        let _ = std::fs::copy(w.log_path(), dir.join(format!("{name}-{}.log", w.pid())));
     }
 }
 
