@@ -215,7 +215,7 @@ impl Chaos {
         let seed = std::env::var("CHAOS_SEED")
             .ok()
             .and_then(|s| s.parse().ok())
-            .unwrap_or_else(|| now_ms() | 1);
+            .unwrap_or_else(|| (now_ms() ^ (u64::from(std::process::id()) << 40)) | 1);
         let mut rng = Rng(seed);
         let mut fig = Figures {
             jobs: self.jobs,
