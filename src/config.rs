@@ -740,27 +740,54 @@ pub fn env_name(name: &str) -> String {
     format!("CITADEL_{}", name.replace('-', "_").to_uppercase())
 }
 
-/// `500ms`, `30s`, `2m`, `1h`; a bare number is seconds.
+/// `500ms`, `30s`, `2m`, `1h`; a bare number is seconds. Decimal text is
+/// read exactly (to the nanosecond, further digits dropped), not through
+/// f64: `13249987083ms` is that many milliseconds, not 13249987.083000001 s.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let t = text.trim();
     let split = t
         .find(|c: char| !(c.is_ascii_digit() || c == '.'))
         .unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
-    let n: f64 = num
-        .parse()
-        .map_err(|_| format!("'{text}' is not a duration (write 500ms, 30s, 2m or 1h)"))?;
-    let secs = match unit.trim() {
-        "ms" => n / 1000.0,
-        "" | "s" => n,
-        "m" => n * 60.0,
-        "h" => n * 3600.0,
+    let not_a_duration = || format!("'{text}' is not a duration (write 500ms, 30s, 2m or 1h)");
+    let (int, frac) = num.split_once('.').unwrap_or((num, ""));
+    if (int.is_empty() && frac.is_empty()) || frac.contains('.') {
+        return Err(not_a_duration());
+    }
+    let nanos_per_unit: u128 = match unit.trim() {
+        "ms" => 1_000_000,
+        "" | "s" => 1_000_000_000,
+        "m" => 60_000_000_000,
+        "h" => 3_600_000_000_000,
         _ => return Err(format!("'{text}' has an unknown unit (use ms, s, m or h)")),
     };
-    if !secs.is_finite() || !(0.0..1e9).contains(&secs) {
-        return Err(format!("'{text}' is out of range"));
+    let out_of_range = || format!("'{text}' is out of range");
+    // Below 1e9 s (as before): more than 30 integer digits is out of range.
+    let int = int.trim_start_matches('0');
+    if int.len() > 30 {
+        return Err(out_of_range());
     }
-    Ok(Duration::from_secs_f64(secs))
+    let int: u128 = if int.is_empty() {
+        0
+    } else {
+        int.parse().map_err(|_| not_a_duration())?
+    };
+    // 18 fractional digits are past a nanosecond for every unit.
+    let frac = &frac[..frac.len().min(18)];
+    let frac_value: u128 = if frac.is_empty() {
+        0
+    } else {
+        frac.parse().map_err(|_| not_a_duration())?
+    };
+    let nanos = int * nanos_per_unit + frac_value * nanos_per_unit / 10u128.pow(frac.len() as u32);
+    if nanos >= 1_000_000_000 * 1_000_000_000 {
+        return Err(out_of_range());
+    }
+    let nanos = nanos as u64;
+    Ok(Duration::new(
+        nanos / 1_000_000_000,
+        (nanos % 1_000_000_000) as u32,
+    ))
 }
 
 fn number<T: std::str::FromStr>(v: &str) -> Result<T, String> {
@@ -992,9 +1019,41 @@ mod tests {
         assert_eq!(parse_duration("1h").unwrap(), Duration::from_secs(3600));
         assert_eq!(parse_duration("1.5s").unwrap(), Duration::from_millis(1500));
         assert_eq!(parse_duration("7").unwrap(), Duration::from_secs(7));
-        for bad in ["", "s", "10x", "-1s", "1e400s", "ten"] {
+        for bad in [
+            "",
+            "s",
+            "10x",
+            "-1s",
+            "1e400s",
+            "ten",
+            ".",
+            "1.2.3s",
+            "1000000000s",
+        ] {
             assert!(parse_duration(bad).is_err(), "{bad} should be rejected");
         }
+    }
+
+    /// Found by proptests::a_formatted_duration_round_trips: through f64,
+    /// `13249987083ms` read back as 13249987.083000001 s.
+    #[test]
+    fn durations_are_read_exactly_not_through_f64() {
+        assert_eq!(
+            parse_duration("13249987083ms").unwrap(),
+            Duration::from_millis(13_249_987_083)
+        );
+        assert_eq!(parse_duration("0.1s").unwrap(), Duration::from_millis(100));
+        assert_eq!(parse_duration(".5s").unwrap(), Duration::from_millis(500));
+        assert_eq!(parse_duration("5.s").unwrap(), Duration::from_secs(5));
+        assert_eq!(parse_duration("1.5m").unwrap(), Duration::from_secs(90));
+        assert_eq!(
+            parse_duration("0.0000000019s").unwrap(),
+            Duration::from_nanos(1)
+        );
+        assert_eq!(
+            parse_duration("999999999.999999999s").unwrap(),
+            Duration::new(999_999_999, 999_999_999)
+        );
     }
 
     #[test]

@@ -14,6 +14,8 @@ mod http;
 mod job;
 mod node;
 mod observe;
+#[cfg(test)]
+mod proptests;
 mod redis_conn;
 mod run_job;
 mod sync;

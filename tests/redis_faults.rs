@@ -518,3 +518,92 @@ fn sigterm_while_redis_hangs_exits_within_the_grace() {
     assert_eq!(status(&mut c, "hang-1")["status"], "completed");
     wait_drained(&mut c, QUEUE, GROUP, Duration::from_secs(5));
 }
+
+/// Found by the chaos harness (tests/chaos.rs: a duplicate run whose holder
+/// was alive): a restarted worker took back "its own" pending entries with
+/// XPENDING, then XCLAIM min-idle 0; an entry another worker reclaimed in
+/// between (the dead holder's claim ran out just as the restarted process
+/// took the name over) was taken away from that live worker, and the job
+/// ran twice. The take-back is now one script that claims only what is
+/// still this consumer's. Here the window is held open: the reply to the
+/// take-back's XPENDING is kept back while another consumer claims the entry.
+#[test]
+fn taking_back_own_entries_leaves_one_another_worker_reclaimed_meanwhile() {
+    let redis = RedisServer::start();
+    let mut c = redis.conn();
+    let sub = Subscriber::new(&redis, EVENTS);
+    // An entry delivered to node-a, whose process then died.
+    let raced = "raced-1";
+    let id = xadd_job(&mut c, QUEUE, raced, "echo", "{}");
+    let _: () = redis::cmd("XGROUP")
+        .arg("CREATE")
+        .arg(QUEUE)
+        .arg(GROUP)
+        .arg("0")
+        .arg("MKSTREAM")
+        .query(&mut c)
+        .expect("XGROUP CREATE");
+    let _: redis::Value = redis::cmd("XREADGROUP")
+        .arg("GROUP")
+        .arg(GROUP)
+        .arg("node-a")
+        .arg("COUNT")
+        .arg(1)
+        .arg("STREAMS")
+        .arg(QUEUE)
+        .arg(">")
+        .query(&mut c)
+        .expect("XREADGROUP as node-a");
+
+    // node-a restarts; its take-back XPENDING (7 arguments, with the
+    // consumer) runs, and its reply is held for 1.5 s.
+    let proxy = StallProxy::start(redis.port());
+    proxy.hold_replies_after("*7\r\n$8\r\nXPENDING", Duration::from_millis(1500));
+    let url = proxy.url();
+    let w = Citadel::spawn(
+        &[
+            "work",
+            "--redis-url",
+            &url,
+            "--node-name",
+            "node-a",
+            "--block",
+            "1s",
+            "--redis-timeout",
+            "10s",
+        ],
+        &[],
+    );
+    wait_until("the take-back's XPENDING", Duration::from_secs(10), || {
+        proxy.was_triggered().then_some(())
+    });
+    // Meanwhile node-b reclaims the entry (as XAUTOCLAIM would).
+    let claimed: Vec<String> = redis::cmd("XCLAIM")
+        .arg(QUEUE)
+        .arg(GROUP)
+        .arg("node-b")
+        .arg(0)
+        .arg(&id)
+        .arg("JUSTID")
+        .query(&mut c)
+        .expect("XCLAIM as node-b");
+    assert_eq!(claimed, std::slice::from_ref(&id));
+
+    // A barrier: node-a takes back its own entries before it reads new
+    // ones, so once this job ended the take-back is over.
+    xadd_job(&mut c, QUEUE, "after-1", "echo", "{}");
+    sub.wait_for("after-1", "end", Duration::from_secs(15));
+    sync_subscriber(&redis, &sub);
+    assert!(
+        events_of(&sub, raced, "start").is_empty(),
+        "node-a ran the entry node-b holds: {:?}\n{}",
+        sub.events_for(raced),
+        w.log()
+    );
+    let rows = pending_rows(&mut c, QUEUE, GROUP);
+    let row = rows
+        .iter()
+        .find(|r| r.id == id)
+        .unwrap_or_else(|| panic!("{id} not pending: {rows:?}"));
+    assert_eq!(row.consumer, "node-b", "{rows:?}");
+}

@@ -124,6 +124,8 @@ pub struct RedisServer {
     dir: PathBuf,
     log: PathBuf,
     child: Option<Child>,
+    /// Appended to the command line at every (re)start: later options win.
+    extra_args: Vec<String>,
 }
 
 /// Why one spawn attempt did not give a server that answers PING.
@@ -138,6 +140,13 @@ impl RedisServer {
     /// Starts a server on a free port and waits (up to 10 s) until it answers
     /// PING. Panics with the server's log if it does not.
     pub fn start() -> RedisServer {
+        RedisServer::start_with(&[])
+    }
+
+    /// [`RedisServer::start`] with `args` appended to redis-server's command
+    /// line at every (re)start (e.g. `["--appendfsync", "everysec"]`: a later
+    /// option replaces the default one).
+    pub fn start_with(args: &[&str]) -> RedisServer {
         let dir = fresh_temp_dir("redis");
         let log = dir.join("redis.log");
         let mut server = RedisServer {
@@ -145,6 +154,7 @@ impl RedisServer {
             dir,
             log,
             child: None,
+            extra_args: args.iter().map(|a| a.to_string()).collect(),
         };
         // The free port can be taken by someone else between our probe and
         // redis binding it: try a few ports before giving up.
@@ -185,6 +195,7 @@ impl RedisServer {
             dir,
             log,
             child: None,
+            extra_args: Vec::new(),
         };
         let err = match server.spawn_and_wait(REDIS_START_TIMEOUT) {
             Ok(()) => return server,
@@ -241,6 +252,29 @@ impl RedisServer {
         }
     }
 
+    /// Stops the server gracefully (SIGTERM: it flushes its AOF and exits) and
+    /// waits up to 10 s for it, then SIGKILLs it. No-op if it is not running.
+    pub fn stop(&mut self) {
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
+        let _ = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + REDIS_START_TIMEOUT;
+        while matches!(child.try_wait(), Ok(None)) && Instant::now() < deadline {
+            thread::sleep(POLL);
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+
+    /// [`RedisServer::restart`] after a graceful [`RedisServer::stop`].
+    pub fn restart_graceful(&mut self) {
+        self.stop();
+        self.restart();
+    }
+
     /// Starts the server again on the same port and dir (so the AOF data comes
     /// back) and waits until it answers PING; kills it first if it is still
     /// running. Retries the spawn for up to 10 s if the port is briefly busy.
@@ -290,6 +324,7 @@ impl RedisServer {
             .arg(&self.dir)
             .args(["--daemonize", "no"])
             .args(["--protected-mode", "no"])
+            .args(&self.extra_args)
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("cloning log handle"))
             .stderr(log)

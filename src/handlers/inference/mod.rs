@@ -11,6 +11,8 @@
 
 mod client;
 mod ndjson;
+#[cfg(test)]
+mod proptests;
 mod request;
 mod sse;
 mod stream;

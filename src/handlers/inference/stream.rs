@@ -220,7 +220,7 @@ pub mod testkit {
         }
     }
 
-    const TOKENS: &[&[u8]] = &[
+    pub const TOKENS: &[&[u8]] = &[
         b"data:",
         b"data: ",
         b"error: ",

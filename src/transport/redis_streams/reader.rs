@@ -7,7 +7,9 @@
 //!    process holds it);
 //! 2. after every (re)connect, takes back this consumer's own pending
 //!    entries that do not run here (XPENDING, then XCLAIM of those only, so
-//!    a job still running here gets no extra delivery);
+//!    a job still running here gets no extra delivery; the XCLAIM in a
+//!    script that checks each is still this consumer's, so an entry another
+//!    worker reclaimed meanwhile stays with it);
 //! 3. every claim-idle/3, reclaims entries that dead consumers left idle
 //!    (XAUTOCLAIM, its cursor kept across rounds so every entry of a long
 //!    pending list is reached);
@@ -26,6 +28,7 @@
 
 use super::entry::{self, RawEntry};
 use super::intake::Intake;
+use super::scripts::TAKE_BACK_OWN;
 use super::StreamsState;
 use crate::backoff::Outage;
 use crate::observe::{alive, metrics::METRICS};
@@ -336,8 +339,8 @@ impl Reader {
 
     /// One page of own pending entries of stream `i` from `start`: XPENDING,
     /// then XCLAIM of those not running here (one delivery counted each:
-    /// they are delivered again); an entry acknowledged meanwhile is simply
-    /// not returned by XCLAIM. Returns where to go on, `None` when done.
+    /// they are delivered again); an entry acknowledged or reclaimed by
+    /// another worker meanwhile is simply not returned (`TAKE_BACK_OWN`). Returns where to go on, `None` when done.
     fn take_back_stream(
         &mut self,
         conn: &mut Connection,
@@ -366,12 +369,15 @@ impl Reader {
             return Ok(next);
         }
         let counts: HashMap<&str, u64> = mine.iter().map(|(id, n)| (id.as_str(), *n)).collect();
-        let mut claim = redis::cmd("XCLAIM");
+        // One script: only those still pending for this consumer (see
+        // TAKE_BACK_OWN: another worker may have reclaimed one meanwhile).
+        let mut claim = redis::cmd("EVAL");
         claim
+            .arg(TAKE_BACK_OWN)
+            .arg(1)
             .arg(&**stream)
             .arg(&st.settings.group)
-            .arg(&st.consumer)
-            .arg(0);
+            .arg(&st.consumer);
         for (id, _) in mine {
             claim.arg(id);
         }

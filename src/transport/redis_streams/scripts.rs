@@ -150,6 +150,26 @@ pub fn status_key(job_id: &str) -> String {
     format!("job:{job_id}:status")
 }
 
+/// Taking back this consumer's own pending entries (after a restart or a
+/// reconnect): XCLAIM, counting a delivery and returning the entries, of
+/// those of the given ids that are still pending for this consumer. In one
+/// script: between a separate XPENDING and XCLAIM another worker may have
+/// reclaimed an entry (its holder's claim ran out just as this process took
+/// the name over), and XCLAIM with min-idle 0 would take it away from that
+/// live worker, which then loses its lease and the job runs twice.
+/// KEYS: stream. ARGV: group, consumer, ids.
+pub const TAKE_BACK_OWN: &str = r"
+local owned = {}
+for i = 3, #ARGV do
+  local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[i], ARGV[i], 1)
+  if p[1] and p[1][2] == ARGV[2] then
+    table.insert(owned, ARGV[i])
+  end
+end
+if #owned == 0 then return {} end
+return redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, unpack(owned))
+";
+
 /// The lease renewal: renews the entries this consumer still owns
 /// (resetting their idle time without counting a delivery) and returns the
 /// ids it no longer owns. Atomic, so a lease is never taken back from a
