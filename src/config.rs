@@ -328,6 +328,8 @@ pub struct Settings {
     // observability
     /// Empty: no listener.
     pub metrics_addr: String,
+    /// Whether `metrics-addr` was given (file, environment, flag), not defaulted.
+    pub metrics_addr_set: bool,
     pub gpu_high_temp: f64,
     /// `auto` or `nvidia-smi`.
     pub gpu_telemetry: String,
@@ -409,6 +411,7 @@ impl Default for Settings {
             config_file: default_config_file(),
             // observability
             metrics_addr: "127.0.0.1:9464".into(),
+            metrics_addr_set: false,
             gpu_high_temp: 85.0,
             gpu_telemetry: "auto".into(),
         }
@@ -644,7 +647,10 @@ impl Settings {
                 self.device_api_token = Some(Secret(crate::node::provision::check_token(v)?))
             }
             // observability
-            "metrics-addr" => self.metrics_addr = metrics_addr(v)?,
+            "metrics-addr" => {
+                self.metrics_addr = metrics_addr(v)?;
+                self.metrics_addr_set = true;
+            }
             "gpu-high-temp" => {
                 self.gpu_high_temp = number::<f64>(v)?;
                 if !(self.gpu_high_temp.is_finite() && self.gpu_high_temp > 0.0) {

@@ -68,9 +68,19 @@ fn run() -> Result<i32, Exit> {
         }
         Command::Work | Command::Agent { .. } => {
             transport::check(&settings).map_err(|e| Exit(2, e))?;
-            // Before anything starts: a port in use stops the start (exit 2).
-            let listener =
-                observe::server::start(&settings.metrics_addr).map_err(|e| Exit(2, e))?;
+            // Before anything starts: a port in use stops the start (exit 2)
+            // when the operator chose it; the default port taken (a second
+            // worker on this host) costs this worker its listener, not its jobs.
+            let listener = match observe::server::start(&settings.metrics_addr) {
+                Err(e) if !settings.metrics_addr_set => {
+                    log::warn!(
+                        "{e}; this worker serves no /metrics (another citadel on this host holds the \
+                         default port?): give each worker its own --metrics-addr"
+                    );
+                    None
+                }
+                other => other.map_err(|e| Exit(2, e))?,
+            };
             if let Command::Agent { up: true } = cli.command {
                 up(&settings);
             }

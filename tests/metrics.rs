@@ -357,6 +357,46 @@ fn a_metrics_port_in_use_stops_the_start_with_exit_2_naming_the_setting() {
 }
 
 #[test]
+fn the_default_port_taken_costs_a_second_worker_its_listener_not_its_jobs() {
+    // Hold the default port (or find it held already: the same case).
+    let _taken = TcpListener::bind("127.0.0.1:9464");
+    let redis = RedisServer::start();
+    let dir = support::fresh_temp_dir("metrics-default");
+    let log_path = dir.join("citadel.log");
+    let log = std::fs::File::create(&log_path).unwrap();
+    let url = redis.url();
+    let mut cmd = support::citadel_cmd(&["work", "--redis-url", &url, "--node-name", "m-second"]);
+    // No metrics-addr anywhere: the default, which is taken.
+    cmd.env_remove("CITADEL_METRICS_ADDR")
+        .stdout(log.try_clone().unwrap())
+        .stderr(log);
+    let mut child = cmd.spawn().unwrap();
+    let read = || std::fs::read_to_string(&log_path).unwrap_or_default();
+    let seen = support::wait_until("the worker working", WAIT, || {
+        let text = read();
+        (text.contains("working: streams") || text.contains("citadel: ")).then_some(text)
+    });
+    let mut conn = redis.conn();
+    support::xadd_job(&mut conn, "jobs:v1:gpu-general", "m-second-1", "echo", "{}");
+    let status = support::wait_until("the echo job's status", WAIT, || {
+        let s: Option<String> = redis::cmd("HGET")
+            .arg("job:m-second-1:status")
+            .arg("status")
+            .query(&mut conn)
+            .unwrap();
+        s.filter(|s| s == "completed")
+    });
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(status, "completed", "{}", read());
+    assert!(
+        seen.contains("cannot listen on --metrics-addr 127.0.0.1:9464")
+            && seen.contains("this worker serves no /metrics"),
+        "{seen}"
+    );
+}
+
+#[test]
 fn nexus_readiness_follows_its_polls_and_its_jobs_are_counted() {
     use support::fake_nexus::{FakeNexus, Next};
     let nexus = FakeNexus::start();
