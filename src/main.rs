@@ -4,6 +4,7 @@
 
 mod admin;
 mod backoff;
+mod child;
 mod cli;
 mod clip;
 mod clock;

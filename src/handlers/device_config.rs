@@ -18,7 +18,6 @@ use crate::node::profile::{self, Applied, DeviceConfig, Update};
 use crate::node::reconcile::{self, Report};
 use serde_json::{json, Value};
 use std::io::Read;
-use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -113,15 +112,14 @@ impl ApplyDeviceConfig {
 /// Run `systemctl VERB UNIT` (from PATH), killed past `timeout`; the error
 /// carries its exit status and the start of what it wrote to stderr.
 fn systemctl(verb: &str, unit: &str, timeout: Duration) -> Result<(), String> {
-    let mut child = Command::new("systemctl")
-        .arg(verb)
+    let mut cmd = Command::new("systemctl");
+    cmd.arg(verb)
         .arg(unit)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .process_group(0)
-        .spawn()
-        .map_err(|e| format!("cannot run systemctl: {e}"))?;
+        .stderr(Stdio::piped());
+    let mut child =
+        crate::child::spawn(&mut cmd).map_err(|e| format!("cannot run systemctl: {e}"))?;
     let stderr = child.stderr.take().map(|mut pipe| {
         std::thread::spawn(move || {
             let mut text = String::new();
@@ -129,18 +127,7 @@ fn systemctl(verb: &str, unit: &str, timeout: Duration) -> Result<(), String> {
             text
         })
     });
-    let deadline = Instant::now() + timeout;
-    let status = loop {
-        match child.try_wait() {
-            Ok(Some(status)) => break Some(status),
-            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(10)),
-            Ok(None) | Err(_) => break None,
-        }
-    };
-    let Some(status) = status else {
-        // SAFETY: kill(2) of the process group this child leads; no memory involved.
-        unsafe { libc::kill(-(child.id() as libc::pid_t), libc::SIGKILL) };
-        let _ = child.wait();
+    let Some(status) = crate::child::wait(&mut child, Instant::now() + timeout, None) else {
         return Err(format!(
             "systemctl {verb} {unit} did not finish within {} and was killed",
             crate::config::format_duration(timeout)

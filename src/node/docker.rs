@@ -9,7 +9,6 @@
 
 use serde_json::Value;
 use std::io::Read;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -157,17 +156,9 @@ impl Docker {
         cmd.args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .process_group(0);
-        // SAFETY: prctl(2) only sets a flag of the forked child; nothing is
-        // allocated between fork and exec. A hung docker dies with the agent.
-        unsafe {
-            cmd.pre_exec(|| {
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-                Ok(())
-            });
-        }
-        let mut child = cmd.spawn().map_err(|e| DockerError::Missing {
+            .stderr(Stdio::piped());
+        // A hung docker dies with the agent.
+        let mut child = crate::child::spawn(&mut cmd).map_err(|e| DockerError::Missing {
             cli: self.cli.clone(),
             why: if e.kind() == std::io::ErrorKind::NotFound {
                 "not found".into()
@@ -186,20 +177,7 @@ impl Docker {
         };
         let out = reader(child.stdout.take().map(|p| Box::new(p) as _));
         let err = reader(child.stderr.take().map(|p| Box::new(p) as _));
-        let deadline = Instant::now() + timeout;
-        let status = loop {
-            match child.try_wait() {
-                Ok(Some(status)) => break Some(status),
-                Ok(None) if Instant::now() < deadline => {
-                    std::thread::sleep(Duration::from_millis(5))
-                }
-                Ok(None) | Err(_) => break None,
-            }
-        };
-        let Some(status) = status else {
-            // SAFETY: kill(2) on the process group this child leads.
-            unsafe { libc::kill(-(child.id() as libc::pid_t), libc::SIGKILL) };
-            let _ = child.wait();
+        let Some(status) = crate::child::wait(&mut child, Instant::now() + timeout, None) else {
             return Err(DockerError::TimedOut {
                 what,
                 after: timeout,

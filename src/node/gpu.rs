@@ -13,7 +13,6 @@
 use crate::worker::stop::StopFlag;
 use serde::Serialize;
 use std::io::Read;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -217,32 +216,12 @@ fn run_nvidia_smi(path: &Path, timeout: Duration, stop: &StopFlag) -> Result<Vec
         .arg("--format=csv,noheader,nounits")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .process_group(0);
-    // SAFETY: prctl(2) only sets a flag of the forked child; nothing is
-    // allocated between fork and exec. The child dies with the heartbeat
-    // thread (the agent): a hung nvidia-smi never outlives it.
-    unsafe {
-        cmd.pre_exec(|| {
-            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-            Ok(())
-        });
-    }
-    let mut child = cmd
-        .spawn()
-        .map_err(|e| format!("cannot run {}: {e}", path.display()))?;
-    let deadline = Instant::now() + timeout;
-    let status = loop {
-        match child.try_wait() {
-            Ok(Some(status)) => break Some(status),
-            Ok(None) if Instant::now() < deadline && !stop.sleep(Duration::from_millis(10)) => {}
-            Ok(None) | Err(_) => break None,
-        }
-    };
-    let Some(status) = status else {
-        // SAFETY: kill(2) on the process group this child leads; no memory involved.
-        unsafe { libc::kill(-(child.id() as libc::pid_t), libc::SIGKILL) };
-        let _ = child.wait();
+        .stderr(Stdio::null());
+    // The child dies with the heartbeat thread (the agent): a hung
+    // nvidia-smi never outlives it.
+    let mut child =
+        crate::child::spawn(&mut cmd).map_err(|e| format!("cannot run {}: {e}", path.display()))?;
+    let Some(status) = crate::child::wait(&mut child, Instant::now() + timeout, Some(stop)) else {
         return Err(format!(
             "nvidia-smi did not answer within {} and was killed",
             crate::config::format_duration(timeout)
