@@ -6,7 +6,7 @@
 //! the connection's timeouts. The reply parsing is pure.
 
 use crate::observe::metrics::entry_age;
-use crate::observe::sampler::text;
+use crate::observe::sampler::{first_pending_id, text};
 use redis::{Connection, RedisResult, Value};
 use serde::Serialize;
 
@@ -171,17 +171,6 @@ pub fn parse_consumers(reply: &Value) -> Vec<Consumer> {
             })
         })
         .collect()
-}
-
-/// The id of the first row of an `XPENDING … - + 1` reply.
-fn first_pending_id(reply: &Value) -> Option<String> {
-    match reply {
-        Value::Array(rows) => rows.first().and_then(|r| match r {
-            Value::Array(cols) => cols.first().and_then(text),
-            _ => None,
-        }),
-        _ => None,
-    }
 }
 
 #[cfg(test)]

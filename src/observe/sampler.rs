@@ -165,14 +165,18 @@ pub fn consumer_pending(
         .arg(1)
         .arg(consumer)
         .query(conn)?;
-    let oldest = match rows {
-        Value::Array(rows) => rows.into_iter().next().and_then(|r| match r {
+    Ok((count, first_pending_id(&rows)))
+}
+
+/// The id of the first row of an `XPENDING … - + 1` reply.
+pub fn first_pending_id(reply: &Value) -> Option<String> {
+    match reply {
+        Value::Array(rows) => rows.first().and_then(|r| match r {
             Value::Array(cols) => cols.first().and_then(text),
             _ => None,
         }),
         _ => None,
-    };
-    Ok((count, oldest))
+    }
 }
 
 /// A bulk or simple string, or an integer, as text.
