@@ -11,9 +11,24 @@
 #   scripts/bench.sh                    # everything
 #   BENCH_JOBS=20000 scripts/bench.sh   # a shorter burn-down
 #
+# The burn-down runs citadel at --concurrency 8 and 64 and BullMQ (the npm
+# package pinned in bench/package-lock.json, installed here with `npm ci`
+# when missing; needs node and npm; BENCH_PEERS=0 skips it) on their own
+# redis-servers, 3 interleaved rounds (BENCH_ROUNDS), medians with min–max.
+#
 # Exits 1, naming them, when any benchmark fails or does not run.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
+if [ "${BENCH_PEERS:-1}" != 0 ] && [ ! -d bench/node_modules/bullmq ]; then
+    command -v npm >/dev/null || {
+        echo "npm is missing (the BullMQ peer needs node 20 and npm): apt-get install nodejs npm, or BENCH_PEERS=0" >&2
+        exit 1
+    }
+    (cd bench && npm ci --no-audit --no-fund --loglevel=error) || {
+        echo "npm ci in bench/ failed: the BullMQ peer cannot run (BENCH_PEERS=0 skips it)" >&2
+        exit 1
+    }
+fi
 command -v redis-server >/dev/null || {
     echo "redis-server is missing: run scripts/test.sh once, or apt-get install redis-server" >&2
     exit 1

@@ -88,20 +88,108 @@ fn bench_idle_rss() {
     std::thread::sleep(Duration::from_secs(1)); // let it settle into its idle loop
     let rss = proc_status(w.pid(), "VmRSS:");
     println!("idle RSS: {:.1} MiB (target ≤ 8 MiB)", rss as f64 / 1024.0);
-}
-
-#[test]
-#[ignore]
-fn bench_burn_down() {
-    let total: usize = std::env::var("BENCH_JOBS")
+    // Idle cost over a window: the agent's CPU and the commands it sends.
+    let secs: u64 = std::env::var("BENCH_IDLE_SECS")
         .ok()
         .and_then(|n| n.parse().ok())
-        .unwrap_or(100_000);
-    let concurrency = std::env::var("BENCH_CONCURRENCY").unwrap_or_else(|_| "64".into());
+        .unwrap_or(10);
+    let ns_cpu = |pid| cpu_by_thread(pid).iter().map(|(_, s)| s).sum::<f64>();
+    let (cpu0, before) = (ns_cpu(w.pid()), redis_usage(&mut c));
+    let t0 = Instant::now();
+    std::thread::sleep(Duration::from_secs(secs));
+    let (_, calls) = redis_usage(&mut c);
+    let window = t0.elapsed().as_secs_f64();
+    let cpu = ns_cpu(w.pid()) - cpu0;
+    let mut sent: Vec<(String, u64)> = calls
+        .into_iter()
+        .filter(|(name, _)| name != "info")
+        .map(|(name, n)| {
+            let was = before.1.get(&name).copied().unwrap_or(0);
+            (name, n - was)
+        })
+        .filter(|(_, n)| *n > 0)
+        .collect();
+    sent.sort_by_key(|s| std::cmp::Reverse(s.1));
+    let total: u64 = sent.iter().map(|(_, n)| n).sum();
+    println!(
+        "idle CPU and Redis over {window:.0}s: agent {:.2} % of one core (target < 0.5 %), \
+         {:.2} Redis commands/s (target ~2) [{}]",
+        100.0 * cpu / window,
+        total as f64 / window,
+        sent.iter()
+            .map(|(c, n)| format!("{c} {n}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+}
+
+/// What one burn-down cost: wall time, and the CPU and commands of its own
+/// redis-server (INFO cpu and commandstats, read before and after).
+struct Burn {
+    jobs_per_s: f64,
+    redis_us_per_job: f64,
+    commands_per_job: f64,
+    /// Commands per job by name, most first (citadel's only).
+    by_command: Vec<(String, f64)>,
+    /// The agent's CPU per job in µs and its peak RSS in MiB (citadel's only).
+    agent: Option<(f64, f64)>,
+}
+
+/// Redis's CPU seconds so far (user + system) and its calls per command
+/// (those run inside scripts included).
+fn redis_usage(c: &mut redis::Connection) -> (f64, HashMap<String, u64>) {
+    let info: String = redis::cmd("INFO")
+        .arg("cpu")
+        .arg("commandstats")
+        .query(c)
+        .unwrap();
+    let mut cpu = 0.0;
+    let mut calls = HashMap::new();
+    for line in info.lines() {
+        if let Some(v) = line
+            .strip_prefix("used_cpu_user:")
+            .or_else(|| line.strip_prefix("used_cpu_sys:"))
+        {
+            cpu += v.trim().parse::<f64>().unwrap_or(0.0);
+        } else if let Some(rest) = line.strip_prefix("cmdstat_") {
+            let (name, stats) = rest.split_once(':').unwrap_or((rest, ""));
+            let n = stats
+                .split(',')
+                .find_map(|kv| kv.strip_prefix("calls="))
+                .and_then(|n| n.parse().ok())
+                .unwrap_or(0);
+            calls.insert(name.to_owned(), n);
+        }
+    }
+    (cpu, calls)
+}
+
+fn redis_cost(
+    c: &mut redis::Connection,
+    before: &(f64, HashMap<String, u64>),
+    total: usize,
+) -> (f64, f64, Vec<(String, f64)>) {
+    let (cpu, calls) = redis_usage(c);
+    let mut by: Vec<(String, f64)> = calls
+        .iter()
+        .filter(|(name, _)| name.as_str() != "info")
+        .map(|(name, n)| {
+            let was = before.1.get(name).copied().unwrap_or(0);
+            (name.clone(), (n - was) as f64 / total as f64)
+        })
+        .filter(|(_, n)| *n > 0.0)
+        .collect();
+    by.sort_by(|a, b| b.1.total_cmp(&a.1));
+    let commands = by.iter().map(|(_, n)| n).sum();
+    ((cpu - before.0) * 1e6 / total as f64, commands, by)
+}
+
+/// `total` echo jobs pre-enqueued, then burnt down by one `citadel work`
+/// with the full contract (events, status hash, ack).
+fn citadel_burn(total: usize, concurrency: &str) -> Burn {
     let redis = fast_redis();
     let mut c = redis.conn();
     let stream = "jobs:v1:bench";
-    let t = Instant::now();
     for batch in 0..total.div_ceil(1000) {
         let mut pipe = redis::pipe();
         for i in batch * 1000..((batch + 1) * 1000).min(total) {
@@ -118,11 +206,7 @@ fn bench_burn_down() {
         }
         pipe.exec(&mut c).unwrap();
     }
-    println!(
-        "enqueued {total} echo jobs in {:.2}s",
-        t.elapsed().as_secs_f64()
-    );
-
+    let before = redis_usage(&mut c);
     let t0 = Instant::now();
     let w = Citadel::work(
         &redis,
@@ -132,7 +216,7 @@ fn bench_burn_down() {
             "--node-name",
             "bench",
             "--concurrency",
-            &concurrency,
+            concurrency,
         ],
         QUIET,
     );
@@ -140,10 +224,12 @@ fn bench_burn_down() {
         group_done(&mut c, stream, total).then_some(())
     });
     let secs = t0.elapsed().as_secs_f64();
+    let (redis_us_per_job, commands_per_job, by_command) = redis_cost(&mut c, &before, total);
     let cpu = cpu_seconds(w.pid());
     let peak = proc_status(w.pid(), "VmHWM:");
-    let done: usize = (0..total)
-        .step_by((total / 100).max(1))
+    let step = (total / 100).max(1);
+    let done = (0..total)
+        .step_by(step)
         .filter(|i| {
             let s: Option<String> = redis::cmd("HGET")
                 .arg(format!("job:b-{i}:status"))
@@ -155,16 +241,146 @@ fn bench_burn_down() {
         .count();
     assert_eq!(
         done,
-        total.div_ceil((total / 100).max(1)),
+        total.div_ceil(step),
         "sampled status hashes say completed"
     );
-    println!(
-        "burn-down: {total} jobs in {secs:.2}s = {:.0} jobs/s (concurrency {concurrency}; target ≥ 40000); \
-         agent CPU {cpu:.2}s ({:.0}% of one core); peak RSS {:.1} MiB",
-        total as f64 / secs,
-        100.0 * cpu / secs,
-        peak as f64 / 1024.0
-    );
+    Burn {
+        jobs_per_s: total as f64 / secs,
+        redis_us_per_job,
+        commands_per_job,
+        by_command,
+        agent: Some((cpu * 1e6 / total as f64, peak as f64 / 1024.0)),
+    }
+}
+
+/// The same burn-down by BullMQ (bench/, pinned in its lock file;
+/// scripts/bench.sh runs `npm ci` there), on its own redis-server.
+fn bullmq_burn(total: usize, concurrency: &str) -> Burn {
+    let redis = fast_redis();
+    let mut c = redis.conn();
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/bench/bullmq_burn.js");
+    let node = |args: &[&str]| {
+        let out = std::process::Command::new("node")
+            .arg(script)
+            .args(args)
+            .output()
+            .expect("running node (BullMQ peer): is node installed?");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            out.status.success(),
+            "BullMQ peer {args:?} failed (run `npm ci` in bench/): {text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        text
+    };
+    let port = redis.port().to_string();
+    let n = total.to_string();
+    node(&["enqueue", &port, &n]);
+    let before = redis_usage(&mut c);
+    let out = node(&["work", &port, &n, concurrency]);
+    let (redis_us_per_job, commands_per_job, by_command) = redis_cost(&mut c, &before, total);
+    let secs: f64 = out
+        .split_whitespace()
+        .rev()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("unexpected BullMQ peer output: {out}"));
+    Burn {
+        jobs_per_s: total as f64 / secs,
+        redis_us_per_job,
+        commands_per_job,
+        by_command,
+        agent: None,
+    }
+}
+
+/// Median and min–max of one figure over the rounds.
+fn spread(mut v: Vec<f64>) -> (f64, f64, f64) {
+    v.sort_by(f64::total_cmp);
+    (v[v.len() / 2], v[0], v[v.len() - 1])
+}
+
+/// Burn-down of `BENCH_JOBS` [100 000] pre-enqueued no-op echo jobs by
+/// citadel at each of `BENCH_CONCURRENCY` [8,64] and by BullMQ at
+/// `BENCH_BULLMQ_CONCURRENCY` [50] (`BENCH_PEERS=0`: citadel only), each on
+/// its own redis-server, `BENCH_ROUNDS` [3] interleaved rounds; prints
+/// medians with min–max, and citadel's ratio to BullMQ.
+#[test]
+#[ignore]
+fn bench_burn_down() {
+    let env = |k: &str, d: &str| std::env::var(k).unwrap_or_else(|_| d.to_owned());
+    let total: usize = env("BENCH_JOBS", "100000").parse().unwrap();
+    let rounds: usize = env("BENCH_ROUNDS", "3").parse().unwrap();
+    let bull_conc = env("BENCH_BULLMQ_CONCURRENCY", "50");
+    let mut systems: Vec<(String, Box<dyn Fn() -> Burn>)> = Vec::new();
+    for conc in env("BENCH_CONCURRENCY", "8,64").split(',') {
+        let conc = conc.trim().to_owned();
+        systems.push((
+            format!("citadel --concurrency {conc}"),
+            Box::new(move || citadel_burn(total, &conc)),
+        ));
+    }
+    let peers = env("BENCH_PEERS", "1") != "0";
+    if peers {
+        let conc = bull_conc.clone();
+        systems.push((
+            format!("BullMQ 6.7 concurrency {bull_conc}"),
+            Box::new(move || bullmq_burn(total, &conc)),
+        ));
+    }
+    let mut runs: Vec<Vec<Burn>> = systems.iter().map(|_| Vec::new()).collect();
+    for round in 0..rounds {
+        for (i, (name, run)) in systems.iter().enumerate() {
+            let b = run();
+            println!(
+                "burn-down round {round}: {name}: {:.0} jobs/s, Redis {:.1} µs/job, {:.2} commands/job{}",
+                b.jobs_per_s,
+                b.redis_us_per_job,
+                b.commands_per_job,
+                b.agent.map_or(String::new(), |(us, mib)| format!(
+                    ", agent {us:.1} µs/job, peak RSS {mib:.1} MiB"
+                ))
+            );
+            runs[i].push(b);
+        }
+    }
+    let bull = peers.then(|| spread(runs.last().unwrap().iter().map(|b| b.jobs_per_s).collect()).0);
+    let bull_us = peers.then(|| {
+        spread(
+            runs.last()
+                .unwrap()
+                .iter()
+                .map(|b| b.redis_us_per_job)
+                .collect(),
+        )
+        .0
+    });
+    for ((name, _), rs) in systems.iter().zip(&runs) {
+        let (j, jlo, jhi) = spread(rs.iter().map(|b| b.jobs_per_s).collect());
+        let (u, ulo, uhi) = spread(rs.iter().map(|b| b.redis_us_per_job).collect());
+        let last = rs.last().unwrap();
+        let by: Vec<String> = last
+            .by_command
+            .iter()
+            .take(12)
+            .map(|(c, n)| format!("{c} {n:.2}"))
+            .collect();
+        let vs = match (bull, bull_us, name.starts_with("citadel")) {
+            (Some(b), Some(bu), true) => format!(
+                "; {:.2}× BullMQ's jobs/s (target ≥ 2×), {:.2}× its Redis µs/job",
+                j / b,
+                u / bu
+            ),
+            _ => String::new(),
+        };
+        println!(
+            "burn-down {total} jobs, {name}: {j:.0} jobs/s ({jlo:.0}–{jhi:.0}), \
+             Redis {u:.1} µs/job ({ulo:.1}–{uhi:.1}; target ≤ 5), {:.2} commands/job \
+             [{}]{vs}",
+            last.commands_per_job,
+            by.join(", ")
+        );
+    }
 }
 
 #[test]
