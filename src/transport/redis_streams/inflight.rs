@@ -45,6 +45,21 @@ impl InFlight {
         }
     }
 
+    /// Forget the entries of a settled batch at once, waking the reader
+    /// once: it then reads for all the slots they free in one call, not
+    /// one entry per wake-up.
+    pub fn remove_all<'a>(&self, done: impl IntoIterator<Item = &'a Entry>) {
+        let mut map = lock(&self.map);
+        let mut any = false;
+        for e in done {
+            any |= map.remove(&(e.stream.clone(), e.id.clone())).is_some();
+        }
+        drop(map);
+        if any {
+            self.slots.wake();
+        }
+    }
+
     pub fn contains(&self, stream: &Arc<str>, id: &str) -> bool {
         lock(&self.map).contains_key(&(stream.clone(), id.to_owned()))
     }

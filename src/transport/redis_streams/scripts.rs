@@ -1,18 +1,27 @@
 //! The Lua scripts through which this worker writes a job's state, and the
-//! commands that call them. Each checks first, without writing, that this
-//! process still holds its consumer name and that the entry is still
-//! pending for this consumer; only then does it write, so that
+//! commands that call them. The `processing` statuses and outcomes of a
+//! settle batch go in few calls of [`BATCH`] ([`Batch::MAX_OPS`]
+//! operations each; plain events are plain commands, see the settler's
+//! `plan`). Each operation that writes a
+//! job's state checks first, without writing, that this process still holds
+//! its consumer name and that the entry is still pending for this consumer;
+//! only then does it write, so that
 //! - a batch sent again after a lost reply writes nothing twice (the entry
 //!   was acknowledged by the first one),
 //! - a worker whose lease was taken over writes nothing of the job,
-//! - a Redis at `maxmemory` refuses the whole script: its first write is one
-//!   that may grow memory (XADD, HSET), and Redis refuses such a first write
-//!   of a script when it is out of memory. Nothing is acknowledged without
-//!   its outcome.
+//! - a Redis at `maxmemory` refuses the whole call: the script declares
+//!   itself (`#!lua`, no `allow-oom`), so Redis refuses it before it runs
+//!   when it is out of memory. Nothing is acknowledged without its outcome.
 //!
-//! Replies: 1 done, 0 not pending for this consumer (already settled, or
-//! another consumer owns it: nothing to do), -1 this process does not hold
-//! its consumer name (take it again, then retry).
+//! Within a call, an outcome's writes come in the contract's order (dead
+//! letter, status, XACK, events-stream append, PUBLISH); an operation that
+//! Redis refuses (`WRONGTYPE` on a status key, say) stops there, answers
+//! its error, and the next operation runs.
+//!
+//! Replies, one per operation: 1 done, 0 not pending for this consumer
+//! (already settled, or another consumer owns it: nothing to do), -1 this
+//! process does not hold its consumer name (take it again, then retry), or
+//! the error Redis raised.
 
 use super::dead_letter;
 use super::entry::Entry;
@@ -20,136 +29,200 @@ use super::StreamsState;
 use crate::events;
 use redis::{Cmd, Connection, RedisResult};
 
-const GUARD: &str = r"
-if redis.call('GET', KEYS[2]) ~= ARGV[3] then return -1 end
-local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[4], ARGV[4], 1)
-if not p[1] or p[1][2] ~= ARGV[2] then return 0 end
-";
-
-/// KEYS: stream, lock, status key, dead-letter stream, events stream.
-/// ARGV: group, consumer, token, entry id, status ('' = no job id: no
-/// status), updated_at, status ttl, error ('' = none), channel, terminal
-/// event ('' = none), dead-letter MAXLEN ('0' = none), events MAXLEN ('0' =
-/// no events stream), events ttl, then the dead letter's fields (none = not
-/// dead-lettered).
-const SETTLE: &str = r"
-if #ARGV > 13 then
-  local xadd = {'XADD', KEYS[4]}
-  if ARGV[11] ~= '0' then
-    xadd[#xadd + 1] = 'MAXLEN'; xadd[#xadd + 1] = '~'; xadd[#xadd + 1] = ARGV[11]
-  end
-  xadd[#xadd + 1] = '*'
-  for i = 14, #ARGV do xadd[#xadd + 1] = ARGV[i] end
-  redis.call(unpack(xadd))
+/// KEYS: the consumer-name lock. ARGV: group, consumer, token, updated_at,
+/// status ttl, events MAXLEN ('0' = no events stream), events ttl after
+/// the end, events ttl while running, dead-letter MAXLEN ('0' = none), then
+/// the operations:
+/// - `S` stream, entry id, status key, events key, channel, event: the
+///   `processing` status and the `start` event (the events stream gets its
+///   running ttl once, at the end of the call, unless an outcome of the
+///   job in the same call set the final one);
+/// - `F` stream, entry id, status key, status ('' = none), error ('' =
+///   none), dead-letter stream, events key, channel, terminal event ('' =
+///   none), n, then n dead-letter field/value texts (n = 0: not
+///   dead-lettered): the outcome, then XACK.
+pub const BATCH: &str = r"#!lua
+local group, consumer, now, status_ttl = ARGV[1], ARGV[2], ARGV[4], ARGV[5]
+local ev_maxlen, ev_ttl, run_ttl, dlq_maxlen = ARGV[6], ARGV[7], ARGV[8], ARGV[9]
+local held = redis.call('GET', KEYS[1]) == ARGV[3]
+local ttl_due = {}
+local function fail(e)
+  if type(e) == 'table' and e.err then return e end
+  return {err = tostring(e)}
 end
-if ARGV[5] ~= '' then
-  if ARGV[8] ~= '' then
-    redis.call('HSET', KEYS[3], 'status', ARGV[5], 'worker_id', ARGV[2], 'updated_at', ARGV[6], 'error', ARGV[8])
+local function pending(stream, id)
+  local p = redis.call('XPENDING', stream, group, id, id, 1)
+  return p[1] ~= nil and p[1][2] == consumer
+end
+local function append(key, json)
+  if ev_maxlen ~= '0' then
+    redis.call('XADD', key, 'MAXLEN', '~', ev_maxlen, '*', 'event', json)
+  end
+end
+local function status(key, value, err)
+  if err ~= '' then
+    redis.call('HSET', key, 'status', value, 'worker_id', consumer, 'updated_at', now, 'error', err)
   else
-    redis.call('HSET', KEYS[3], 'status', ARGV[5], 'worker_id', ARGV[2], 'updated_at', ARGV[6])
-    redis.call('HDEL', KEYS[3], 'error')
+    redis.call('HSET', key, 'status', value, 'worker_id', consumer, 'updated_at', now)
+    redis.call('HDEL', key, 'error')
   end
-  redis.call('EXPIRE', KEYS[3], ARGV[7])
+  redis.call('EXPIRE', key, status_ttl)
 end
-redis.call('XACK', KEYS[1], ARGV[1], ARGV[4])
-if ARGV[10] ~= '' then
-  if ARGV[12] ~= '0' then
-    redis.call('XADD', KEYS[5], 'MAXLEN', '~', ARGV[12], '*', 'event', ARGV[10])
-    redis.call('EXPIRE', KEYS[5], ARGV[13])
+local function start(i)
+  if not pending(ARGV[i], ARGV[i + 1]) then return 0 end
+  status(ARGV[i + 2], 'processing', '')
+  append(ARGV[i + 3], ARGV[i + 5])
+  if ev_maxlen ~= '0' then ttl_due[ARGV[i + 3]] = run_ttl end
+  redis.call('PUBLISH', ARGV[i + 4], ARGV[i + 5])
+  return 1
+end
+local function finish(i, n)
+  if not pending(ARGV[i], ARGV[i + 1]) then return 0 end
+  if n > 0 then
+    local xadd = {'XADD', ARGV[i + 5]}
+    if dlq_maxlen ~= '0' then
+      xadd[#xadd + 1] = 'MAXLEN'; xadd[#xadd + 1] = '~'; xadd[#xadd + 1] = dlq_maxlen
+    end
+    xadd[#xadd + 1] = '*'
+    for j = i + 10, i + 9 + n do xadd[#xadd + 1] = ARGV[j] end
+    redis.call(unpack(xadd))
   end
-  redis.call('PUBLISH', ARGV[9], ARGV[10])
+  if ARGV[i + 3] ~= '' then status(ARGV[i + 2], ARGV[i + 3], ARGV[i + 4]) end
+  redis.call('XACK', ARGV[i], group, ARGV[i + 1])
+  if ARGV[i + 8] ~= '' then
+    if ev_maxlen ~= '0' then
+      append(ARGV[i + 6], ARGV[i + 8])
+      redis.call('EXPIRE', ARGV[i + 6], ev_ttl)
+      ttl_due[ARGV[i + 6]] = nil
+    end
+    redis.call('PUBLISH', ARGV[i + 7], ARGV[i + 8])
+  end
+  return 1
 end
-return 1
+local out = {}
+local i = 10
+while i <= #ARGV do
+  local op, r = ARGV[i], nil
+  if op == 'S' then
+    if held then
+      local ok, e = pcall(start, i + 1)
+      if ok then r = e else r = fail(e) end
+    else
+      r = -1
+    end
+    i = i + 7
+  elseif op == 'F' then
+    local n = tonumber(ARGV[i + 10])
+    if held then
+      local ok, e = pcall(finish, i + 1, n)
+      if ok then r = e else r = fail(e) end
+    else
+      r = -1
+    end
+    i = i + 11 + n
+  else
+    return redis.error_reply('citadel batch: unknown operation ' .. tostring(op))
+  end
+  out[#out + 1] = r
+end
+for key, ttl in pairs(ttl_due) do pcall(redis.call, 'EXPIRE', key, ttl) end
+return out
 ";
 
-/// KEYS: stream, lock, status key, events stream. ARGV: group, consumer,
-/// token, entry id, updated_at, status ttl, channel, start event, events
-/// MAXLEN ('0' = no events stream), events ttl while the job runs.
-const START: &str = r"
-redis.call('HSET', KEYS[3], 'status', 'processing', 'worker_id', ARGV[2], 'updated_at', ARGV[5])
-redis.call('HDEL', KEYS[3], 'error')
-redis.call('EXPIRE', KEYS[3], ARGV[6])
-if ARGV[9] ~= '0' then
-  redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[9], '*', 'event', ARGV[8])
-  redis.call('EXPIRE', KEYS[4], ARGV[10])
-end
-redis.call('PUBLISH', ARGV[7], ARGV[8])
-return 1
-";
-
-/// The scripts' SHA1s on the connected server (loaded at connect, loaded
-/// again after NOSCRIPT).
+/// The batch script's SHA1 on the connected server (loaded at connect,
+/// loaded again after NOSCRIPT).
 pub struct Scripts {
-    settle: String,
-    start: String,
+    batch: String,
 }
 
 impl Scripts {
     pub fn load(conn: &mut Connection) -> RedisResult<Scripts> {
-        let load = |conn: &mut Connection, body: &str| {
-            redis::cmd("SCRIPT")
-                .arg("LOAD")
-                .arg(format!("{GUARD}{body}"))
-                .query::<String>(conn)
-        };
         Ok(Scripts {
-            settle: load(conn, SETTLE)?,
-            start: load(conn, START)?,
+            batch: redis::cmd("SCRIPT").arg("LOAD").arg(BATCH).query(conn)?,
         })
     }
 
+    /// An empty call of the batch script.
+    pub fn batch<'a>(&self, st: &'a StreamsState) -> Batch<'a> {
+        let s = &st.settings;
+        let mut cmd = redis::cmd("EVALSHA");
+        cmd.arg(&self.batch)
+            .arg(1)
+            .arg(&st.lock.key)
+            .arg(&s.group)
+            .arg(&st.consumer)
+            .arg(&st.lock.token)
+            .arg(crate::clock::now_rfc3339())
+            .arg(s.status_ttl.as_secs())
+            .arg(events_maxlen(st))
+            .arg(s.events_ttl.as_secs())
+            .arg(running_events_ttl(st))
+            .arg(s.dlq_maxlen);
+        Batch { st, cmd }
+    }
+}
+
+/// One call of [`BATCH`] being built; its reply has one element per
+/// operation, in order.
+pub struct Batch<'a> {
+    st: &'a StreamsState,
+    cmd: Cmd,
+}
+
+impl Batch<'_> {
+    /// Operations per call: one call blocks Redis while it runs (about
+    /// 10 µs an operation), so a batch of thousands is split.
+    pub const MAX_OPS: usize = 128;
+
+    /// `processing` status and the `start` event of `e`.
+    pub fn start(&mut self, e: &Entry, json: &str) {
+        self.cmd
+            .arg("S")
+            .arg(&*e.stream)
+            .arg(&e.id)
+            .arg(status_key(e.job_id.as_deref().unwrap_or_default()))
+            .arg(events_key(e))
+            .arg(channel(e))
+            .arg(json);
+    }
+
     /// The terminal write of `e`: status, dead letter (when `dead_letter`
-    /// is given as (reason, error)), terminal event, XACK.
-    pub fn settle(
-        &self,
-        st: &StreamsState,
+    /// is given as (reason, error)), XACK, terminal event.
+    pub fn finish(
+        &mut self,
         e: &Entry,
         status: &str,
         error: Option<&str>,
         event: Option<String>,
         dead_letter: Option<(&str, &str)>,
-    ) -> Cmd {
-        let s = &st.settings;
-        let mut cmd = call(&self.settle, 5, st, e);
-        cmd.arg(dead_letter::stream_for(&e.stream))
-            .arg(events_key(e));
-        cmd.arg(&s.group)
-            .arg(&st.consumer)
-            .arg(&st.lock.token)
+    ) {
+        let fields = dead_letter
+            .map(|(reason, error)| dead_letter::fields(e, reason, error, &self.st.consumer))
+            .unwrap_or_default();
+        self.cmd
+            .arg("F")
+            .arg(&*e.stream)
             .arg(&e.id)
+            .arg(status_key(e.job_id.as_deref().unwrap_or_default()))
             .arg(if e.job_id.is_some() { status } else { "" })
-            .arg(crate::clock::now_rfc3339())
-            .arg(s.status_ttl.as_secs())
             .arg(error.unwrap_or_default())
-            .arg(events::channel(e.job_id.as_deref().unwrap_or_default()))
+            .arg(dead_letter::stream_for(&e.stream))
+            .arg(events_key(e))
+            .arg(channel(e))
             .arg(event.filter(|_| e.job_id.is_some()).unwrap_or_default())
-            .arg(s.dlq_maxlen)
-            .arg(events_maxlen(st))
-            .arg(s.events_ttl.as_secs());
-        if let Some((reason, error)) = dead_letter {
-            for (k, v) in dead_letter::fields(e, reason, error, &st.consumer) {
-                cmd.arg(k).arg(v);
-            }
+            .arg(fields.len() * 2);
+        for (k, v) in fields {
+            self.cmd.arg(k).arg(v);
         }
-        cmd
     }
 
-    /// `processing` status and the `start` event of `e`.
-    pub fn start(&self, st: &StreamsState, e: &Entry, event: &str) -> Cmd {
-        let mut cmd = call(&self.start, 4, st, e);
-        cmd.arg(events_key(e))
-            .arg(&st.settings.group)
-            .arg(&st.consumer)
-            .arg(&st.lock.token)
-            .arg(&e.id)
-            .arg(crate::clock::now_rfc3339())
-            .arg(st.settings.status_ttl.as_secs())
-            .arg(events::channel(e.job_id.as_deref().unwrap_or_default()))
-            .arg(event)
-            .arg(events_maxlen(st))
-            .arg(running_events_ttl(st));
-        cmd
+    pub fn into_cmd(self) -> Cmd {
+        self.cmd
     }
+}
+
+fn channel(e: &Entry) -> String {
+    events::channel(e.job_id.as_deref().unwrap_or_default())
 }
 
 /// The `events:v1:{jobId}` stream of `e`'s job.
@@ -174,18 +247,6 @@ pub fn events_maxlen(st: &StreamsState) -> u64 {
 pub fn running_events_ttl(st: &StreamsState) -> u64 {
     let s = &st.settings;
     s.status_ttl.max(s.events_ttl).as_secs()
-}
-
-/// EVALSHA of `sha` with `keys` keys, the first three of which every
-/// script has: stream, lock, status key.
-fn call(sha: &str, keys: usize, st: &StreamsState, e: &Entry) -> Cmd {
-    let mut cmd = redis::cmd("EVALSHA");
-    cmd.arg(sha)
-        .arg(keys)
-        .arg(&*e.stream)
-        .arg(&st.lock.key)
-        .arg(status_key(e.job_id.as_deref().unwrap_or_default()));
-    cmd
 }
 
 pub fn status_key(job_id: &str) -> String {

@@ -14,7 +14,7 @@
 //! reply was lost is sent again without them, so nobody sees an event twice.
 
 use super::entry::Entry;
-use super::scripts::{events_key, events_maxlen, running_events_ttl, Scripts, RENEW_LEASE};
+use super::scripts::{events_key, events_maxlen, running_events_ttl, Batch, Scripts, RENEW_LEASE};
 use super::StreamsState;
 use crate::backoff::Outage;
 use crate::events::{self, NodeFacts};
@@ -23,7 +23,7 @@ use crate::redis_conn::{self, Fault};
 use crate::worker::cancel::CancelReason;
 use crate::worker::exec::Outcome;
 use redis::{Connection, RedisError, RedisResult, Value};
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -212,10 +212,16 @@ impl Settler {
             return self.blocked(redis_conn::fault(&e), &e);
         }
         let (mut conn, scripts) = self.conn.take().expect("connection just opened");
+        // Plain events as plain commands; statuses and outcomes as
+        // operations of batch-script calls, many per call (see `plan`).
         let mut pipe = redis::pipe();
-        for step in &steps {
-            match step {
-                Step::Publish(e, json, chunk) => {
+        let plan = plan(&steps, &self.backlog);
+        for part in &plan {
+            match part {
+                Part::Plain(i) => {
+                    let Step::Publish(e, json, chunk) = &steps[*i] else {
+                        unreachable!("only plain events are sent plain")
+                    };
                     let maxlen = events_maxlen(&st);
                     if maxlen > 0 {
                         let key = events_key(e);
@@ -235,12 +241,19 @@ impl Settler {
                         .arg(events::channel(e.job_id.as_deref().unwrap_or_default()))
                         .arg(json);
                 }
-                Step::Start(e, json) => {
-                    pipe.add_command(scripts.start(&st, e, json));
-                }
-                Step::Settle(i) => {
-                    let (e, outcome) = &self.backlog[*i];
-                    pipe.add_command(settle_cmd(&scripts, &st, e, outcome.as_ref()));
+                Part::Call(ops) => {
+                    let mut batch = scripts.batch(&st);
+                    for i in ops {
+                        match &steps[*i] {
+                            Step::Start(e, json) => batch.start(e, json),
+                            Step::Settle(k) => {
+                                let (e, outcome) = &self.backlog[*k];
+                                add_outcome(&mut batch, &st, e, outcome.as_ref());
+                            }
+                            Step::Publish(..) => unreachable!("plain events are sent plain"),
+                        }
+                    }
+                    pipe.add_command(batch.into_cmd());
                 }
             }
         }
@@ -260,18 +273,12 @@ impl Settler {
         let mut keep = vec![false; self.backlog.len()];
         let mut trouble: Option<(Fault, RedisError)> = None;
         let mut name_missing = false;
-        let mut replies = replies.into_iter();
-        for step in &steps {
-            // A plain event is its events-stream append (and its ttl) and
-            // its PUBLISH; it counts as refused when any of them was.
-            let mut reply = Value::Nil;
-            let mut refused = None;
-            for _ in 0..commands_of(step, &st) {
-                reply = replies.next().unwrap_or(Value::Nil);
-                if let Value::ServerError(e) = &reply {
-                    refused.get_or_insert_with(|| RedisError::from(e.clone()));
-                }
-            }
+        let replies = per_step(replies, &plan, &steps, events_maxlen(&st) > 0);
+        for (step, reply) in steps.iter().zip(replies) {
+            let refused = match &reply {
+                Value::ServerError(e) => Some(RedisError::from(e.clone())),
+                _ => None,
+            };
             match (step, refused) {
                 (Step::Publish(_, _, chunk), None) => {
                     if *chunk {
@@ -330,13 +337,15 @@ impl Settler {
             }
         }
         let backlog = std::mem::take(&mut self.backlog);
+        let mut done = Vec::with_capacity(backlog.len());
         for ((e, outcome), keep) in backlog.into_iter().zip(keep) {
             if keep {
                 self.backlog.push((e, outcome));
             } else {
-                st.inflight.remove(&e.stream, &e.id);
+                done.push(e);
             }
         }
+        st.inflight.remove_all(done.iter().map(|e| &**e));
         if name_missing {
             self.renew_name();
         }
@@ -524,46 +533,108 @@ impl Settler {
     }
 }
 
-/// How many pipeline commands `step` is: a script call is one; a plain
-/// event is its PUBLISH, after its events-stream XADD (and, but for chunks,
-/// the stream's EXPIRE) when that stream is on.
-fn commands_of(step: &Step, st: &StreamsState) -> usize {
-    match step {
-        Step::Publish(_, _, chunk) if events_maxlen(st) > 0 => {
-            if *chunk {
-                2
-            } else {
-                3
-            }
-        }
-        _ => 1,
-    }
+/// A piece of a settle pipeline: a plain event (its XADD, EXPIRE, PUBLISH),
+/// or one batch-script call of these steps.
+enum Part {
+    Plain(usize),
+    Call(Vec<usize>),
 }
 
-/// The settle script call for one outcome (`None`: acknowledge only).
-fn settle_cmd(
-    scripts: &Scripts,
-    st: &StreamsState,
-    e: &Entry,
-    outcome: Option<&Outcome>,
-) -> redis::Cmd {
+/// The order in which a batch's steps are sent. Steps are put in layers:
+/// even layers hold plain events, odd ones script operations; a job's next
+/// step stays in its layer when it is of the same kind, else goes to the
+/// next one. Sent layer by layer (steps in their order within a layer),
+/// each job's steps keep their order, while the outcomes of a whole batch
+/// share a few script calls (an operation inside a script costs Redis
+/// less than a call of its own, a plain command less than one inside).
+fn plan(steps: &[Step], backlog: &[(Arc<Entry>, Option<Outcome>)]) -> Vec<Part> {
+    let mut last: HashMap<*const Entry, usize> = HashMap::new();
+    let mut layer = Vec::with_capacity(steps.len());
+    for step in steps {
+        let (entry, plain) = match step {
+            Step::Publish(e, _, _) => (Arc::as_ptr(e), true),
+            Step::Start(e, _) => (Arc::as_ptr(e), false),
+            Step::Settle(k) => (Arc::as_ptr(&backlog[*k].0), false),
+        };
+        let l = match last.get(&entry) {
+            Some(&l) if (l % 2 == 0) == plain => l,
+            Some(&l) => l + 1,
+            None if plain => 0,
+            None => 1,
+        };
+        last.insert(entry, l);
+        layer.push(l);
+    }
+    let top = layer.iter().copied().max().unwrap_or(0);
+    let mut parts = Vec::new();
+    for l in 0..=top {
+        let here: Vec<usize> = (0..steps.len()).filter(|&i| layer[i] == l).collect();
+        if l % 2 == 0 {
+            parts.extend(here.into_iter().map(Part::Plain));
+        } else {
+            parts.extend(here.chunks(Batch::MAX_OPS).map(|c| Part::Call(c.to_vec())));
+        }
+    }
+    parts
+}
+
+/// One reply per step, in the steps' order, from the pipeline's replies
+/// in `plan`'s order. A plain event is refused when any of its commands
+/// was; a call refused as a whole (out of memory, NOSCRIPT) is that error
+/// for each of its operations.
+fn per_step(replies: Vec<Value>, plan: &[Part], steps: &[Step], stream_on: bool) -> Vec<Value> {
+    let mut out = vec![Value::Nil; steps.len()];
+    let mut replies = replies.into_iter();
+    for part in plan {
+        match part {
+            Part::Plain(i) => {
+                let n = match &steps[*i] {
+                    _ if !stream_on => 1,
+                    Step::Publish(_, _, true) => 2,
+                    _ => 3,
+                };
+                for _ in 0..n {
+                    let reply = replies.next().unwrap_or(Value::Nil);
+                    if !matches!(out[*i], Value::ServerError(_)) {
+                        out[*i] = reply;
+                    }
+                }
+            }
+            Part::Call(ops) => match replies.next() {
+                Some(Value::Array(items)) if items.len() == ops.len() => {
+                    for (i, item) in ops.iter().zip(items) {
+                        out[*i] = item;
+                    }
+                }
+                Some(Value::ServerError(e)) => {
+                    for i in ops {
+                        out[*i] = Value::ServerError(e.clone());
+                    }
+                }
+                other => log::warn!("unexpected reply to a settle batch: {other:?}"),
+            },
+        }
+    }
+    out
+}
+
+/// The outcome of `e` as an operation of `batch` (`None`: acknowledge only).
+fn add_outcome(batch: &mut Batch, st: &StreamsState, e: &Entry, outcome: Option<&Outcome>) {
     let node = st.profile.facts();
     let event = |kind, data| Some(event_json(e, kind, data, &node));
     match outcome {
-        None | Some(Outcome::Abandoned) => scripts.settle(st, e, "", None, None, None),
+        None | Some(Outcome::Abandoned) => batch.finish(e, "", None, None, None),
         Some(Outcome::Success(v)) => {
-            scripts.settle(st, e, "completed", None, event("end", events::end(v)), None)
+            batch.finish(e, "completed", None, event("end", events::end(v)), None)
         }
-        Some(Outcome::Failed { reason, error }) => scripts.settle(
-            st,
+        Some(Outcome::Failed { reason, error }) => batch.finish(
             e,
             "failed",
             Some(error),
             event("error", events::error(error, false)),
             Some((reason, error)),
         ),
-        Some(Outcome::Cancelled(r)) => scripts.settle(
-            st,
+        Some(Outcome::Cancelled(r)) => batch.finish(
             e,
             "cancelled",
             None,
