@@ -50,13 +50,16 @@ run_bench() {
     else
         printf '%s\n' "$out"
         echo "bench: $1 FAILED ($why)" >&2
-        FAILED+=("$1${BENCH_LLM_TOKEN_US:+ (BENCH_LLM_TOKEN_US=$BENCH_LLM_TOKEN_US)}")
+        FAILED+=("$1${BENCH_LLM_TOKEN_US:+ (BENCH_LLM_TOKEN_US=$BENCH_LLM_TOKEN_US)}${BENCH_LLM_COALESCE:+ (BENCH_LLM_COALESCE=$BENCH_LLM_COALESCE)}")
     fi
 }
 for b in bench_idle_rss bench_burn_down bench_pickup_latency bench_llm_stream bench_model_download; do
     run_bench "$b"
 done
 BENCH_LLM_TOKEN_US=10000 run_bench bench_llm_stream
+# The same two with --coalesce-chunks (--chunk-hold 0s: only what waits together).
+BENCH_LLM_COALESCE=0s run_bench bench_llm_stream
+BENCH_LLM_COALESCE=0s BENCH_LLM_TOKEN_US=10000 run_bench bench_llm_stream
 if [ "${#FAILED[@]}" -gt 0 ]; then
     echo "bench: ${#FAILED[@]} benchmark(s) failed: ${FAILED[*]}" >&2
     exit 1

@@ -240,6 +240,15 @@ pub const SETTINGS: &[(&str, &str)] = &[
         "events-ttl",
         "how long an events:v1:{jobId} stream is kept after the job's terminal event [1h]",
     ),
+    // performance
+    (
+        "coalesce-chunks",
+        "merge the chunk events of one job that wait to be sent together into one chunk event (content joined, one index) [false]",
+    ),
+    (
+        "chunk-hold",
+        "with coalesce-chunks: how long a batch of only chunk events may wait for more tokens of its streams, at most 100ms [0s]",
+    ),
 ];
 
 /// Where jobs come from.
@@ -350,6 +359,9 @@ pub struct Settings {
     pub events_stream: bool,
     pub events_maxlen: u64,
     pub events_ttl: Duration,
+    // performance
+    pub coalesce_chunks: bool,
+    pub chunk_hold: Duration,
 }
 
 impl Default for Settings {
@@ -435,6 +447,9 @@ impl Default for Settings {
             events_stream: true,
             events_maxlen: 10_000,
             events_ttl: Duration::from_secs(3600),
+            // performance
+            coalesce_chunks: false,
+            chunk_hold: Duration::ZERO,
         }
     }
 }
@@ -693,6 +708,9 @@ impl Settings {
                 }
             }
             "events-ttl" => self.events_ttl = positive(parse_duration(v)?)?,
+            // performance
+            "coalesce-chunks" => self.coalesce_chunks = boolean(v)?,
+            "chunk-hold" => self.chunk_hold = parse_duration(v)?.min(Duration::from_millis(100)),
             _ => return Err(format!("unknown setting '{name}'")),
         }
         Ok(())
@@ -1108,7 +1126,8 @@ mod tests {
                 "service-args" => "vllm=--model m",
                 "service-bind" => "127.0.0.1",
                 "max-job-size" | "shell-output-cap" => "4096",
-                "allow-shell" | "tag-streams" | "allow-ssh-control" | "events-stream" => "true",
+                "allow-shell" | "tag-streams" | "allow-ssh-control" | "events-stream"
+                | "coalesce-chunks" => "true",
                 "ssh-unit" => "sshd.service",
                 "metrics-addr" => "127.0.0.1:0",
                 "gpu-high-temp" => "90",

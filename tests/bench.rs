@@ -48,6 +48,25 @@ fn cpu_seconds(pid: u32) -> f64 {
     ticks / 100.0
 }
 
+/// Context switches (voluntary + involuntary) of every live thread of a
+/// process so far: each is a thread that slept on a socket, a lock or a
+/// channel and was woken, the agent's main cost per job on this machine.
+fn context_switches(pid: u32) -> u64 {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .into_iter()
+        .flatten()
+        .flatten();
+    tasks
+        .map(|t| {
+            let text = std::fs::read_to_string(t.path().join("status")).unwrap_or_default();
+            text.lines()
+                .filter(|l| l.contains("ctxt_switches:"))
+                .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+                .sum::<u64>()
+        })
+        .sum()
+}
+
 fn group_done(c: &mut redis::Connection, stream: &str, total: usize) -> bool {
     let info: Vec<HashMap<String, redis::Value>> = redis::cmd("XINFO")
         .arg("GROUPS")
@@ -131,8 +150,9 @@ struct Burn {
     commands_per_job: f64,
     /// Commands per job by name, most first (citadel's only).
     by_command: Vec<(String, f64)>,
-    /// The agent's CPU per job in µs and its peak RSS in MiB (citadel's only).
-    agent: Option<(f64, f64)>,
+    /// The agent's CPU per job in µs, its peak RSS in MiB and its context
+    /// switches per job (citadel's only).
+    agent: Option<(f64, f64, f64)>,
 }
 
 /// Redis's CPU seconds so far (user + system) and its calls per command
@@ -227,6 +247,7 @@ fn citadel_burn(total: usize, concurrency: &str) -> Burn {
     let (redis_us_per_job, commands_per_job, by_command) = redis_cost(&mut c, &before, total);
     let cpu = cpu_seconds(w.pid());
     let peak = proc_status(w.pid(), "VmHWM:");
+    let switches = context_switches(w.pid());
     let step = (total / 100).max(1);
     let done = (0..total)
         .step_by(step)
@@ -249,7 +270,11 @@ fn citadel_burn(total: usize, concurrency: &str) -> Burn {
         redis_us_per_job,
         commands_per_job,
         by_command,
-        agent: Some((cpu * 1e6 / total as f64, peak as f64 / 1024.0)),
+        agent: Some((
+            cpu * 1e6 / total as f64,
+            peak as f64 / 1024.0,
+            switches as f64 / total as f64,
+        )),
     }
 }
 
@@ -337,8 +362,8 @@ fn bench_burn_down() {
                 b.jobs_per_s,
                 b.redis_us_per_job,
                 b.commands_per_job,
-                b.agent.map_or(String::new(), |(us, mib)| format!(
-                    ", agent {us:.1} µs/job, peak RSS {mib:.1} MiB"
+                b.agent.map_or(String::new(), |(us, mib, cs)| format!(
+                    ", agent {us:.1} µs/job, {cs:.2} context switches/job, peak RSS {mib:.1} MiB"
                 ))
             );
             runs[i].push(b);
@@ -554,27 +579,30 @@ fn bench_llm_stream() {
     })));
     let redis = fast_redis();
     let concurrency = jobs.to_string();
-    let w = Citadel::work(
-        &redis,
-        &[
-            "--queue",
-            "jobs:v1:llm",
-            "--node-name",
-            "llm",
-            "--concurrency",
-            &concurrency,
-            "--vllm-url",
-            &engine.url(),
-        ],
-        QUIET,
-    );
+    let url = engine.url();
+    let mut args = vec![
+        "--queue",
+        "jobs:v1:llm",
+        "--node-name",
+        "llm",
+        "--concurrency",
+        &concurrency,
+        "--vllm-url",
+        &url,
+    ];
+    // BENCH_LLM_COALESCE=<hold>: --coalesce-chunks with that --chunk-hold.
+    let coalesce = std::env::var("BENCH_LLM_COALESCE").ok();
+    if let Some(hold) = &coalesce {
+        args.extend(["--coalesce-chunks", "true", "--chunk-hold", hold]);
+    }
+    let w = Citadel::work(&redis, &args, QUIET);
     let mut c = redis.conn();
     wait_until("the worker's group", Duration::from_secs(10), || {
         group_exists(&mut c, "jobs:v1:llm")
     });
 
-    // (latency of each chunk in µs, jobs ended)
-    let seen: Arc<Mutex<(Vec<u64>, usize)>> = Default::default();
+    // (latency of each token in µs, jobs ended, chunk events)
+    let seen: Arc<Mutex<(Vec<u64>, usize, usize)>> = Default::default();
     let stop = Arc::new(AtomicBool::new(false));
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     let listener = {
@@ -587,24 +615,28 @@ fn bench_llm_stream() {
             ps.psubscribe("stream:v1:*").unwrap();
             ready_tx.send(()).unwrap();
             let mut local = Vec::with_capacity(jobs * TOKENS);
-            let mut ended = 0;
+            let (mut ended, mut events) = (0, 0);
             while !stop.load(Ordering::SeqCst) {
                 let Ok(msg) = ps.get_message() else { continue };
                 let at = mono_ns();
                 let text = msg.get_payload_bytes();
                 let text = std::str::from_utf8(text).unwrap_or_default();
                 if text.contains(r#""type":"chunk""#) {
+                    // One token ("<send time> ") or, coalesced, several.
+                    events += 1;
                     let start = text.find(r#""content":""#).unwrap() + 11;
-                    let digits = &text[start..];
-                    let end = digits.find(' ').unwrap();
-                    let sent: u64 = digits[..end].parse().unwrap();
-                    local.push((at - sent) / 1000);
+                    let content = &text[start..start + text[start..].find('"').unwrap()];
+                    for sent in content.split_whitespace() {
+                        let sent: u64 = sent.parse().unwrap();
+                        local.push((at - sent) / 1000);
+                    }
                 } else if text.contains(r#""type":"end""#) || text.contains(r#""type":"error""#) {
                     ended += 1;
                     if ended % 16 == 0 || ended == jobs {
                         let mut s = seen.lock().unwrap();
                         s.0.append(&mut local);
                         s.1 = ended;
+                        s.2 = events;
                     }
                 }
             }
@@ -644,25 +676,32 @@ fn bench_llm_stream() {
     stop.store(true, Ordering::SeqCst);
     listener.join().unwrap();
     let mut lat = std::mem::take(&mut seen.lock().unwrap().0);
-    assert_eq!(lat.len(), jobs * TOKENS, "every token arrived as a chunk");
+    let events = seen.lock().unwrap().2;
+    assert_eq!(lat.len(), jobs * TOKENS, "every token arrived in a chunk");
     lat.sort_unstable();
     let pct = |p: f64| lat[((lat.len() as f64 * p) as usize).min(lat.len() - 1)] as f64 / 1000.0;
     let failed = engine.requests().len().saturating_sub(jobs);
     println!(
-        "llm stream: {jobs} jobs x {TOKENS} tokens ({}) in {secs:.2}s = {:.0} tokens/s; \
+        "llm stream: {jobs} jobs x {TOKENS} tokens ({}{}) in {secs:.2}s = {:.0} tokens/s \
+         (target ≥ 500000 unpaced) in {events} chunk events ({:.2} tokens each); \
          engine write → chunk event received: p50 {:.3} ms, p99 {:.3} ms, max {:.3} ms \
-         (target p99 < 1 ms); agent CPU {cpu:.2}s = {:.0}% of one core (by thread: {}); \
-         {failed} extra requests",
+         (target p99 ≤ 1 ms paced); agent CPU {cpu:.2}s = {:.0}% of one core, {:.2} µs/token \
+         (target ≤ 5) (by thread: {}); {failed} extra requests",
         if pace.is_zero() {
             "as fast as the engine can".to_string()
         } else {
             format!("one every {}µs per stream", pace.as_micros())
         },
+        coalesce.as_ref().map_or(String::new(), |hold| format!(
+            ", coalesced, chunk-hold {hold}"
+        )),
         (jobs * TOKENS) as f64 / secs,
+        (jobs * TOKENS) as f64 / events.max(1) as f64,
         pct(0.50),
         pct(0.99),
         pct(1.0),
         100.0 * cpu / secs,
+        cpu * 1e6 / (jobs * TOKENS) as f64,
         threads.join(", "),
     );
 }

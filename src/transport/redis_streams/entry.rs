@@ -6,7 +6,7 @@ use crate::job::Job;
 use crate::worker::cancel::{CancelReason, CancelToken};
 use redis::Value;
 use serde_json::Value as Json;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 /// One entry as Redis returned it; `fields` is `None` when the entry was
@@ -31,6 +31,9 @@ pub struct Entry {
     /// Set when another consumer turned out to own this entry (a lost
     /// lease): nothing more of it is published or settled here.
     pub lost: AtomicBool,
+    /// The index of its next chunk event, when chunks are coalesced (the
+    /// settle thread numbers them as it sends them).
+    pub next_chunk: AtomicU64,
 }
 
 impl Entry {
@@ -55,6 +58,7 @@ impl Entry {
             ray_id,
             token: Arc::new(CancelToken::new()),
             lost: AtomicBool::new(false),
+            next_chunk: AtomicU64::new(0),
         }
     }
 

@@ -199,18 +199,17 @@ impl Report for RedisReport {
     fn chunk(&mut self, text: &str) {
         let e = &self.entry;
         let st = &self.state;
-        let json = event_json(
-            e,
-            "chunk",
-            events::chunk(text, self.index),
-            &st.profile.facts(),
-        );
-        self.index += 1;
+        let msg = if st.settings.coalesce_chunks {
+            // Numbered and formatted by the settle thread, which merges the
+            // texts of one job that wait together.
+            Msg::Text(e.clone(), text.to_owned())
+        } else {
+            let data = events::chunk(text, self.index);
+            self.index += 1;
+            Msg::Chunk(e.clone(), event_json(e, "chunk", data, &st.profile.facts()))
+        };
         let blocked = || st.settle_blocked.load(Ordering::SeqCst) || e.is_lost();
-        if !st
-            .queue
-            .push_bounded_unless(Msg::Chunk(e.clone(), json), blocked)
-        {
+        if !st.queue.push_bounded_unless(msg, blocked) {
             st.dropped_chunks.fetch_add(1, Ordering::Relaxed);
             METRICS.chunks_dropped(1);
         }

@@ -37,6 +37,9 @@ pub enum Msg {
     Started(Arc<Entry>, String),
     /// A chunk event, already formatted by the job's thread.
     Chunk(Arc<Entry>, String),
+    /// A chunk's text (`coalesce-chunks`): texts of one job that wait
+    /// together become one chunk event, numbered here.
+    Text(Arc<Entry>, String),
     Finish(Arc<Entry>, Outcome),
     /// A pending entry that was deleted from its stream: acknowledge only.
     Gone(Arc<Entry>),
@@ -52,6 +55,8 @@ enum Step {
     Start(Arc<Entry>, String),
     /// The outcome at this index of the backlog.
     Settle(usize),
+    /// Chunk texts to be merged, then sent as one chunk event.
+    Text(Arc<Entry>, String),
 }
 
 pub struct Settler {
@@ -114,7 +119,20 @@ impl Settler {
             if stopping {
                 wait = wait.min(Duration::from_millis(10));
             }
-            let batch = self.state.queue.pop_batch(4096, wait);
+            let mut batch = self.state.queue.pop_batch(4096, wait);
+            let hold = self.state.settings.chunk_hold;
+            if self.state.settings.coalesce_chunks
+                && !hold.is_zero()
+                && !stopping
+                && !batch.is_empty()
+                && batch.len() < 4096
+                && batch.iter().all(|m| matches!(m, Msg::Text(..)))
+            {
+                // Only tokens: let more of their streams' tokens join them.
+                std::thread::sleep(hold);
+                let room = 4096 - batch.len();
+                batch.extend(self.state.queue.pop_batch(room, Duration::ZERO));
+            }
             let idle = batch.is_empty();
             if !idle || (!self.backlog.is_empty() && Instant::now() >= self.retry_at) {
                 self.settle(batch);
@@ -167,6 +185,7 @@ impl Settler {
             match msg {
                 Msg::Claimed(e, json) if !e.is_lost() => steps.push(Step::Publish(e, json, false)),
                 Msg::Chunk(e, json) if !e.is_lost() => steps.push(Step::Publish(e, json, true)),
+                Msg::Text(e, text) if !e.is_lost() => steps.push(Step::Text(e, text)),
                 Msg::Started(e, json) if !e.is_lost() => {
                     // A status about to be overwritten in this same batch is skipped.
                     if ending.contains(&Arc::as_ptr(&e)) {
@@ -175,7 +194,7 @@ impl Settler {
                         steps.push(Step::Start(e, json));
                     }
                 }
-                Msg::Claimed(..) | Msg::Chunk(..) | Msg::Started(..) => {}
+                Msg::Claimed(..) | Msg::Chunk(..) | Msg::Text(..) | Msg::Started(..) => {}
                 // No outcome of this run: the entry stays pending.
                 Msg::Finish(e, Outcome::Abandoned) => st.inflight.remove(&e.stream, &e.id),
                 Msg::Finish(e, _) if e.is_lost() => st.inflight.remove(&e.stream, &e.id),
@@ -192,6 +211,7 @@ impl Settler {
         if steps.is_empty() {
             return;
         }
+        let steps = coalesce(steps, &self.backlog, &st);
         let events = steps
             .iter()
             .filter(|s| !matches!(s, Step::Settle(_)))
@@ -250,7 +270,9 @@ impl Settler {
                                 let (e, outcome) = &self.backlog[*k];
                                 add_outcome(&mut batch, &st, e, outcome.as_ref());
                             }
-                            Step::Publish(..) => unreachable!("plain events are sent plain"),
+                            Step::Publish(..) | Step::Text(..) => {
+                                unreachable!("plain events are sent plain")
+                            }
                         }
                     }
                     pipe.add_command(batch.into_cmd());
@@ -280,6 +302,7 @@ impl Settler {
                 _ => None,
             };
             match (step, refused) {
+                (Step::Text(..), _) => unreachable!("texts are made chunk events first"),
                 (Step::Publish(_, _, chunk), None) => {
                     if *chunk {
                         METRICS.chunk_published();
@@ -533,6 +556,47 @@ impl Settler {
     }
 }
 
+/// Chunk texts of one job that follow each other in `steps` (nothing else
+/// of that job between them) become one chunk event: content joined, the
+/// job's next index. Other jobs' steps in between do not matter: only each
+/// job's own order counts.
+fn coalesce(
+    steps: Vec<Step>,
+    backlog: &[(Arc<Entry>, Option<Outcome>)],
+    st: &StreamsState,
+) -> Vec<Step> {
+    if !steps.iter().any(|s| matches!(s, Step::Text(..))) {
+        return steps;
+    }
+    let mut out: Vec<Step> = Vec::with_capacity(steps.len());
+    let mut last: HashMap<*const Entry, usize> = HashMap::new();
+    for step in steps {
+        let entry = match &step {
+            Step::Publish(e, ..) | Step::Start(e, _) | Step::Text(e, _) => Arc::as_ptr(e),
+            Step::Settle(k) => Arc::as_ptr(&backlog[*k].0),
+        };
+        if let (Step::Text(_, more), Some(&at)) = (&step, last.get(&entry)) {
+            if let Step::Text(_, text) = &mut out[at] {
+                text.push_str(more);
+                continue;
+            }
+        }
+        last.insert(entry, out.len());
+        out.push(step);
+    }
+    let node = st.profile.facts();
+    out.into_iter()
+        .map(|step| match step {
+            Step::Text(e, text) => {
+                let index = e.next_chunk.fetch_add(1, Ordering::Relaxed);
+                let json = event_json(&e, "chunk", events::chunk(&text, index), &node);
+                Step::Publish(e, json, true)
+            }
+            other => other,
+        })
+        .collect()
+}
+
 /// A piece of a settle pipeline: a plain event (its XADD, EXPIRE, PUBLISH),
 /// or one batch-script call of these steps.
 enum Part {
@@ -555,6 +619,7 @@ fn plan(steps: &[Step], backlog: &[(Arc<Entry>, Option<Outcome>)]) -> Vec<Part> 
             Step::Publish(e, _, _) => (Arc::as_ptr(e), true),
             Step::Start(e, _) => (Arc::as_ptr(e), false),
             Step::Settle(k) => (Arc::as_ptr(&backlog[*k].0), false),
+            Step::Text(..) => unreachable!("texts are made chunk events first"),
         };
         let l = match last.get(&entry) {
             Some(&l) if (l % 2 == 0) == plain => l,
