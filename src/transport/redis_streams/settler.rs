@@ -238,8 +238,8 @@ impl Settler {
         let plan = plan(&steps, &self.backlog);
         for part in &plan {
             match part {
-                Part::Plain(i) => {
-                    let Step::Publish(e, json, chunk) = &steps[*i] else {
+                Part::Plain(i, expire) => {
+                    let Step::Publish(e, json, _) = &steps[*i] else {
                         unreachable!("only plain events are sent plain")
                     };
                     let maxlen = events_maxlen(&st);
@@ -253,7 +253,7 @@ impl Settler {
                             .arg("*")
                             .arg("event")
                             .arg(json);
-                        if !chunk {
+                        if *expire {
                             pipe.cmd("EXPIRE").arg(key).arg(running_events_ttl(&st));
                         }
                     }
@@ -597,10 +597,11 @@ fn coalesce(
         .collect()
 }
 
-/// A piece of a settle pipeline: a plain event (its XADD, EXPIRE, PUBLISH),
-/// or one batch-script call of these steps.
+/// A piece of a settle pipeline: a plain event (its XADD, then its
+/// stream's EXPIRE when the flag says so, then PUBLISH), or one
+/// batch-script call of these steps.
 enum Part {
-    Plain(usize),
+    Plain(usize, bool),
     Call(Vec<usize>),
 }
 
@@ -635,7 +636,17 @@ fn plan(steps: &[Step], backlog: &[(Arc<Entry>, Option<Outcome>)]) -> Vec<Part> 
     for l in 0..=top {
         let here: Vec<usize> = (0..steps.len()).filter(|&i| layer[i] == l).collect();
         if l % 2 == 0 {
-            parts.extend(here.into_iter().map(Part::Plain));
+            // `claimed` and `start` set the stream's running ttl; of a job's
+            // such events in one layer only the last sends the EXPIRE (it
+            // follows every XADD of them, whichever of those Redis took).
+            let mut later: HashSet<*const Entry> = HashSet::new();
+            let mut expire = vec![false; here.len()];
+            for (k, &i) in here.iter().enumerate().rev() {
+                if let Step::Publish(e, _, false) = &steps[i] {
+                    expire[k] = later.insert(Arc::as_ptr(e));
+                }
+            }
+            parts.extend(here.into_iter().zip(expire).map(|(i, x)| Part::Plain(i, x)));
         } else {
             parts.extend(here.chunks(Batch::MAX_OPS).map(|c| Part::Call(c.to_vec())));
         }
@@ -652,11 +663,11 @@ fn per_step(replies: Vec<Value>, plan: &[Part], steps: &[Step], stream_on: bool)
     let mut replies = replies.into_iter();
     for part in plan {
         match part {
-            Part::Plain(i) => {
-                let n = match &steps[*i] {
-                    _ if !stream_on => 1,
-                    Step::Publish(_, _, true) => 2,
-                    _ => 3,
+            Part::Plain(i, expire) => {
+                let n = match (stream_on, expire) {
+                    (false, _) => 1,
+                    (true, false) => 2,
+                    (true, true) => 3,
                 };
                 for _ in 0..n {
                     let reply = replies.next().unwrap_or(Value::Nil);
