@@ -150,24 +150,43 @@ impl Intake {
     }
 }
 
-/// One EXISTS per runnable job, pipelined. If Redis cannot answer, the
-/// jobs start and the settle thread's cancel check catches them.
+/// Which runnable jobs of the batch were cancelled before they start: one
+/// `EXISTS` of all their cancel keys (it counts those that exist: almost
+/// always 0), and only when some exist one `EXISTS` per key, pipelined, to
+/// tell which. If Redis cannot answer, the jobs start and the settle
+/// thread's cancel check catches them.
 fn cancelled_before_start(conn: &mut Connection, batch: &[(Entry, Verdict)]) -> Vec<bool> {
-    let mut pipe = redis::pipe();
-    let mut asked = Vec::new();
-    for (i, (_, v)) in batch.iter().enumerate() {
-        if let Verdict::Run(job) = v {
-            pipe.cmd("EXISTS").arg(cancel_key(&job.id));
-            asked.push(i);
-        }
-    }
     let mut out = vec![false; batch.len()];
+    let asked: Vec<(usize, String)> = batch
+        .iter()
+        .enumerate()
+        .filter_map(|(i, (_, v))| match v {
+            Verdict::Run(job) => Some((i, cancel_key(&job.id))),
+            _ => None,
+        })
+        .collect();
     if asked.is_empty() {
         return out;
     }
+    let mut any = redis::cmd("EXISTS");
+    for (_, key) in &asked {
+        any.arg(key);
+    }
+    match any.query::<u64>(conn) {
+        Ok(0) => return out,
+        Ok(_) => {}
+        Err(e) => {
+            log::debug!("cancel check before start failed: {e}");
+            return out;
+        }
+    }
+    let mut pipe = redis::pipe();
+    for (_, key) in &asked {
+        pipe.cmd("EXISTS").arg(key);
+    }
     match pipe.query::<Vec<bool>>(conn) {
         Ok(found) => {
-            for (i, yes) in asked.into_iter().zip(found) {
+            for ((i, _), yes) in asked.into_iter().zip(found) {
                 out[i] = yes;
             }
         }
