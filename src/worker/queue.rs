@@ -40,6 +40,15 @@ impl<T> SettleQueue<T> {
         self.popper.notify_one();
     }
 
+    /// Never blocks; the items go in together, so a consumer woken by the
+    /// first finds them all.
+    pub fn push_all(&self, items: impl IntoIterator<Item = T>) {
+        lock(&self.state)
+            .items
+            .extend(items.into_iter().map(|item| (item, false)));
+        self.popper.notify_one();
+    }
+
     /// Blocks while `bound` bounded items are already queued.
     #[cfg(test)]
     pub fn push_bounded(&self, item: T) {

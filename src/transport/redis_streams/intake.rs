@@ -127,8 +127,10 @@ impl Intake {
                     st.queue.push(Msg::Finish(e, outcome));
                 }
                 Verdict::Run(job) => {
+                    // Formatted now (its timestamp is the take), sent with
+                    // `start` by the job's thread: one settle round trip
+                    // for both on the way to a job's first event.
                     let claimed = event_json(&e, "claimed", events::claimed(), &st.profile.facts());
-                    st.queue.push(Msg::Claimed(e.clone(), claimed));
                     let task = Task {
                         job,
                         token: e.token.clone(),
@@ -136,6 +138,7 @@ impl Intake {
                             state: st.clone(),
                             entry: e.clone(),
                             index: 0,
+                            claimed: Some(claimed),
                         }),
                         slot: slot.expect("a runnable entry took a slot"),
                         enqueued_ms: e.id.split('-').next().and_then(|ms| ms.parse().ok()),
@@ -203,6 +206,9 @@ struct RedisReport {
     state: Arc<StreamsState>,
     entry: Arc<Entry>,
     index: u64,
+    /// The `claimed` event, formatted when the entry was taken, queued
+    /// together with `start`.
+    claimed: Option<String>,
 }
 
 impl Report for RedisReport {
@@ -212,7 +218,11 @@ impl Report for RedisReport {
         let node = self.state.profile.facts();
         let text = format!("{kind} job started on {}", node.node_name);
         let start = event_json(e, "start", events::start(&text), &node);
-        self.state.queue.push(Msg::Started(e.clone(), start));
+        let claimed = self.claimed.take().map(|c| Msg::Claimed(e.clone(), c));
+        let started = Msg::Started(e.clone(), start);
+        self.state
+            .queue
+            .push_all(claimed.into_iter().chain([started]));
     }
 
     fn chunk(&mut self, text: &str) {

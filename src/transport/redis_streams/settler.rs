@@ -30,7 +30,8 @@ use std::time::{Duration, Instant};
 
 /// What job threads and the reader tell the settle thread, in order.
 pub enum Msg {
-    /// The `claimed` event, formatted by the reader when it took the entry.
+    /// The `claimed` event, formatted by the reader when it took the entry
+    /// and queued by the job's thread together with `start`.
     Claimed(Arc<Entry>, String),
     /// The `start` event, formatted by the job's thread as it started. Events
     /// are formatted where they happen, so their timestamps follow their order.
