@@ -119,6 +119,11 @@ struct Figures {
     oom_ms: u64,
     after_end: usize,
     after_end_redis_kill: usize,
+    /// The same, read from the jobs' replayable `events:v1:{jobId}` streams.
+    stream_after_end: usize,
+    stream_after_end_redis_kill: usize,
+    /// Completed jobs whose events stream has no `end`.
+    stream_no_end: usize,
     drain_ms: u64,
     seconds: u64,
     seed: u64,
@@ -130,7 +135,8 @@ impl Figures {
             "CHAOS jobs={} completed={} dead_lettered={} lost={} duplicates={} \
              dup_killed={} dup_redis_kill={} dup_stalled={} dup_unexplained={} runs={} worker_kills={} \
              restarts_at_once={} restarts_after_claim_idle={} redis_restarts={} oom_ms={} \
-             events_after_end={} events_after_end_redis_kill={} drain_ms={} seconds={} seed={}",
+             events_after_end={} events_after_end_redis_kill={} stream_after_end={} \
+             stream_after_end_redis_kill={} stream_no_end={} drain_ms={} seconds={} seed={}",
             self.jobs,
             self.completed,
             self.dead_lettered,
@@ -148,6 +154,9 @@ impl Figures {
             self.oom_ms,
             self.after_end,
             self.after_end_redis_kill,
+            self.stream_after_end,
+            self.stream_after_end_redis_kill,
+            self.stream_no_end,
             self.drain_ms,
             self.seconds,
             self.seed,
@@ -489,6 +498,41 @@ impl Chaos {
                 }
             }
         }
+        // The same from the durable copy, which no restart loses: each
+        // completed job's events stream has an `end` and nothing after it.
+        for chunk in ids.chunks(500) {
+            let mut pipe = redis::pipe();
+            for id in chunk {
+                pipe.cmd("XRANGE")
+                    .arg(format!("events:v1:{id}"))
+                    .arg("-")
+                    .arg("+");
+            }
+            let streams: Vec<Vec<(String, HashMap<String, String>)>> =
+                pipe.query(&mut c).expect("XRANGE the events streams");
+            for (id, entries) in chunk.iter().zip(streams) {
+                let kinds: Vec<String> = entries
+                    .iter()
+                    .filter_map(|(_, f)| serde_json::from_str::<Json>(f.get("event")?).ok())
+                    .filter_map(|ev| Some(ev.get("type")?.as_str()?.to_owned()))
+                    .collect();
+                match kinds.iter().position(|k| k == "end") {
+                    Some(pos) if pos + 1 < kinds.len() => {
+                        if redis_kill_jobs.contains(id) {
+                            fig.stream_after_end_redis_kill += 1;
+                        } else {
+                            fig.stream_after_end += 1;
+                            eprintln!("chaos: events:v1:{id} after end: {kinds:?}");
+                        }
+                    }
+                    None if done.contains(id) => {
+                        fig.stream_no_end += 1;
+                        eprintln!("chaos: events:v1:{id} of a completed job has no end: {kinds:?}");
+                    }
+                    _ => {}
+                }
+            }
+        }
         fig.seconds = t0.elapsed().as_secs();
         let line = fig.line();
         {
@@ -567,6 +611,14 @@ fn assert_sound(fig: &Figures) {
     assert_eq!(fig.lost, 0, "jobs lost: {line}");
     assert_eq!(fig.dup_unexplained, 0, "unexplained duplicate runs: {line}");
     assert_eq!(fig.after_end, 0, "events after end: {line}");
+    assert_eq!(
+        fig.stream_after_end, 0,
+        "events-stream entries after end: {line}"
+    );
+    assert_eq!(
+        fig.stream_no_end, 0,
+        "completed jobs without end in their stream: {line}"
+    );
     assert_eq!(fig.redis_restarts, 2, "{line}");
     assert!(fig.worker_kills > 0, "{line}");
 }
