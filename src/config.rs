@@ -227,6 +227,19 @@ pub const SETTINGS: &[(&str, &str)] = &[
         "gpu-telemetry",
         "where heartbeat GPU figures come from: auto (NVML when built in and the driver library loads, else nvidia-smi) or nvidia-smi [auto]",
     ),
+    // Redis Sentinel
+    (
+        "sentinel-username",
+        "ACL user for the sentinels of a redis+sentinel:// URL (the URL's user is the data nodes') [none]",
+    ),
+    (
+        "sentinel-password",
+        "password for the sentinels of a redis+sentinel:// URL (the URL's password is the data nodes') [none]",
+    ),
+    (
+        "sentinel-tls",
+        "TLS to the sentinels: auto (as the URL: rediss+sentinel:// means TLS), true or false [auto]",
+    ),
 ];
 
 /// Where jobs come from.
@@ -333,6 +346,11 @@ pub struct Settings {
     pub gpu_high_temp: f64,
     /// `auto` or `nvidia-smi`.
     pub gpu_telemetry: String,
+    // Redis Sentinel
+    pub sentinel_username: Option<String>,
+    pub sentinel_password: Option<Secret>,
+    /// `None`: like the data nodes (the URL's scheme).
+    pub sentinel_tls: Option<bool>,
 }
 
 impl Default for Settings {
@@ -414,6 +432,10 @@ impl Default for Settings {
             metrics_addr_set: false,
             gpu_high_temp: 85.0,
             gpu_telemetry: "auto".into(),
+            // Redis Sentinel
+            sentinel_username: None,
+            sentinel_password: None,
+            sentinel_tls: None,
         }
     }
 }
@@ -661,6 +683,15 @@ impl Settings {
                 "auto" | "nvidia-smi" => self.gpu_telemetry = v.to_owned(),
                 _ => return Err(format!("'{v}' is not auto or nvidia-smi")),
             },
+            // Redis Sentinel
+            "sentinel-username" => self.sentinel_username = Some(non_empty(v)?),
+            "sentinel-password" => self.sentinel_password = Some(Secret(non_empty(v)?)),
+            "sentinel-tls" => {
+                self.sentinel_tls = match v {
+                    "auto" => None,
+                    _ => Some(boolean(v).map_err(|_| format!("'{v}' is not auto, true or false"))?),
+                }
+            }
             _ => return Err(format!("unknown setting '{name}'")),
         }
         Ok(())
@@ -704,6 +735,15 @@ impl Settings {
 impl Settings {
     /// The bearer token for Nexus: `nexus-token`, else the stored
     /// `device-api-token`.
+    /// How the sentinels of a `redis+sentinel://` URL are reached.
+    pub fn sentinel_auth(&self) -> crate::redis_sentinel::SentinelAuth {
+        crate::redis_sentinel::SentinelAuth {
+            username: self.sentinel_username.clone(),
+            password: self.sentinel_password.clone(),
+            tls: self.sentinel_tls,
+        }
+    }
+
     pub fn nexus_bearer(&self) -> Option<&str> {
         self.nexus_token
             .as_deref()
@@ -838,8 +878,8 @@ fn http_url(v: &str) -> Result<String, String> {
 }
 
 /// The forms of Redis URL accepted, for error messages.
-const REDIS_URL_FORMS: &str =
-    "write redis://HOST[:PORT][/DB], rediss://… for TLS, or unix:///PATH/TO/SOCKET";
+const REDIS_URL_FORMS: &str = "write redis://HOST[:PORT][/DB], rediss://… for TLS, \
+     unix:///PATH/TO/SOCKET, or redis+sentinel://HOST[:PORT],HOST[:PORT],…/MASTER-NAME[/DB]";
 
 /// Whether `v` is a Redis URL the client can open; if not, what is wrong,
 /// in plain words (the client's own errors name an error kind, not the
@@ -903,6 +943,16 @@ fn check_redis_url(v: &str) -> Result<(), String> {
             if !rest.starts_with('/') || rest.len() < 2 {
                 return wrong("it names no socket path");
             }
+        }
+        // Resolved through the sentinels at every connect (redis_sentinel).
+        "redis+sentinel" | "rediss+sentinel" => {
+            return match crate::redis_sentinel::SentinelUrl::parse(v) {
+                Ok(_) => Ok(()),
+                Err(what) => Err(format!(
+                    "'{shown}' is not a Redis Sentinel URL: {what} (write {})",
+                    crate::redis_sentinel::FORM
+                )),
+            };
         }
         other => return wrong(&format!("{other}:// is not a Redis scheme")),
     }
@@ -1081,6 +1131,7 @@ mod tests {
                 "metrics-addr" => "127.0.0.1:0",
                 "gpu-high-temp" => "90",
                 "gpu-telemetry" => "nvidia-smi",
+                "sentinel-tls" => "true",
                 n if n.contains("retries")
                     || n.contains("max")
                     || n.ends_with("-attempts")
@@ -1208,9 +1259,19 @@ mod tests {
             "rediss://h:6380/#insecure",
             "redis://[::1]:6379",
             "unix:///run/redis.sock",
+            "redis+sentinel://127.0.0.1:26379,127.0.0.1:26380/mymaster",
+            "rediss+sentinel://app:pw@[::1]:26379,s2/mymaster/3",
         ] {
             assert_eq!(check_redis_url(good), Ok(()), "{good}");
         }
+        let err = check_redis_url("redis+sentinel://u:s3cret@h1,,h2/m").unwrap_err();
+        assert!(err.contains("'redis+sentinel://u:***@h1,,h2/m'"), "{err}");
+        assert!(
+            err.contains("is not a Redis Sentinel URL: it names no sentinel host"),
+            "{err}"
+        );
+        assert!(err.contains("(write redis+sentinel://"), "{err}");
+        assert!(!err.contains("s3cret"), "{err}");
     }
 
     #[test]
