@@ -18,6 +18,7 @@ pub mod fake_nexus;
 pub mod file_server;
 pub mod http;
 pub mod observe;
+pub mod sentinel;
 pub mod stall_proxy;
 
 use std::collections::HashMap;
@@ -218,6 +219,11 @@ impl RedisServer {
 
     pub fn port(&self) -> u16 {
         self.port
+    }
+
+    /// The server's process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
     }
 
     /// The server's data directory (also holds its log).
