@@ -376,3 +376,58 @@ fn sentinel_and_data_node_passwords_are_separate_and_never_logged() {
         no_pw.log()
     );
 }
+
+/// The failover other job systems get stuck on: the old master stays up
+/// and is turned into a replica (`SENTINEL FAILOVER`), so no connection
+/// breaks; the agent must notice READONLY / UNBLOCKED and move every thread.
+#[test]
+fn a_manual_failover_with_the_old_master_alive_moves_the_workers() {
+    let set = SentinelSet::start(3);
+    let url = set.url(None);
+    let old = set.master.port();
+    let new = set.replica.port();
+    let dir = fresh_temp_dir("sentinel-manual");
+    let runs = dir.join("echo-runs.log");
+    let worker = sentinel_worker(&url, "sen-manual", &runs, &[]);
+    worker.wait_working();
+    let mut conn = set.master.conn();
+    let before = enqueue(&mut conn, "m-before", 10, 0);
+    wait_all_settled(old, &before, Duration::from_secs(60));
+    let mut sentinel = data_conn(set.sentinels[0].port(), None).expect("sentinel");
+    let _: () = redis::cmd("SENTINEL")
+        .arg("FAILOVER")
+        .arg(support::sentinel::MASTER_NAME)
+        .query(&mut sentinel)
+        .expect("SENTINEL FAILOVER");
+    set.wait_master(new, Duration::from_secs(60));
+    let beats = support::xlen(
+        &mut data_conn(new, None).expect("new master"),
+        "node:status:stream",
+    );
+    wait_until(
+        "the old master to be a replica",
+        Duration::from_secs(30),
+        || {
+            let mut c = data_conn(old, None)?;
+            let info: String = redis::cmd("INFO").arg("replication").query(&mut c).ok()?;
+            info.contains("role:slave").then_some(())
+        },
+    );
+    let mut conn = data_conn(new, None).expect("the new master");
+    let after = enqueue(&mut conn, "m-after", 10, 0);
+    let done = wait_all_settled(new, &after, Duration::from_secs(60));
+    assert!(done.values().all(|o| o == "completed"), "{done:?}");
+    worker.wait_for_log(
+        &format!("master 'citadel-test' failed over from 127.0.0.1:{old} to 127.0.0.1:{new}"),
+        Duration::from_secs(10),
+    );
+    // The heartbeat thread moved too: new beats land on the new master.
+    wait_until(
+        "a heartbeat on the new master",
+        Duration::from_secs(30),
+        || {
+            let mut c = data_conn(new, None)?;
+            (support::xlen(&mut c, "node:status:stream") > beats).then_some(())
+        },
+    );
+}
