@@ -12,7 +12,7 @@ use std::time::Duration;
 pub const SETTINGS: &[(&str, &str)] = &[
     (
         "redis-url",
-        "Redis URL (redis:// or rediss://) [redis://127.0.0.1:6379]",
+        "Redis URL (redis://, rediss://, or redis+sentinel://SENTINEL,…/MASTER-NAME) [redis://127.0.0.1:6379]",
     ),
     (
         "queue",
@@ -878,8 +878,8 @@ fn http_url(v: &str) -> Result<String, String> {
 }
 
 /// The forms of Redis URL accepted, for error messages.
-const REDIS_URL_FORMS: &str = "write redis://HOST[:PORT][/DB], rediss://… for TLS, \
-     unix:///PATH/TO/SOCKET, or redis+sentinel://HOST[:PORT],HOST[:PORT],…/MASTER-NAME[/DB]";
+const REDIS_URL_FORMS: &str =
+    "write redis://HOST[:PORT][/DB], rediss://… for TLS, or unix:///PATH/TO/SOCKET";
 
 /// Whether `v` is a Redis URL the client can open; if not, what is wrong,
 /// in plain words (the client's own errors name an error kind, not the
