@@ -20,6 +20,7 @@ pub mod http;
 pub mod observe;
 pub mod sentinel;
 pub mod stall_proxy;
+pub mod tls;
 
 use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
