@@ -339,6 +339,7 @@ fn sentinel_and_data_node_passwords_are_separate_and_never_logged() {
     let opts = SentinelOptions {
         sentinel_password: Some("sen-pw-91c2".into()),
         data_password: Some("data-pw-7f3a".into()),
+        ..SentinelOptions::default()
     };
     let set = SentinelSet::start_with(1, &opts);
     let url = set.url(Some(":data-pw-7f3a"));
@@ -429,5 +430,96 @@ fn a_manual_failover_with_the_old_master_alive_moves_the_workers() {
             let mut c = data_conn(new, None)?;
             (support::xlen(&mut c, "node:status:stream") > beats).then_some(())
         },
+    );
+}
+
+/// `rediss+sentinel://`: TLS to the master and to the sentinels, or to the
+/// master only (`--sentinel-tls false`), certificates checked against
+/// `SSL_CERT_FILE`.
+#[test]
+fn rediss_sentinel_talks_tls_to_master_and_sentinels_as_configured() {
+    const TEST: &str = "rediss_sentinel_talks_tls_to_master_and_sentinels_as_configured";
+    if !support::tls::have_openssl() {
+        support::skip_unless_ci(
+            TEST,
+            "openssl is not installed (scripts/deps.sh installs it)",
+        );
+        return;
+    }
+    let dir = fresh_temp_dir("sentinel-tls");
+    support::tls::make_certs(&dir);
+    let master = match support::tls::start_tls_redis(&dir) {
+        Ok(m) => m,
+        Err(log) => {
+            support::skip_unless_ci(TEST, &format!("redis-server cannot do TLS: {}", log.trim()));
+            return;
+        }
+    };
+    let tls = SentinelOptions {
+        tls_dir: Some(dir.clone()),
+        tls_only: true,
+        ..SentinelOptions::default()
+    };
+    let plain = SentinelOptions {
+        tls_dir: Some(dir.clone()),
+        ..SentinelOptions::default()
+    };
+    let tls_sentinel = Sentinel::start(master.port, 1, &tls);
+    let plain_sentinel = Sentinel::start(master.port, 1, &plain);
+    let ca = dir.join("ca.pem").display().to_string();
+    let submit = |url: &str, env: &[(&str, &str)], job: &str| {
+        let mut cmd = citadel_cmd(&[
+            "submit",
+            "--type",
+            "echo",
+            "--job-id",
+            job,
+            "--payload",
+            r#"{"over":"tls"}"#,
+            "--follow",
+            "--redis-timeout",
+            "2s",
+        ]);
+        cmd.env("CITADEL_REDIS_URL", url).env("SSL_CERT_FILE", &ca);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        cmd.output().expect("citadel submit")
+    };
+    let both = format!(
+        "rediss+sentinel://127.0.0.1:{}/{}",
+        tls_sentinel.port(),
+        support::sentinel::MASTER_NAME
+    );
+    let master_only = format!(
+        "rediss+sentinel://127.0.0.1:{}/{}",
+        plain_sentinel.port(),
+        support::sentinel::MASTER_NAME
+    );
+    let runs = dir.join("echo-runs.log");
+    let ca_env = [("SSL_CERT_FILE", ca.as_str())];
+    let _worker = sentinel_worker(&both, "sen-tls", &runs, &ca_env);
+    let out = wait_until("a job over TLS", Duration::from_secs(30), || {
+        let out = submit(&both, &[], "tls-both");
+        out.status.success().then_some(out)
+    });
+    assert!(String::from_utf8_lossy(&out.stdout).contains("tls"));
+    let out = submit(
+        &master_only,
+        &[("CITADEL_SENTINEL_TLS", "false")],
+        "tls-master",
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // TLS spoken to a plain sentinel: refused with the sentinel named.
+    let out = submit(&master_only, &[], "tls-wrong");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains(&format!("sentinel 127.0.0.1:{}", plain_sentinel.port())),
+        "{err}"
     );
 }

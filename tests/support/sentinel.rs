@@ -28,6 +28,11 @@ pub struct SentinelOptions {
     pub sentinel_password: Option<String>,
     /// The data nodes' password (`sentinel auth-pass`).
     pub data_password: Option<String>,
+    /// Certificates (support::tls::make_certs) for talking TLS to the
+    /// master (`tls-replication yes`).
+    pub tls_dir: Option<PathBuf>,
+    /// Listen on a TLS port only (needs `tls_dir`); otherwise plain.
+    pub tls_only: bool,
 }
 
 /// One sentinel process.
@@ -88,6 +93,23 @@ impl Sentinel {
         if let Some(pw) = &opts.data_password {
             text.push_str(&format!("sentinel auth-pass {MASTER_NAME} {pw}\n"));
         }
+        if let Some(certs) = &opts.tls_dir {
+            let f = |name: &str| certs.join(name).display().to_string();
+            text.push_str(&format!(
+                "tls-cert-file {}\ntls-key-file {}\ntls-ca-cert-file {}\n\
+                 tls-auth-clients no\ntls-replication yes\n",
+                f("leaf.pem"),
+                f("leaf.key"),
+                f("ca.pem")
+            ));
+            if opts.tls_only {
+                text = text.replacen(
+                    &format!("port {port}\n"),
+                    &format!("port 0\ntls-port {port}\n"),
+                    1,
+                );
+            }
+        }
         fs::write(&conf, text).map_err(|e| format!("writing {}: {e}", conf.display()))?;
         let file = open_log(&log);
         let child = Command::new("redis-server")
@@ -111,14 +133,22 @@ impl Sentinel {
                 s.child = None;
                 return Err(format!("exited with {status}:\n{}", tail(&s.log_text())));
             }
-            if s.try_conn(Duration::from_millis(200))
-                .is_some_and(|mut c| redis::cmd("PING").query::<String>(&mut c).is_ok())
-            {
+            // A TLS-only one (the harness speaks no TLS) is up once it listens.
+            let up = if opts.tls_only {
+                std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+            } else {
+                s.try_conn(Duration::from_millis(200))
+                    .is_some_and(|mut c| redis::cmd("PING").query::<String>(&mut c).is_ok())
+            };
+            if up {
                 return Ok(s);
             }
             if Instant::now() >= deadline {
                 s.kill();
-                return Err(format!("no PONG within {REDIS_START_TIMEOUT:?}"));
+                return Err(format!(
+                    "no PONG within {REDIS_START_TIMEOUT:?}:\n{}",
+                    tail(&s.log_text())
+                ));
             }
             thread::sleep(POLL);
         }
