@@ -523,3 +523,116 @@ fn rediss_sentinel_talks_tls_to_master_and_sentinels_as_configured() {
         "{err}"
     );
 }
+
+/// Sentinel chaos: `failovers` SIGKILLs of whichever server is the master,
+/// with jobs running on three workers; after each, the killed server is
+/// restarted (it comes back as a stale master and the sentinels turn it
+/// into a replica) before the next. Every job that reached the replica
+/// (`WAIT 1`) must complete or be dead-lettered on the last master, the
+/// pending list must drain, and the workers must be the processes started
+/// at the beginning. Prints one `SENTINEL_CHAOS` line of figures.
+fn sentinel_chaos(jobs: usize, failovers: usize) {
+    let started = std::time::Instant::now();
+    let mut set = SentinelSet::start(3);
+    let url = set.url(None);
+    let dir = fresh_temp_dir("sentinel-chaos");
+    let runs = dir.join("echo-runs.log");
+    let mut workers: Vec<Citadel> = (0..3)
+        .map(|i| sentinel_worker(&url, &format!("chaos-{i}"), &runs, &[]))
+        .collect();
+    for w in &workers {
+        w.wait_working();
+    }
+    let pids: Vec<u32> = workers.iter().map(Citadel::pid).collect();
+    let per_round = jobs / (failovers + 1);
+    let mut all = Vec::new();
+    for round in 0..=failovers {
+        let mut conn = data_conn(set.master.port(), None).expect("the master");
+        for chunk in 0..per_round.div_ceil(20) {
+            let n = 20.min(per_round - chunk * 20);
+            let prefix = format!("c{round}-{chunk}");
+            all.extend(enqueue(&mut conn, &prefix, n, 5));
+            replicated(&mut conn);
+        }
+        if round == failovers {
+            break;
+        }
+        // Kill the master while this round's jobs run.
+        let ran_before = runs_of(&runs).len();
+        wait_until("jobs of this round to run", Duration::from_secs(60), || {
+            (runs_of(&runs).len() >= ran_before + per_round / 4).then_some(())
+        });
+        set.master.kill();
+        let promoted = set.replica.port();
+        set.wait_master(promoted, Duration::from_secs(60));
+        std::mem::swap(&mut set.master, &mut set.replica);
+        set.replica.restart();
+        set.wait_known(3);
+        wait_until(
+            "the restarted server in sync",
+            Duration::from_secs(30),
+            || {
+                let mut c = data_conn(set.replica.port(), None)?;
+                let info: String = redis::cmd("INFO").arg("replication").query(&mut c).ok()?;
+                info.contains("master_link_status:up").then_some(())
+            },
+        );
+    }
+    let last = set.master.port();
+    let done = wait_all_settled(last, &all, Duration::from_secs(180));
+    let drain = std::time::Instant::now();
+    wait_until("the pending list to drain", Duration::from_secs(60), || {
+        let mut c = data_conn(last, None)?;
+        (pending_count(&mut c, QUEUE, GROUP) == 0).then_some(())
+    });
+    let ran = runs_of(&runs);
+    let never_ran: Vec<&String> = all.iter().filter(|j| !ran.contains_key(*j)).collect();
+    let duplicates: usize = all
+        .iter()
+        .map(|j| ran.get(j).copied().unwrap_or(0).saturating_sub(1))
+        .sum();
+    let dead = done.values().filter(|o| *o == "dead-lettered").count();
+    println!(
+        "SENTINEL_CHAOS jobs={} failovers={failovers} completed={} dead_lettered={dead} lost={} \
+         duplicates={duplicates} drain_ms={} seconds={}",
+        all.len(),
+        done.len() - dead,
+        all.len() - done.len(),
+        drain.elapsed().as_millis(),
+        started.elapsed().as_secs()
+    );
+    assert!(never_ran.is_empty(), "settled but never ran: {never_ran:?}");
+    for (w, pid) in workers.iter_mut().zip(&pids) {
+        assert!(w.is_running(), "a worker exited:\n{}", w.log());
+        assert_eq!(w.pid(), *pid);
+        assert_eq!(
+            w.log()
+                .matches("Redis Sentinel: master 'citadel-test' failed over")
+                .count(),
+            failovers,
+            "each failover logged once per process"
+        );
+    }
+}
+
+#[test]
+fn sentinel_chaos_short() {
+    sentinel_chaos(400, 2);
+}
+
+/// `SENTINEL_CHAOS_JOBS` (default 5 000) and `SENTINEL_CHAOS_FAILOVERS`
+/// (default 8): `cargo test --test sentinel -- --ignored sentinel_chaos_full`.
+#[test]
+#[ignore]
+fn sentinel_chaos_full() {
+    let env = |k: &str, d: usize| {
+        std::env::var(k)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(d)
+    };
+    sentinel_chaos(
+        env("SENTINEL_CHAOS_JOBS", 5000),
+        env("SENTINEL_CHAOS_FAILOVERS", 8),
+    );
+}
