@@ -217,6 +217,22 @@ fn a_sentinel_failover_loses_no_job_and_needs_no_restart() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(String::from_utf8_lossy(&out.stdout).contains("after failover"));
+    // status and dlq read the new master too.
+    let out = citadel_cmd(&["status", "--json"])
+        .env("CITADEL_REDIS_URL", &url)
+        .output()
+        .expect("citadel status");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("status JSON");
+    assert_eq!(v["redis"]["reachable"], true, "{v}");
+    let out = citadel_cmd(&["dlq", "list"])
+        .env("CITADEL_REDIS_URL", &url)
+        .output()
+        .expect("citadel dlq list");
+    assert!(
+        out.status.success(),
+        "dlq list: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// What async replication can lose is the outcome, never the job: acks that
