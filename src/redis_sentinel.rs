@@ -182,10 +182,11 @@ impl SentinelUrl {
         };
         let user = match (&auth.username, &auth.password) {
             (None, None) => String::new(),
-            (u, p) => format!(
+            (Some(u), None) => format!("{}@", encode(u)),
+            (u, Some(p)) => format!(
                 "{}:{}@",
                 encode(u.as_deref().unwrap_or_default()),
-                encode(p.as_ref().map(|p| p.0.as_str()).unwrap_or_default())
+                encode(&p.0)
             ),
         };
         let insecure = if self.fragment == "#insecure" {
@@ -280,6 +281,9 @@ pub fn connect_master(url: &SentinelUrl, timeout: Duration) -> RedisResult<Conne
         .map_or(0, |(_, i)| *i);
     let n = url.sentinels.len();
     let mut why = Vec::new();
+    // A master that failed is not tried again for the next sentinel that
+    // names it (a blackholed one would cost a timeout each time).
+    let mut failed: Vec<String> = Vec::new();
     for i in (0..n).map(|k| (first + k) % n) {
         let (sh, sp) = &url.sentinels[i];
         let (host, port) = match ask(url, i, &auth, timeout) {
@@ -290,15 +294,22 @@ pub fn connect_master(url: &SentinelUrl, timeout: Duration) -> RedisResult<Conne
             }
         };
         let addr = bracket(&host, port);
+        if failed.contains(&addr) {
+            why.push(format!("sentinel {} names {addr} too", bracket(sh, *sp)));
+            continue;
+        }
         match open_master(&url.master_url(&host, port), timeout) {
             Ok(conn) => {
                 note_master(&key, &url.master, &addr, i);
                 return Ok(conn);
             }
-            Err(e) => why.push(format!(
-                "master {addr} (named by sentinel {}): {e}",
-                bracket(sh, *sp)
-            )),
+            Err(e) => {
+                why.push(format!(
+                    "master {addr} (named by sentinel {}): {e}",
+                    bracket(sh, *sp)
+                ));
+                failed.push(addr);
+            }
         }
     }
     Err(RedisError::from((
@@ -306,6 +317,16 @@ pub fn connect_master(url: &SentinelUrl, timeout: Duration) -> RedisResult<Conne
         "no sentinel named a reachable master",
         format!("master '{}': {}", url.master, why.join("; ")),
     )))
+}
+
+/// A client error in words: a timeout says how long was waited (the OS's
+/// own text is "Resource temporarily unavailable").
+fn said(e: &RedisError, timeout: Duration) -> String {
+    if e.is_timeout() {
+        format!("no answer within {timeout:?}")
+    } else {
+        e.to_string()
+    }
 }
 
 /// `SENTINEL get-master-addr-by-name` at sentinel `i`.
@@ -318,7 +339,7 @@ fn ask(
     let client = Client::open(url.sentinel_url(i, auth)).map_err(|e| e.to_string())?;
     let mut conn = client
         .get_connection_with_timeout(timeout)
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| said(&e, timeout))?;
     conn.set_read_timeout(Some(timeout))
         .and_then(|()| conn.set_write_timeout(Some(timeout)))
         .map_err(|e| e.to_string())?;
@@ -330,7 +351,7 @@ fn ask(
             if e.to_string().to_ascii_lowercase().contains("unknown") {
                 format!("is not a Redis Sentinel ({e})")
             } else {
-                e.to_string()
+                said(&e, timeout)
             }
         })?;
     let texts: Vec<String> = match reply {
@@ -357,13 +378,13 @@ fn open_master(url: &str, timeout: Duration) -> Result<Connection, String> {
     let client = Client::open(url).map_err(|e| e.to_string())?;
     let mut conn = client
         .get_connection_with_timeout(timeout)
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| said(&e, timeout))?;
     conn.set_read_timeout(Some(timeout))
         .and_then(|()| conn.set_write_timeout(Some(timeout)))
         .map_err(|e| e.to_string())?;
     let role: Value = redis::cmd("ROLE")
         .query(&mut conn)
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| said(&e, timeout))?;
     match role_name(&role).as_deref() {
         Some("master") => Ok(conn),
         Some(other) => Err(format!(
@@ -438,6 +459,23 @@ mod tests {
         assert_eq!(
             u.sentinel_url(0, &own),
             "redis://:s%3Ae%2Fc%40r%25t@s1:26380/#insecure"
+        );
+        let user_only = SentinelAuth {
+            username: Some("watcher".into()),
+            ..SentinelAuth::default()
+        };
+        assert_eq!(
+            u.sentinel_url(0, &user_only),
+            "rediss://watcher@s1:26380/#insecure"
+        );
+        let both = SentinelAuth {
+            username: Some("watcher".into()),
+            password: Some(Secret("pw".into())),
+            tls: None,
+        };
+        assert_eq!(
+            u.sentinel_url(2, &both),
+            "rediss://watcher:pw@s3:26379/#insecure"
         );
         let u = SentinelUrl::parse("redis+sentinel://h/m").unwrap();
         assert!(!u.tls);

@@ -652,3 +652,44 @@ fn sentinel_chaos_full() {
         env("SENTINEL_CHAOS_FAILOVERS", 8),
     );
 }
+
+/// A master that accepts connections and never answers (a blackholed
+/// host) costs one `--redis-timeout`, not one per sentinel naming it.
+#[test]
+fn a_silent_master_is_timed_out_once_not_once_per_sentinel() {
+    // The kernel completes the handshake; nobody ever reads or answers.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = silent.local_addr().expect("addr").port();
+    let s1 = Sentinel::start(port, 1, &SentinelOptions::default());
+    let s2 = Sentinel::start(port, 1, &SentinelOptions::default());
+    let url = sentinel_url(&[s1.port(), s2.port()], None);
+    let out = citadel_cmd(&[
+        "submit",
+        "--type",
+        "echo",
+        "--payload",
+        "{}",
+        "--redis-timeout",
+        "1s",
+    ])
+    .env("CITADEL_REDIS_URL", &url)
+    .output()
+    .expect("citadel submit");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains(&format!(
+            "master 127.0.0.1:{port} (named by sentinel 127.0.0.1:{}): no answer within 1s",
+            s1.port()
+        )),
+        "{err}"
+    );
+    assert!(
+        err.contains(&format!(
+            "sentinel 127.0.0.1:{} names 127.0.0.1:{port} too",
+            s2.port()
+        )),
+        "{err}"
+    );
+    drop(silent);
+}
