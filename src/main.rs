@@ -70,6 +70,7 @@ fn run() -> Result<i32, Exit> {
             Ok(0)
         }
         Command::Work | Command::Agent { .. } => {
+            redis_sentinel::announce_master();
             transport::check(&settings).map_err(|e| Exit(2, e))?;
             // Before anything starts: a port in use stops the start (exit 2)
             // when the operator chose it; the default port taken (a second

@@ -15,6 +15,7 @@ use crate::config::Secret;
 use crate::sync::lock;
 use redis::{Client, Connection, ErrorKind, RedisError, RedisResult, Value};
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, RwLock};
 use std::time::Duration;
 
@@ -54,6 +55,16 @@ pub struct SentinelAuth {
 }
 
 static AUTH: RwLock<Option<SentinelAuth>> = RwLock::new(None);
+
+/// Whether the first master found is logged at INFO (the long-running
+/// commands) rather than DEBUG (`submit`, `dlq`, `status`: their stderr is
+/// for the operator).
+static ANNOUNCE: AtomicBool = AtomicBool::new(false);
+
+/// Log the master found first at INFO from now on.
+pub fn announce_master() {
+    ANNOUNCE.store(true, Ordering::Relaxed);
+}
 
 /// Set how the sentinels are reached; `main` calls it once the settings are
 /// read, before any connection.
@@ -411,7 +422,10 @@ fn note_master(key: &str, name: &str, addr: &str, sentinel: usize) {
     let masters = masters.get_or_insert_with(HashMap::new);
     let old = masters.insert(key.to_owned(), (addr.to_owned(), sentinel));
     match old {
-        None => log::info!("Redis Sentinel: master '{name}' is at {addr}"),
+        None if ANNOUNCE.load(Ordering::Relaxed) => {
+            log::info!("Redis Sentinel: master '{name}' is at {addr}")
+        }
+        None => log::debug!("Redis Sentinel: master '{name}' is at {addr}"),
         Some((old, _)) if old != addr => {
             log::warn!("Redis Sentinel: master '{name}' failed over from {old} to {addr}")
         }

@@ -217,6 +217,8 @@ fn a_sentinel_failover_loses_no_job_and_needs_no_restart() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(String::from_utf8_lossy(&out.stdout).contains("after failover"));
+    // An operator's command does not log where the master is.
+    assert_eq!(String::from_utf8_lossy(&out.stderr), "");
     // status and dlq read the new master too.
     let out = citadel_cmd(&["status", "--json"])
         .env("CITADEL_REDIS_URL", &url)
