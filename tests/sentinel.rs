@@ -695,3 +695,55 @@ fn a_silent_master_is_timed_out_once_not_once_per_sentinel() {
     );
     drop(silent);
 }
+
+/// `--sentinel-username` with `--sentinel-password`: the sentinels are
+/// asked as that ACL user, not as `default`.
+#[test]
+fn a_sentinel_acl_user_is_asked_as_that_user() {
+    let opts = SentinelOptions {
+        sentinel_password: Some("default-pw-3b1".into()),
+        extra_conf: vec!["user watcher on >watch-pw-5e2 ~* &* +@all".into()],
+        ..SentinelOptions::default()
+    };
+    let set = SentinelSet::start_with(1, &opts);
+    let url = set.url(None);
+    let submit = |env: &[(&str, &str)], job: &str| {
+        let mut cmd = citadel_cmd(&[
+            "submit",
+            "--type",
+            "echo",
+            "--job-id",
+            job,
+            "--payload",
+            "{}",
+        ]);
+        cmd.env("CITADEL_REDIS_URL", &url);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        cmd.output().expect("citadel submit")
+    };
+    let out = submit(
+        &[
+            ("CITADEL_SENTINEL_USERNAME", "watcher"),
+            ("CITADEL_SENTINEL_PASSWORD", "watch-pw-5e2"),
+        ],
+        "acl-1",
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The same password for the default user is refused.
+    let out = submit(&[("CITADEL_SENTINEL_PASSWORD", "watch-pw-5e2")], "acl-2");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(!err.contains("watch-pw-5e2"), "{err}");
+    let mut conn = set.master.conn();
+    let ids: Vec<String> = xrange_all(&mut conn, QUEUE)
+        .into_iter()
+        .filter_map(|(_, f)| f.get("jobId").cloned())
+        .collect();
+    assert_eq!(ids, ["acl-1"]);
+}

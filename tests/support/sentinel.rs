@@ -33,6 +33,8 @@ pub struct SentinelOptions {
     pub tls_dir: Option<PathBuf>,
     /// Listen on a TLS port only (needs `tls_dir`); otherwise plain.
     pub tls_only: bool,
+    /// More lines for the sentinels' config file (e.g. ACL `user` lines).
+    pub extra_conf: Vec<String>,
 }
 
 /// One sentinel process.
@@ -92,6 +94,10 @@ impl Sentinel {
         }
         if let Some(pw) = &opts.data_password {
             text.push_str(&format!("sentinel auth-pass {MASTER_NAME} {pw}\n"));
+        }
+        for line in &opts.extra_conf {
+            text.push_str(line);
+            text.push('\n');
         }
         if let Some(certs) = &opts.tls_dir {
             let f = |name: &str| certs.join(name).display().to_string();
