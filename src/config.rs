@@ -12,7 +12,7 @@ use std::time::Duration;
 pub const SETTINGS: &[(&str, &str)] = &[
     (
         "redis-url",
-        "Redis URL (redis:// or rediss://) [redis://127.0.0.1:6379]",
+        "Redis URL (redis://, rediss://, or redis+sentinel://SENTINEL,…/MASTER-NAME) [redis://127.0.0.1:6379]",
     ),
     (
         "queue",
@@ -240,6 +240,19 @@ pub const SETTINGS: &[(&str, &str)] = &[
         "events-ttl",
         "how long an events:v1:{jobId} stream is kept after the job's terminal event [1h]",
     ),
+    // Redis Sentinel
+    (
+        "sentinel-username",
+        "ACL user for the sentinels of a redis+sentinel:// URL (the URL's user is the data nodes') [none]",
+    ),
+    (
+        "sentinel-password",
+        "password for the sentinels of a redis+sentinel:// URL (the URL's password is the data nodes') [none]",
+    ),
+    (
+        "sentinel-tls",
+        "TLS to the sentinels: auto (as the URL: rediss+sentinel:// means TLS), true or false [auto]",
+    ),
 ];
 
 /// Where jobs come from.
@@ -350,6 +363,11 @@ pub struct Settings {
     pub events_stream: bool,
     pub events_maxlen: u64,
     pub events_ttl: Duration,
+    // Redis Sentinel
+    pub sentinel_username: Option<String>,
+    pub sentinel_password: Option<Secret>,
+    /// `None`: like the data nodes (the URL's scheme).
+    pub sentinel_tls: Option<bool>,
 }
 
 impl Default for Settings {
@@ -435,6 +453,10 @@ impl Default for Settings {
             events_stream: true,
             events_maxlen: 10_000,
             events_ttl: Duration::from_secs(3600),
+            // Redis Sentinel
+            sentinel_username: None,
+            sentinel_password: None,
+            sentinel_tls: None,
         }
     }
 }
@@ -693,6 +715,15 @@ impl Settings {
                 }
             }
             "events-ttl" => self.events_ttl = positive(parse_duration(v)?)?,
+            // Redis Sentinel
+            "sentinel-username" => self.sentinel_username = Some(non_empty(v)?),
+            "sentinel-password" => self.sentinel_password = Some(Secret(non_empty(v)?)),
+            "sentinel-tls" => {
+                self.sentinel_tls = match v {
+                    "auto" => None,
+                    _ => Some(boolean(v).map_err(|_| format!("'{v}' is not auto, true or false"))?),
+                }
+            }
             _ => return Err(format!("unknown setting '{name}'")),
         }
         Ok(())
@@ -736,6 +767,15 @@ impl Settings {
 impl Settings {
     /// The bearer token for Nexus: `nexus-token`, else the stored
     /// `device-api-token`.
+    /// How the sentinels of a `redis+sentinel://` URL are reached.
+    pub fn sentinel_auth(&self) -> crate::redis_sentinel::SentinelAuth {
+        crate::redis_sentinel::SentinelAuth {
+            username: self.sentinel_username.clone(),
+            password: self.sentinel_password.clone(),
+            tls: self.sentinel_tls,
+        }
+    }
+
     pub fn nexus_bearer(&self) -> Option<&str> {
         self.nexus_token
             .as_deref()
@@ -936,6 +976,16 @@ fn check_redis_url(v: &str) -> Result<(), String> {
                 return wrong("it names no socket path");
             }
         }
+        // Resolved through the sentinels at every connect (redis_sentinel).
+        "redis+sentinel" | "rediss+sentinel" => {
+            return match crate::redis_sentinel::SentinelUrl::parse(v) {
+                Ok(_) => Ok(()),
+                Err(what) => Err(format!(
+                    "'{shown}' is not a Redis Sentinel URL: {what} (write {})",
+                    crate::redis_sentinel::FORM
+                )),
+            };
+        }
         other => return wrong(&format!("{other}:// is not a Redis scheme")),
     }
     // The client's own parser has the last word (query options, fragments).
@@ -1113,6 +1163,7 @@ mod tests {
                 "metrics-addr" => "127.0.0.1:0",
                 "gpu-high-temp" => "90",
                 "gpu-telemetry" => "nvidia-smi",
+                "sentinel-tls" => "true",
                 n if n.contains("retries")
                     || n.contains("max")
                     || n.ends_with("-attempts")
@@ -1247,9 +1298,19 @@ mod tests {
             "rediss://h:6380/#insecure",
             "redis://[::1]:6379",
             "unix:///run/redis.sock",
+            "redis+sentinel://127.0.0.1:26379,127.0.0.1:26380/mymaster",
+            "rediss+sentinel://app:pw@[::1]:26379,s2/mymaster/3",
         ] {
             assert_eq!(check_redis_url(good), Ok(()), "{good}");
         }
+        let err = check_redis_url("redis+sentinel://u:s3cret@h1,,h2/m").unwrap_err();
+        assert!(err.contains("'redis+sentinel://u:***@h1,,h2/m'"), "{err}");
+        assert!(
+            err.contains("is not a Redis Sentinel URL: it names no sentinel host"),
+            "{err}"
+        );
+        assert!(err.contains("(write redis+sentinel://"), "{err}");
+        assert!(!err.contains("s3cret"), "{err}");
     }
 
     #[test]

@@ -18,6 +18,7 @@ mod observe;
 #[cfg(test)]
 mod proptests;
 mod redis_conn;
+mod redis_sentinel;
 mod run_job;
 mod sync;
 #[cfg(test)]
@@ -45,6 +46,7 @@ fn main() {
 fn run() -> Result<i32, Exit> {
     let cli = cli::parse(std::env::args_os().skip(1)).map_err(|e| Exit(2, e))?;
     let settings = cli.settings;
+    redis_sentinel::configure(settings.sentinel_auth());
     let executor = || {
         let profile = node::profile::LiveProfile::load(&settings);
         let policy = worker::exec::RetryPolicy {
@@ -68,6 +70,7 @@ fn run() -> Result<i32, Exit> {
             Ok(0)
         }
         Command::Work | Command::Agent { .. } => {
+            redis_sentinel::announce_master();
             transport::check(&settings).map_err(|e| Exit(2, e))?;
             // Before anything starts: a port in use stops the start (exit 2)
             // when the operator chose it; the default port taken (a second
