@@ -227,6 +227,19 @@ pub const SETTINGS: &[(&str, &str)] = &[
         "gpu-telemetry",
         "where heartbeat GPU figures come from: auto (NVML when built in and the driver library loads, else nvidia-smi) or nvidia-smi [auto]",
     ),
+    // events stream
+    (
+        "events-stream",
+        "also append every job event to the replayable stream events:v1:{jobId}; false = Pub/Sub only [true]",
+    ),
+    (
+        "events-maxlen",
+        "approximate cap (MAXLEN ~) of each events:v1:{jobId} stream [10000]",
+    ),
+    (
+        "events-ttl",
+        "how long an events:v1:{jobId} stream is kept after the job's terminal event [1h]",
+    ),
     // gateway
     (
         "gateway-listen",
@@ -378,6 +391,10 @@ pub struct Settings {
     pub gpu_high_temp: f64,
     /// `auto` or `nvidia-smi`.
     pub gpu_telemetry: String,
+    // events stream
+    pub events_stream: bool,
+    pub events_maxlen: u64,
+    pub events_ttl: Duration,
     // gateway
     pub gateway_listen: String,
     /// Model → where its jobs go, in the order given.
@@ -481,6 +498,10 @@ impl Default for Settings {
             metrics_addr_set: false,
             gpu_high_temp: 85.0,
             gpu_telemetry: "auto".into(),
+            // events stream
+            events_stream: true,
+            events_maxlen: 10_000,
+            events_ttl: Duration::from_secs(3600),
             // gateway
             gateway_listen: "127.0.0.1:8088".into(),
             gateway_routes: Vec::new(),
@@ -741,6 +762,17 @@ impl Settings {
                 "auto" | "nvidia-smi" => self.gpu_telemetry = v.to_owned(),
                 _ => return Err(format!("'{v}' is not auto or nvidia-smi")),
             },
+            // events stream
+            "events-stream" => self.events_stream = boolean(v)?,
+            "events-maxlen" => {
+                self.events_maxlen = number(v)?;
+                if self.events_maxlen == 0 {
+                    return Err(
+                        "must be at least 1 (turn the stream off with events-stream=false)".into(),
+                    );
+                }
+            }
+            "events-ttl" => self.events_ttl = positive(parse_duration(v)?)?,
             // gateway
             "gateway-listen" => self.gateway_listen = listen_addr(v)?,
             "gateway-routes" => {
@@ -1256,7 +1288,7 @@ mod tests {
                 "service-args" => "vllm=--model m",
                 "service-bind" => "127.0.0.1",
                 "max-job-size" | "shell-output-cap" => "4096",
-                "allow-shell" | "tag-streams" | "allow-ssh-control" => "true",
+                "allow-shell" | "tag-streams" | "allow-ssh-control" | "events-stream" => "true",
                 "ssh-unit" => "sshd.service",
                 "metrics-addr" => "127.0.0.1:0",
                 "gpu-high-temp" => "90",
@@ -1324,6 +1356,13 @@ mod tests {
         }
         s.set("llamacpp-url", "http://127.0.0.1:8081/").unwrap();
         assert_eq!(s.llamacpp_url, "http://127.0.0.1:8081");
+        assert!(s
+            .set("events-maxlen", "0")
+            .unwrap_err()
+            .contains("events-stream=false"));
+        assert!(s.set("events-maxlen", "-5").is_err());
+        assert!(s.set("events-ttl", "0s").is_err());
+        assert!(s.set("events-stream", "sometimes").is_err());
     }
 
     #[test]

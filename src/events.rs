@@ -42,6 +42,12 @@ pub fn channel(job_id: &str) -> String {
     format!("stream:v1:{job_id}")
 }
 
+/// The replayable copy of a job's events (PROTOCOL.md §7): a stream with
+/// one field `event` holding the same JSON as the channel's message.
+pub fn events_key(job_id: &str) -> String {
+    format!("events:v1:{job_id}")
+}
+
 /// One event as its JSON text. Written piece by piece (the node's meta is
 /// spliced in as ready text), in the contract's key order.
 pub fn event(

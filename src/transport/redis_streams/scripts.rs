@@ -26,19 +26,20 @@ local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[4], ARGV[4], 1)
 if not p[1] or p[1][2] ~= ARGV[2] then return 0 end
 ";
 
-/// KEYS: stream, lock, status key, dead-letter stream. ARGV: group,
-/// consumer, token, entry id, status ('' = no job id: no status), updated_at,
-/// status ttl, error ('' = none), channel, terminal event ('' = none),
-/// dead-letter MAXLEN ('0' = none), then the dead letter's fields (none =
-/// not dead-lettered).
+/// KEYS: stream, lock, status key, dead-letter stream, events stream.
+/// ARGV: group, consumer, token, entry id, status ('' = no job id: no
+/// status), updated_at, status ttl, error ('' = none), channel, terminal
+/// event ('' = none), dead-letter MAXLEN ('0' = none), events MAXLEN ('0' =
+/// no events stream), events ttl, then the dead letter's fields (none = not
+/// dead-lettered).
 const SETTLE: &str = r"
-if #ARGV > 11 then
+if #ARGV > 13 then
   local xadd = {'XADD', KEYS[4]}
   if ARGV[11] ~= '0' then
     xadd[#xadd + 1] = 'MAXLEN'; xadd[#xadd + 1] = '~'; xadd[#xadd + 1] = ARGV[11]
   end
   xadd[#xadd + 1] = '*'
-  for i = 12, #ARGV do xadd[#xadd + 1] = ARGV[i] end
+  for i = 14, #ARGV do xadd[#xadd + 1] = ARGV[i] end
   redis.call(unpack(xadd))
 end
 if ARGV[5] ~= '' then
@@ -51,16 +52,27 @@ if ARGV[5] ~= '' then
   redis.call('EXPIRE', KEYS[3], ARGV[7])
 end
 redis.call('XACK', KEYS[1], ARGV[1], ARGV[4])
-if ARGV[10] ~= '' then redis.call('PUBLISH', ARGV[9], ARGV[10]) end
+if ARGV[10] ~= '' then
+  if ARGV[12] ~= '0' then
+    redis.call('XADD', KEYS[5], 'MAXLEN', '~', ARGV[12], '*', 'event', ARGV[10])
+    redis.call('EXPIRE', KEYS[5], ARGV[13])
+  end
+  redis.call('PUBLISH', ARGV[9], ARGV[10])
+end
 return 1
 ";
 
-/// KEYS: stream, lock, status key. ARGV: group, consumer, token, entry id,
-/// updated_at, status ttl, channel, start event.
+/// KEYS: stream, lock, status key, events stream. ARGV: group, consumer,
+/// token, entry id, updated_at, status ttl, channel, start event, events
+/// MAXLEN ('0' = no events stream), events ttl while the job runs.
 const START: &str = r"
 redis.call('HSET', KEYS[3], 'status', 'processing', 'worker_id', ARGV[2], 'updated_at', ARGV[5])
 redis.call('HDEL', KEYS[3], 'error')
 redis.call('EXPIRE', KEYS[3], ARGV[6])
+if ARGV[9] ~= '0' then
+  redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[9], '*', 'event', ARGV[8])
+  redis.call('EXPIRE', KEYS[4], ARGV[10])
+end
 redis.call('PUBLISH', ARGV[7], ARGV[8])
 return 1
 ";
@@ -98,8 +110,9 @@ impl Scripts {
         dead_letter: Option<(&str, &str)>,
     ) -> Cmd {
         let s = &st.settings;
-        let mut cmd = call(&self.settle, 4, st, e);
-        cmd.arg(dead_letter::stream_for(&e.stream));
+        let mut cmd = call(&self.settle, 5, st, e);
+        cmd.arg(dead_letter::stream_for(&e.stream))
+            .arg(events_key(e));
         cmd.arg(&s.group)
             .arg(&st.consumer)
             .arg(&st.lock.token)
@@ -110,7 +123,9 @@ impl Scripts {
             .arg(error.unwrap_or_default())
             .arg(events::channel(e.job_id.as_deref().unwrap_or_default()))
             .arg(event.filter(|_| e.job_id.is_some()).unwrap_or_default())
-            .arg(s.dlq_maxlen);
+            .arg(s.dlq_maxlen)
+            .arg(events_maxlen(st))
+            .arg(s.events_ttl.as_secs());
         if let Some((reason, error)) = dead_letter {
             for (k, v) in dead_letter::fields(e, reason, error, &st.consumer) {
                 cmd.arg(k).arg(v);
@@ -121,17 +136,44 @@ impl Scripts {
 
     /// `processing` status and the `start` event of `e`.
     pub fn start(&self, st: &StreamsState, e: &Entry, event: &str) -> Cmd {
-        let mut cmd = call(&self.start, 3, st, e);
-        cmd.arg(&st.settings.group)
+        let mut cmd = call(&self.start, 4, st, e);
+        cmd.arg(events_key(e))
+            .arg(&st.settings.group)
             .arg(&st.consumer)
             .arg(&st.lock.token)
             .arg(&e.id)
             .arg(crate::clock::now_rfc3339())
             .arg(st.settings.status_ttl.as_secs())
             .arg(events::channel(e.job_id.as_deref().unwrap_or_default()))
-            .arg(event);
+            .arg(event)
+            .arg(events_maxlen(st))
+            .arg(running_events_ttl(st));
         cmd
     }
+}
+
+/// The `events:v1:{jobId}` stream of `e`'s job.
+pub fn events_key(e: &Entry) -> String {
+    events::events_key(e.job_id.as_deref().unwrap_or_default())
+}
+
+/// The events stream's MAXLEN, `0` when the stream is turned off.
+pub fn events_maxlen(st: &StreamsState) -> u64 {
+    let s = &st.settings;
+    if s.events_stream {
+        s.events_maxlen
+    } else {
+        0
+    }
+}
+
+/// The events stream's lifetime while its job runs (set at `claimed` and
+/// `start`): as long as the status record's, so a job that never ends
+/// (its entry deleted, say) does not leave its stream forever, and at least
+/// the ttl after the end.
+pub fn running_events_ttl(st: &StreamsState) -> u64 {
+    let s = &st.settings;
+    s.status_ttl.max(s.events_ttl).as_secs()
 }
 
 /// EVALSHA of `sha` with `keys` keys, the first three of which every

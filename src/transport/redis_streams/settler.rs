@@ -14,7 +14,7 @@
 //! reply was lost is sent again without them, so nobody sees an event twice.
 
 use super::entry::Entry;
-use super::scripts::{Scripts, RENEW_LEASE};
+use super::scripts::{events_key, events_maxlen, running_events_ttl, Scripts, RENEW_LEASE};
 use super::StreamsState;
 use crate::backoff::Outage;
 use crate::events::{self, NodeFacts};
@@ -215,7 +215,22 @@ impl Settler {
         let mut pipe = redis::pipe();
         for step in &steps {
             match step {
-                Step::Publish(e, json, _) => {
+                Step::Publish(e, json, chunk) => {
+                    let maxlen = events_maxlen(&st);
+                    if maxlen > 0 {
+                        let key = events_key(e);
+                        pipe.cmd("XADD")
+                            .arg(&key)
+                            .arg("MAXLEN")
+                            .arg("~")
+                            .arg(maxlen)
+                            .arg("*")
+                            .arg("event")
+                            .arg(json);
+                        if !chunk {
+                            pipe.cmd("EXPIRE").arg(key).arg(running_events_ttl(&st));
+                        }
+                    }
                     pipe.cmd("PUBLISH")
                         .arg(events::channel(e.job_id.as_deref().unwrap_or_default()))
                         .arg(json);
@@ -245,11 +260,18 @@ impl Settler {
         let mut keep = vec![false; self.backlog.len()];
         let mut trouble: Option<(Fault, RedisError)> = None;
         let mut name_missing = false;
-        for (step, reply) in steps.iter().zip(replies) {
-            let refused = match &reply {
-                Value::ServerError(e) => Some(RedisError::from(e.clone())),
-                _ => None,
-            };
+        let mut replies = replies.into_iter();
+        for step in &steps {
+            // A plain event is its events-stream append (and its ttl) and
+            // its PUBLISH; it counts as refused when any of them was.
+            let mut reply = Value::Nil;
+            let mut refused = None;
+            for _ in 0..commands_of(step, &st) {
+                reply = replies.next().unwrap_or(Value::Nil);
+                if let Value::ServerError(e) = &reply {
+                    refused.get_or_insert_with(|| RedisError::from(e.clone()));
+                }
+            }
             match (step, refused) {
                 (Step::Publish(_, _, chunk), None) => {
                     if *chunk {
@@ -499,6 +521,22 @@ impl Settler {
             }
             Fault::NoGroup | Fault::Refused => log::warn!("lease/cancel check failed: {e}"),
         }
+    }
+}
+
+/// How many pipeline commands `step` is: a script call is one; a plain
+/// event is its PUBLISH, after its events-stream XADD (and, but for chunks,
+/// the stream's EXPIRE) when that stream is on.
+fn commands_of(step: &Step, st: &StreamsState) -> usize {
+    match step {
+        Step::Publish(_, _, chunk) if events_maxlen(st) > 0 => {
+            if *chunk {
+                2
+            } else {
+                3
+            }
+        }
+        _ => 1,
     }
 }
 
