@@ -362,6 +362,7 @@ fn completion(gw: &Gateway, rq: Request, ask: &Ask, conn: Option<&Conn>) {
         id: job_id,
         conn,
         pending: Vec::new(),
+        chunks: 0,
     };
     // Claimed within the setting, or withdrawn.
     match job.wait_claimed() {
@@ -400,6 +401,8 @@ struct Job<'a> {
     conn: Option<&'a Conn>,
     /// Events read and not yet handled.
     pending: Vec<Read>,
+    /// Chunks passed on (the next index expected).
+    chunks: u64,
 }
 
 impl Job<'_> {
@@ -421,7 +424,17 @@ impl Job<'_> {
         let mut retry = backoff::Backoff::new(Duration::from_millis(50), Duration::from_secs(1));
         loop {
             if !self.pending.is_empty() {
-                return Ok(Some(self.pending.remove(0)));
+                let r = self.pending.remove(0);
+                if r.kind() == "chunk" {
+                    // A redelivered job streams again from index 0 (PROTOCOL.md
+                    // §2.1): what was passed on already is not repeated.
+                    let index = r.event["data"]["index"].as_u64().unwrap_or(self.chunks);
+                    if index < self.chunks {
+                        continue;
+                    }
+                    self.chunks = index + 1;
+                }
+                return Ok(Some(r));
             }
             if self.gone() {
                 return Err(Stop::Gone);
