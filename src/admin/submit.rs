@@ -84,6 +84,8 @@ fn print_events(settings: &Settings, job_id: &str, from: &str) -> Result<i32, Ex
     let mut at_line_start = true;
     let mut retry = backoff::Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
     let mut down = false;
+    // A redelivered job streams again from index 0: chunks printed already are not repeated.
+    let mut printed = 0u64;
     loop {
         let events = match follower.next(Duration::from_secs(1)) {
             Ok(e) => e,
@@ -122,6 +124,11 @@ fn print_events(settings: &Settings, job_id: &str, from: &str) -> Result<i32, Ex
             let data = &read.event["data"];
             match read.kind() {
                 "chunk" => {
+                    let index = data["index"].as_u64().unwrap_or(printed);
+                    if index < printed {
+                        continue;
+                    }
+                    printed = index + 1;
                     let text = data["content"].as_str().unwrap_or_default();
                     let _ = out.write_all(text.as_bytes()).and_then(|_| out.flush());
                     at_line_start = text.ends_with('\n');
