@@ -846,3 +846,135 @@ fn a_follower_whose_connection_is_killed_goes_on_without_gaps_or_repeats() {
     assert_eq!(stdout.lines().next(), Some(all.as_str()), "{stdout}");
     drop(w);
 }
+
+// ---------------------------------------------------------------------------
+// More ways a request ends
+// ---------------------------------------------------------------------------
+
+fn wait_status(redis: &RedisServer, job: &str, want: &str) {
+    let mut c = redis.conn();
+    wait_until(&format!("job {job} to end {want}"), WAIT, || {
+        (hgetall(&mut c, &format!("job:{job}:status")).get("status") == Some(&want.to_owned()))
+            .then_some(())
+    });
+}
+
+/// The id of the only gateway job Redis knows, once its status exists.
+fn only_job(redis: &RedisServer) -> String {
+    let mut c = redis.conn();
+    wait_until("the gateway's job", WAIT, || {
+        let keys: Vec<String> = redis::cmd("KEYS")
+            .arg("job:gw-*:status")
+            .query(&mut c)
+            .ok()?;
+        keys.first().map(|k| {
+            k.trim_start_matches("job:")
+                .trim_end_matches(":status")
+                .to_owned()
+        })
+    })
+}
+
+#[test]
+fn a_client_leaving_a_whole_answer_cancels_the_job_too() {
+    let st = stack(FakeEngine::always(Reply::sse().hang()), &[], true);
+    let mut s = TcpStream::connect(&st.addr).unwrap();
+    s.write_all(&request(
+        "POST",
+        "/v1/chat/completions",
+        &[],
+        chat(false).to_string().as_bytes(),
+    ))
+    .unwrap();
+    st.engine.wait_requests(1, WAIT);
+    let job = only_job(&st.redis);
+    drop(s);
+    wait_status(&st.redis, &job, "cancelled");
+    st.engine.wait_closed(0, WAIT);
+}
+
+#[test]
+fn stopping_the_gateway_cancels_the_jobs_it_answers() {
+    let mut st = stack(FakeEngine::always(Reply::sse().hang()), &[], true);
+    let mut s = TcpStream::connect(&st.addr).unwrap();
+    s.write_all(&request(
+        "POST",
+        "/v1/chat/completions",
+        &[],
+        chat(true).to_string().as_bytes(),
+    ))
+    .unwrap();
+    st.engine.wait_requests(1, WAIT);
+    let job = only_job(&st.redis);
+    st.gateway.sigterm();
+    assert!(st.gateway.wait_exit(WAIT).is_some_and(|s| s.success()));
+    wait_status(&st.redis, &job, "cancelled");
+}
+
+#[test]
+fn redis_unreachable_is_503_and_health_says_so() {
+    let mut st = stack(
+        FakeEngine::start(vec![]),
+        &["--redis-timeout", "500ms"],
+        false,
+    );
+    st.redis.kill();
+    let e = post(&st.addr, "/v1/chat/completions", &chat(false)).error(503);
+    assert_eq!(e["code"], "fabric_unavailable");
+    let r = exchange(&st.addr, &request("GET", "/healthz", &[], b""));
+    assert_eq!(r.status, 503);
+    assert_eq!(r.json()["status"], "unavailable");
+}
+
+#[test]
+fn a_redelivered_job_does_not_repeat_the_chunks_already_sent() {
+    // First run: 3 chunks, then the worker dies; the second worker's run
+    // streams all 5 from index 0.
+    let first = Reply::sse()
+        .send(vllm_event("t0 ", None))
+        .send(vllm_event("t1 ", None))
+        .send(vllm_event("t2 ", None))
+        .hang();
+    let engine = FakeEngine::start(vec![
+        first,
+        vllm_stream(&["t0 ", "t1 ", "t2 ", "t3 ", "t4"]),
+    ]);
+    let redis = RedisServer::start();
+    let fast = ["--vllm-url", &engine.url(), "--claim-idle", "1s"];
+    let mut dying = support::worker(&redis, "dying", &fast);
+    dying.wait_working();
+    let (_g, addr) = gateway(&redis, &[]);
+    let mut s = TcpStream::connect(&addr).unwrap();
+    s.set_read_timeout(Some(WAIT)).unwrap();
+    s.write_all(&request(
+        "POST",
+        "/v1/chat/completions",
+        &[],
+        chat(true).to_string().as_bytes(),
+    ))
+    .unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(&got).contains("t2 ") {
+        let n = s.read(&mut buf).unwrap();
+        assert!(n > 0);
+        got.extend_from_slice(&buf[..n]);
+    }
+    dying.kill9();
+    let heir = support::worker(&redis, "heir", &fast);
+    heir.wait_working();
+    let _ = s.read_to_end(&mut got);
+    let r = parse_response(&got);
+    let texts: Vec<String> = sse_events(&r.text())
+        .iter()
+        .filter_map(|e| serde_json::from_str::<Json>(e).ok())
+        .filter_map(|v| {
+            v["choices"][0]["delta"]["content"]
+                .as_str()
+                .map(str::to_owned)
+        })
+        .filter(|t| !t.is_empty())
+        .collect();
+    assert_eq!(texts, ["t0 ", "t1 ", "t2 ", "t3 ", "t4"], "{}", r.text());
+    assert!(r.text().ends_with("data: [DONE]\n\n"));
+}

@@ -5,7 +5,7 @@
 use super::{connect, Exit};
 use crate::cli::Submit;
 use crate::config::Settings;
-use crate::follow::Follower;
+use crate::follow::{Follower, Seam};
 use crate::{backoff, clock};
 use serde_json::Value;
 use std::io::Write;
@@ -84,8 +84,7 @@ fn print_events(settings: &Settings, job_id: &str, from: &str) -> Result<i32, Ex
     let mut at_line_start = true;
     let mut retry = backoff::Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
     let mut down = false;
-    // A redelivered job streams again from index 0: chunks printed already are not repeated.
-    let mut printed = 0u64;
+    let mut seam = Seam::default();
     loop {
         let events = match follower.next(Duration::from_secs(1)) {
             Ok(e) => e,
@@ -123,12 +122,8 @@ fn print_events(settings: &Settings, job_id: &str, from: &str) -> Result<i32, Ex
         for read in events {
             let data = &read.event["data"];
             match read.kind() {
+                _ if !seam.keep(&read) => {}
                 "chunk" => {
-                    let index = data["index"].as_u64().unwrap_or(printed);
-                    if index < printed {
-                        continue;
-                    }
-                    printed = index + 1;
                     let text = data["content"].as_str().unwrap_or_default();
                     let _ = out.write_all(text.as_bytes()).and_then(|_| out.flush());
                     at_line_start = text.ends_with('\n');

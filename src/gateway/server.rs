@@ -7,7 +7,7 @@ use super::front::{self, Conn};
 use super::openai::{self, Answer, ApiError, Ask, Endpoint};
 use super::sse::SseWriter;
 use crate::config::Settings;
-use crate::follow::{Follower, Read};
+use crate::follow::{Follower, Read, Seam};
 use crate::{backoff, clock, redis_conn};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
@@ -362,7 +362,7 @@ fn completion(gw: &Gateway, rq: Request, ask: &Ask, conn: Option<&Conn>) {
         id: job_id,
         conn,
         pending: Vec::new(),
-        chunks: 0,
+        seam: Seam::default(),
     };
     // Claimed within the setting, or withdrawn.
     match job.wait_claimed() {
@@ -401,8 +401,8 @@ struct Job<'a> {
     conn: Option<&'a Conn>,
     /// Events read and not yet handled.
     pending: Vec<Read>,
-    /// Chunks passed on (the next index expected).
-    chunks: u64,
+    /// A redelivered job's chunks are not passed on twice.
+    seam: Seam,
 }
 
 impl Job<'_> {
@@ -425,16 +425,10 @@ impl Job<'_> {
         loop {
             if !self.pending.is_empty() {
                 let r = self.pending.remove(0);
-                if r.kind() == "chunk" {
-                    // A redelivered job streams again from index 0 (PROTOCOL.md
-                    // §2.1): what was passed on already is not repeated.
-                    let index = r.event["data"]["index"].as_u64().unwrap_or(self.chunks);
-                    if index < self.chunks {
-                        continue;
-                    }
-                    self.chunks = index + 1;
+                if self.seam.keep(&r) {
+                    return Ok(Some(r));
                 }
-                return Ok(Some(r));
+                continue;
             }
             if self.gone() {
                 return Err(Stop::Gone);
