@@ -91,6 +91,8 @@ pub struct Follower {
     key: String,
     last_id: String,
     conn: Option<redis::Connection>,
+    /// The BLOCK the connection's read timeout was last set for.
+    read_timeout: Option<Duration>,
 }
 
 /// Entries read per XREAD: a long stream is read in pieces.
@@ -106,6 +108,7 @@ impl Follower {
             key: events_key(job_id),
             last_id: from.to_owned(),
             conn: None,
+            read_timeout: None,
         }
     }
 
@@ -123,6 +126,7 @@ impl Follower {
         let result = self.read(block);
         if result.is_err() {
             self.conn = None;
+            self.read_timeout = None;
         }
         result
     }
@@ -136,11 +140,16 @@ impl Follower {
                 self.timeout,
                 block + self.timeout,
             )?);
+            self.read_timeout = Some(block);
         }
         let Some(conn) = self.conn.as_mut() else {
             return Ok(Vec::new());
         };
-        conn.set_read_timeout(Some(block + self.timeout))?;
+        // One setsockopt per change, not per read (a read per token).
+        if self.read_timeout != Some(block) {
+            conn.set_read_timeout(Some(block + self.timeout))?;
+            self.read_timeout = Some(block);
+        }
         let reply: Redis = redis::cmd("XREAD")
             .arg("COUNT")
             .arg(COUNT)

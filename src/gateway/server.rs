@@ -12,7 +12,7 @@ use crate::{backoff, clock, redis_conn};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 use std::cell::RefCell;
-use std::collections::HashSet;
+use std::collections::{HashSet, VecDeque};
 use std::io::Read as _;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -361,7 +361,7 @@ fn completion(gw: &Gateway, rq: Request, ask: &Ask, conn: Option<&Conn>) {
         follower: Follower::new(&s.redis_url, s.redis_timeout, &job_id, "0"),
         id: job_id,
         conn,
-        pending: Vec::new(),
+        pending: VecDeque::new(),
         seam: Seam::default(),
     };
     // Claimed within the setting, or withdrawn.
@@ -400,7 +400,7 @@ struct Job<'a> {
     follower: Follower,
     conn: Option<&'a Conn>,
     /// Events read and not yet handled.
-    pending: Vec<Read>,
+    pending: VecDeque<Read>,
     /// A redelivered job's chunks are not passed on twice.
     seam: Seam,
 }
@@ -424,7 +424,9 @@ impl Job<'_> {
         let mut retry = backoff::Backoff::new(Duration::from_millis(50), Duration::from_secs(1));
         loop {
             if !self.pending.is_empty() {
-                let r = self.pending.remove(0);
+                let Some(r) = self.pending.pop_front() else {
+                    continue;
+                };
                 if self.seam.keep(&r) {
                     return Ok(Some(r));
                 }
@@ -441,7 +443,7 @@ impl Job<'_> {
             match self.follower.next(left.min(Duration::from_millis(250))) {
                 Ok(events) => {
                     retry.reset();
-                    self.pending = events;
+                    self.pending = events.into();
                 }
                 Err(e) => {
                     log::warn!(
@@ -472,7 +474,7 @@ impl Job<'_> {
             Some(r) if r.kind() == "claimed" => Ok(()),
             // Any other first event (a malformed job's error): the answer handles it.
             Some(r) => {
-                self.pending.insert(0, r);
+                self.pending.push_front(r);
                 Ok(())
             }
         }
