@@ -214,6 +214,12 @@ fn rewrite_head(head: &[u8], id: u64) -> Result<(Vec<u8>, Body), &'static str> {
     Ok((out.into_bytes(), body))
 }
 
+/// [`rewrite_head`]'s head, for the property tests.
+#[cfg(test)]
+pub fn rewrite_head_for_tests(head: &[u8], id: u64) -> Result<Vec<u8>, &'static str> {
+    rewrite_head(head, id).map(|(h, _)| h)
+}
+
 fn serve(client: TcpStream, socket: &Path, limits: &Limits, id: u64, conn: &Conn) {
     let Ok(inner) = UnixStream::connect(socket) else {
         return;

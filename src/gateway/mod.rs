@@ -9,6 +9,8 @@
 
 mod front;
 mod openai;
+#[cfg(test)]
+mod proptests;
 mod server;
 mod sse;
 
