@@ -685,6 +685,49 @@ mod tests {
     }
 
     #[test]
+    fn gateway_flags_repeat_and_follow_takes_a_job_and_an_id() {
+        let cli = parse_args(&[
+            "gateway",
+            "--listen",
+            "127.0.0.1:9000",
+            "--route",
+            "a=vllm",
+            "--route=b=ollama@jobs:v1:b",
+            "--api-key",
+            "sk-12345678",
+            "--api-key",
+            "sk-87654321",
+            "--insecure-no-auth",
+        ])
+        .unwrap();
+        assert_eq!(cli.command, Command::Gateway);
+        let s = &cli.settings;
+        assert_eq!(s.gateway_listen, "127.0.0.1:9000");
+        assert_eq!(s.gateway_routes.len(), 2);
+        assert_eq!(s.gateway_routes[1].queue.as_deref(), Some("jobs:v1:b"));
+        assert_eq!(s.gateway_api_keys.len(), 2);
+        assert!(s.insecure_no_auth);
+        assert!(parse_args(&["gateway", "--route", "nonsense"])
+            .unwrap_err()
+            .contains("--gateway-routes"));
+        assert!(parse_args(&["work", "--listen", "127.0.0.1:1"]).is_err());
+        assert_eq!(
+            parse_args(&["follow", "j-1", "--from", "17-3"])
+                .unwrap()
+                .command,
+            Command::Follow {
+                job_id: "j-1".into(),
+                from: "17-3".into()
+            }
+        );
+        assert!(matches!(
+            parse_args(&["follow", "j-1"]).unwrap().command,
+            Command::Follow { from, .. } if from == "0"
+        ));
+        assert!(parse_args(&["follow"]).unwrap_err().contains("job id"));
+    }
+
+    #[test]
     fn every_command_has_help() {
         for topic in [
             "", "work", "agent", "up", "run-job", "submit", "dlq", "status", "services", "version",
