@@ -404,6 +404,22 @@ fn bad_requests_are_openai_errors_naming_the_field_and_enqueue_nothing() {
         &request("POST", "/v1/completions", &[], big.as_bytes()),
     )
     .error(413);
+    // Within the body limit but over the workers' --max-job-size.
+    let st2 = stack(
+        FakeEngine::start(vec![]),
+        &["--max-job-size", "1000"],
+        false,
+    );
+    let big = format!(r#"{{"model":"m","prompt":"{}"}}"#, "x".repeat(2000));
+    let e = exchange(
+        &st2.addr,
+        &request("POST", "/v1/completions", &[], big.as_bytes()),
+    )
+    .error(413);
+    assert!(
+        e["message"].as_str().unwrap().contains("--max-job-size"),
+        "{e}"
+    );
     // Chunked request bodies: no length to check, refused.
     let r = exchange(
         addr,

@@ -331,6 +331,19 @@ fn completion(gw: &Gateway, rq: Request, ask: &Ask, conn: Option<&Conn>) {
     );
     let timeout_ms = s.gateway_job_timeout.as_millis() as u64;
     let payload = openai::payload(ask, backend, timeout_ms).to_string();
+    // Workers dead-letter entries over --max-job-size as malformed: say so now.
+    let entry_bytes = payload.len() + job_id.len() + 96;
+    if entry_bytes > s.max_job_size {
+        let e = ApiError::new(
+            413,
+            "invalid_request_error",
+            format!(
+                "the job would be {entry_bytes} bytes; workers take at most --max-job-size {} bytes",
+                s.max_job_size
+            ),
+        );
+        return respond_error(rq, &e, None);
+    }
     let enqueued = with_redis(s, |c| {
         redis::cmd("XADD")
             .arg(queue)
