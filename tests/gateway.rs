@@ -563,7 +563,7 @@ fn no_worker_is_503_with_retry_after_and_the_job_is_withdrawn() {
 }
 
 #[test]
-fn a_job_past_its_deadline_is_504_and_cancelled() {
+fn a_job_past_its_deadline_is_504_and_the_engine_is_let_go() {
     let st = stack(
         FakeEngine::always(Reply::sse().hang()),
         &["--gateway-job-timeout", "500ms"],
@@ -573,6 +573,13 @@ fn a_job_past_its_deadline_is_504_and_cancelled() {
     let r = post(&st.addr, "/v1/chat/completions", &chat(false));
     assert_eq!(r.error(504)["code"], "job_deadline_exceeded");
     assert!(t.elapsed() < WAIT);
+    // The worker's deadline (the job's timeout_ms) ended it, and the engine stream.
+    let job = only_job(&st.redis);
+    wait_status(&st.redis, &job, "failed");
+    st.engine.wait_closed(0, WAIT);
+    // A stream past its deadline: the same status, before the first byte.
+    let r = post(&st.addr, "/v1/chat/completions", &chat(true));
+    r.error(504);
 }
 
 #[test]
