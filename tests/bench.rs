@@ -547,20 +547,21 @@ fn bench_model_download() {
 /// chunk received, per path. Prints time to first token and per-token
 /// latency (p50/p99) of both, the difference (the gateway's added latency;
 /// target p99 ≤ 2 ms per token) and gateway + worker CPU.
-/// `BENCH_GW_TOKENS` (default 200) tokens per stream, one every
+/// `BENCH_GW_STREAMS` (default 64) streams of
+/// `BENCH_GW_TOKENS` (default 200) tokens, one every
 /// `BENCH_GW_TOKEN_US` (default 10 000 µs: 100 tokens/s per stream).
 #[test]
 #[ignore]
 fn bench_gateway_stream() {
     use std::io::{BufRead, BufReader, Write};
     use support::fake_engine::{FakeEngine, Reply};
-    const STREAMS: usize = 64;
     let env = |k: &str, d: u64| {
         std::env::var(k)
             .ok()
             .and_then(|n| n.parse().ok())
             .unwrap_or(d)
     };
+    let streams = env("BENCH_GW_STREAMS", 64) as usize;
     let tokens = env("BENCH_GW_TOKENS", 200) as usize;
     let pace = Duration::from_micros(env("BENCH_GW_TOKEN_US", 10_000));
     mono_ns();
@@ -640,13 +641,13 @@ fn bench_gateway_stream() {
     let run = |addr: &str, path: &str| -> (Vec<u64>, Vec<u64>, f64) {
         let t = Instant::now();
         let results: Vec<(u64, Vec<u64>)> = std::thread::scope(|s| {
-            let hs: Vec<_> = (0..STREAMS).map(|_| s.spawn(|| one(addr, path))).collect();
+            let hs: Vec<_> = (0..streams).map(|_| s.spawn(|| one(addr, path))).collect();
             hs.into_iter().map(|h| h.join().unwrap()).collect()
         });
         let secs = t.elapsed().as_secs_f64();
         let mut ttft: Vec<u64> = results.iter().map(|r| r.0).collect();
         let mut lat: Vec<u64> = results.into_iter().flat_map(|r| r.1).collect();
-        assert_eq!(lat.len(), STREAMS * tokens, "{path}: every token arrived");
+        assert_eq!(lat.len(), streams * tokens, "{path}: every token arrived");
         ttft.sort_unstable();
         lat.sort_unstable();
         (ttft, lat, secs)
@@ -658,7 +659,7 @@ fn bench_gateway_stream() {
     let (g_ttft, g_lat, g_secs) = run(&addr, "/v1/chat/completions");
     let (cpu_g, cpu_w) = (cpu_seconds(g.pid()) - cpu_g0, cpu_seconds(w.pid()) - cpu_w0);
     println!(
-        "gateway stream: {STREAMS} streams x {tokens} tokens, one every {}µs; direct to the engine: \
+        "gateway stream: {streams} streams x {tokens} tokens, one every {}µs; direct to the engine: \
          TTFT p50 {:.2} ms p99 {:.2} ms, per token p50 {:.3} ms p99 {:.3} ms ({d_secs:.1}s)",
         pace.as_micros(),
         pct(&d_ttft, 0.5),
