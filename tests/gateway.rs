@@ -1001,3 +1001,54 @@ fn a_redelivered_job_does_not_repeat_the_chunks_already_sent() {
     assert_eq!(texts, ["t0 ", "t1 ", "t2 ", "t3 ", "t4"], "{}", r.text());
     assert!(r.text().ends_with("data: [DONE]\n\n"));
 }
+
+#[test]
+fn keep_alive_and_pipelined_requests_are_answered_in_order() {
+    let st = stack(
+        FakeEngine::start(vec![vllm_stream(&["one"]), vllm_stream(&["two"])]),
+        &[],
+        true,
+    );
+    let keep = |body: &Json| {
+        let b = body.to_string();
+        format!(
+            "POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{b}",
+            b.len()
+        )
+    };
+    // One after the other on one connection: a stream, then a whole answer.
+    let mut s = TcpStream::connect(&st.addr).unwrap();
+    s.set_read_timeout(Some(WAIT)).unwrap();
+    s.write_all(keep(&chat(true)).as_bytes()).unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !got.ends_with(b"0\r\n\r\n") {
+        let n = s.read(&mut buf).unwrap();
+        assert!(n > 0, "{}", String::from_utf8_lossy(&got));
+        got.extend_from_slice(&buf[..n]);
+    }
+    let first = parse_response(&got);
+    assert!(first.text().contains("\"one\"") && first.text().ends_with("data: [DONE]\n\n"));
+    s.write_all(&request("GET", "/v1/models", &[], b""))
+        .unwrap();
+    let second = read_response(&mut s);
+    assert_eq!(second.status, 200, "{}", second.text());
+    assert_eq!(second.json()["object"], "list");
+    // Pipelined: a stream and a models request sent at once.
+    let mut s = TcpStream::connect(&st.addr).unwrap();
+    s.set_read_timeout(Some(WAIT)).unwrap();
+    let mut both = keep(&chat(true)).into_bytes();
+    both.extend_from_slice(&request("GET", "/v1/models", &[], b""));
+    s.write_all(&both).unwrap();
+    let mut all = Vec::new();
+    let _ = s.read_to_end(&mut all);
+    let text = String::from_utf8_lossy(&all);
+    let cut = text.find("0\r\n\r\n").expect("the stream's end") + 5;
+    let stream = parse_response(&all[..cut]);
+    assert!(stream.text().contains("\"two\"") && stream.text().ends_with("data: [DONE]\n\n"));
+    let models = parse_response(&all[cut..]);
+    assert_eq!(
+        (models.status, models.json()["object"].clone()),
+        (200, json!("list"))
+    );
+}

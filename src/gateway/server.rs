@@ -586,7 +586,14 @@ fn stream(mut job: Job, rq: Request, ask: &Ask) {
         }
     };
     let job_id = job.id.clone();
-    let mut w = match SseWriter::start(rq.into_writer(), &[("X-Citadel-Job-Id", &job_id)]) {
+    // tiny_http's writer is held to the end even when the stream goes
+    // straight to the client's socket (see Conn::direct).
+    let tiny = rq.into_writer();
+    let out: Box<dyn std::io::Write> = match job.conn.and_then(Conn::direct) {
+        Some(tcp) => Box::new(tcp),
+        None => tiny,
+    };
+    let mut w = match SseWriter::start(out, &[("X-Citadel-Job-Id", &job_id)]) {
         Ok(w) => w,
         Err(_) => return job.cancel("the client went away"),
     };
