@@ -14,7 +14,7 @@
 //! `client_timeout`. When the client goes away, [`Conn::gone`] says so, and
 //! the answering thread cancels the job. Bytes from tiny_http are copied
 //! back unread, with a write timeout (a client that stops reading is cut
-//! off too).
+//! off too); a streamed answer may skip that copy ([`Conn::direct`]).
 
 use super::openai::ApiError;
 use std::collections::HashMap;
