@@ -1052,3 +1052,43 @@ fn keep_alive_and_pipelined_requests_are_answered_in_order() {
         (200, json!("list"))
     );
 }
+
+#[test]
+fn submit_follow_against_workers_without_the_stream_ends_by_the_status() {
+    let redis = RedisServer::start();
+    let w = support::worker(&redis, "nostream", &["--events-stream", "false"]);
+    w.wait_working();
+    let url = redis.url();
+    let out = citadel_cmd(&[
+        "submit",
+        "--type",
+        "echo",
+        "--payload",
+        r#"{"chunks":2}"#,
+        "--follow",
+    ])
+    .env("CITADEL_REDIS_URL", &url)
+    .output()
+    .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(
+        stderr.contains("completed, but its events stream has no end event"),
+        "{stderr}"
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "");
+    let out = citadel_cmd(&[
+        "submit",
+        "--type",
+        "echo",
+        "--payload",
+        r#"{"fail":"permanent"}"#,
+        "--follow",
+    ])
+    .env("CITADEL_REDIS_URL", &url)
+    .output()
+    .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr)
+        .contains("failed (its events stream has no terminal event)"));
+}

@@ -85,8 +85,14 @@ fn print_events(settings: &Settings, job_id: &str, from: &str) -> Result<i32, Ex
     let mut retry = backoff::Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
     let mut down = false;
     let mut seam = Seam::default();
+    // Settled per the status hash: the next read is the last one.
+    let mut settled: Option<(i32, String)> = None;
     loop {
-        let events = match follower.next(Duration::from_secs(1)) {
+        let block = match settled {
+            Some(_) => Duration::from_millis(1),
+            None => Duration::from_secs(1),
+        };
+        let events = match follower.next(block) {
             Ok(e) => e,
             Err(e) => {
                 if !down {
@@ -107,16 +113,13 @@ fn print_events(settings: &Settings, job_id: &str, from: &str) -> Result<i32, Ex
         }
         retry.reset();
         if events.is_empty() {
-            if let Some(code) = settled_meanwhile(settings, job_id)? {
-                // The settle writes the stream and the status together: one
-                // more read finds a terminal event if there is one.
-                if follower
-                    .next(Duration::from_millis(1))
-                    .map_or(true, |e| e.is_empty())
-                {
-                    return Ok(code);
-                }
+            if let Some((code, why)) = settled {
+                eprintln!("{why}");
+                return Ok(code);
             }
+            // The settle writes the stream and the status together: one
+            // more read finds the terminal event if it is there.
+            settled = settled_meanwhile(settings, job_id)?;
             continue;
         }
         for read in events {
@@ -153,9 +156,9 @@ fn print_events(settings: &Settings, job_id: &str, from: &str) -> Result<i32, Ex
     }
 }
 
-/// The exit code of a job its status hash says settled, with a note that
-/// its terminal event was not seen; `None` while it has not.
-fn settled_meanwhile(settings: &Settings, job_id: &str) -> Result<Option<i32>, Exit> {
+/// A job its status hash says settled: its exit code and what to say when
+/// its terminal event is not in the stream; `None` while it has not.
+fn settled_meanwhile(settings: &Settings, job_id: &str) -> Result<Option<(i32, String)>, Exit> {
     let mut conn = match connect(settings) {
         Ok(c) => c,
         // Unreachable: the follower says so on its next read.
@@ -167,17 +170,17 @@ fn settled_meanwhile(settings: &Settings, job_id: &str) -> Result<Option<i32>, E
         .query(&mut conn)
         .unwrap_or(None);
     Ok(match status.as_deref() {
-        Some("completed") => {
-            eprintln!(
+        Some("completed") => Some((
+            0,
+            format!(
                 "citadel: job {job_id} completed, but its events stream has no end event \
                  (workers with --events-stream false, or it expired): result not seen"
-            );
-            Some(0)
-        }
-        Some(s @ ("failed" | "cancelled")) => {
-            eprintln!("citadel: job {job_id} {s} (its events stream has no terminal event)");
-            Some(1)
-        }
+            ),
+        )),
+        Some(s @ ("failed" | "cancelled")) => Some((
+            1,
+            format!("citadel: job {job_id} {s} (its events stream has no terminal event)"),
+        )),
         _ => None,
     })
 }
