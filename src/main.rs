@@ -10,6 +10,8 @@ mod clip;
 mod clock;
 mod config;
 mod events;
+mod follow;
+mod gateway;
 mod handlers;
 mod http;
 mod job;
@@ -126,6 +128,10 @@ fn run() -> Result<i32, Exit> {
         }
         Command::RunJob { job } => run_job::run(&executor(), job),
         Command::Submit(s) => admin::submit::run(&settings, &s),
+        Command::Follow { job_id, from } => {
+            admin::submit::follow_existing(&settings, &job_id, &from)
+        }
+        Command::Gateway => gateway::run(settings),
         Command::Dlq(d) => admin::dlq::run(&settings, &d),
         Command::Status { json } => admin::status::run(&settings, json),
         Command::Services(s) => admin::services::run(&settings, &s),
