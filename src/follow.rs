@@ -7,15 +7,11 @@
 //! where it was: every event once, in order. It owns no thread; the caller
 //! decides how long to wait and what a Redis error costs it.
 
+use crate::events::events_key;
 use crate::redis_conn;
 use redis::Value as Redis;
 use serde_json::Value;
 use std::time::Duration;
-
-/// The replayable stream of a job's events.
-pub fn events_key(job_id: &str) -> String {
-    format!("events:v1:{job_id}")
-}
 
 /// One event read from the stream: its entry id and the event's JSON.
 #[derive(Debug, Clone, PartialEq)]
