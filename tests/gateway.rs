@@ -678,6 +678,40 @@ fn a_slow_first_token_gets_keepalive_comments() {
     assert_eq!(events.last().unwrap(), "[DONE]");
 }
 
+/// Without routes, `GET /v1/models` lists what the nodes' heartbeats say
+/// their engines serve (here the fake vLLM's model, under its bare name
+/// since vLLM is the default backend), with the nodes serving each; a
+/// Redis that cannot be read is a 503, not an empty list.
+#[test]
+fn models_without_routes_come_from_the_nodes_heartbeats() {
+    let engine = FakeEngine::start(vec![]);
+    engine.set_probe_reply(Reply::json(
+        200,
+        r#"{"object":"list","data":[{"id":"fake-8b"}]}"#,
+    ));
+    let mut redis = RedisServer::start();
+    let _w = support::worker(
+        &redis,
+        "gw-models-node",
+        &["--vllm-url", &engine.url(), "--heartbeat-interval", "1s"],
+    );
+    let (_g, addr) = gateway(&redis, &[]);
+    let list = wait_until("the node's model in /v1/models", WAIT, || {
+        let r = exchange(&addr, &request("GET", "/v1/models", &[], b""));
+        assert_eq!(r.status, 200, "{}", r.text());
+        let list = r.json();
+        (list["data"].as_array().is_some_and(|d| !d.is_empty())).then_some(list)
+    });
+    assert_eq!(list["object"], "list");
+    assert_eq!(list["data"].as_array().unwrap().len(), 1, "{list}");
+    assert_eq!(list["data"][0]["id"], "fake-8b");
+    assert_eq!(list["data"][0]["object"], "model");
+    assert_eq!(list["data"][0]["citadel_nodes"], json!(["gw-models-node"]));
+    redis.stop();
+    let r = exchange(&addr, &request("GET", "/v1/models", &[], b""));
+    r.error(503);
+}
+
 #[test]
 fn slow_loris_clients_are_cut_off_while_others_are_served() {
     let st = stack(

@@ -8,6 +8,7 @@
 //! This file starts and stops the pieces.
 
 mod front;
+mod models;
 mod openai;
 #[cfg(test)]
 mod proptests;

@@ -155,7 +155,15 @@ pub fn answer(gw: &Gateway, mut rq: Request) {
         return respond_error(rq, &e, None);
     }
     let Some(endpoint) = endpoint else {
-        return respond_json(rq, 200, &models(&gw.settings), &[]);
+        let s = &gw.settings;
+        return match super::models::list(s, |pipe| with_redis(s, |c| pipe.query(c))) {
+            Ok(list) => respond_json(rq, 200, &list, &[]),
+            Err(e) => respond_error(
+                rq,
+                &unavailable("cannot read the nodes' heartbeats", &e),
+                None,
+            ),
+        };
     };
     let body = match read_body(&mut rq, gw.settings.gateway_max_body) {
         Ok(b) => b,
@@ -207,16 +215,6 @@ fn healthz(gw: &Gateway, rq: Request) {
             &[],
         ),
     }
-}
-
-/// `GET /v1/models`: the routed models (nodes do not report theirs yet).
-fn models(settings: &Settings) -> Value {
-    let data: Vec<Value> = settings
-        .gateway_routes
-        .iter()
-        .map(|r| json!({"id": r.model, "object": "model", "created": 0, "owned_by": "citadel"}))
-        .collect();
-    json!({"object": "list", "data": data})
 }
 
 /// Where a model's jobs go: (engine kind or `None` for "the model's prefix
@@ -724,7 +722,8 @@ mod tests {
         );
         let e = route(&s, "c").unwrap_err();
         assert_eq!((e.status, e.code), (404, Some("model_not_found")));
-        assert_eq!(models(&s)["data"][1]["id"], "b");
+        let list = super::super::models::list(&s, |_| panic!("routes need no Redis")).unwrap();
+        assert_eq!(list["data"][1]["id"], "b");
     }
 
     #[test]
