@@ -17,6 +17,7 @@ mod http;
 mod job;
 mod node;
 mod observe;
+mod percent;
 #[cfg(test)]
 mod proptests;
 mod redis_conn;

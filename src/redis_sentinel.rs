@@ -193,11 +193,11 @@ impl SentinelUrl {
         };
         let user = match (&auth.username, &auth.password) {
             (None, None) => String::new(),
-            (Some(u), None) => format!("{}@", encode(u)),
+            (Some(u), None) => format!("{}@", crate::percent::encode(u)),
             (u, Some(p)) => format!(
                 "{}:{}@",
-                encode(u.as_deref().unwrap_or_default()),
-                encode(&p.0)
+                crate::percent::encode(u.as_deref().unwrap_or_default()),
+                crate::percent::encode(&p.0)
             ),
         };
         let insecure = if self.fragment == "#insecure" {
@@ -260,19 +260,6 @@ fn bracket(host: &str, port: u16) -> String {
     } else {
         format!("{host}:{port}")
     }
-}
-
-/// Percent-encode everything but RFC 3986's unreserved characters.
-fn encode(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
 }
 
 /// What this process last saw of each master: its address, and which
