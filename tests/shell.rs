@@ -646,6 +646,39 @@ fn shutting_the_agent_down_kills_running_shells() {
     );
 }
 
+#[test]
+fn a_sigkilled_agent_takes_its_running_shells_with_it() {
+    let redis = RedisServer::start();
+    let sub = Subscriber::new(&redis, "stream:v1:*");
+    let mut w = shell_worker(&redis, "node-sigkill", &[], &[]);
+    let job = "j-sigkill";
+    let command = format!(
+        "{}sleep 300 & echo $! >> {job}.pids; {}echo ready; wait",
+        record_leader(job),
+        spawn_term_ignorer(job)
+    );
+    submit(&redis, job, "shell_command", json!({ "command": command }));
+    wait_output(&sub, job, "ready\n");
+    let pids = recorded_pids(&w.workspace, job);
+    assert_eq!(pids.len(), 3, "{pids:?}");
+    assert_running_in_own_group(&pids, w.citadel.pid());
+
+    // No exit code runs: only the kernel closing the agent's pipes does.
+    w.citadel.kill9();
+    for &pid in &pids {
+        support::wait_pid_gone(
+            "a process of the SIGKILLed agent's shell job",
+            pid as u32,
+            WAIT,
+        );
+    }
+    assert!(
+        live_members(pids[0]).is_empty(),
+        "group {} outlived the agent",
+        pids[0]
+    );
+}
+
 // ---------------------------------------------------------------------------
 // Off by default; bad input
 // ---------------------------------------------------------------------------
