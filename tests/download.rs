@@ -174,10 +174,8 @@ fn a_repo_file_is_downloaded_verified_and_not_fetched_again() {
     assert_eq!(r["sha256"], sha(&body));
     assert_eq!(r["resumed_from"], 0);
     assert_eq!(fs::read(&want).unwrap(), body);
-    assert_eq!(
-        files_under(&models),
-        ["llm/weights.bin", "llm/weights.bin.lock"]
-    );
+    // The lock went with the job.
+    assert_eq!(files_under(&models), ["llm/weights.bin"]);
     assert_eq!(server.requests_for("GET", path).len(), 1);
 
     // With the checksum: no request at all the second time.
@@ -485,7 +483,11 @@ fn a_checksum_mismatch_fails_for_good_and_leaves_no_file() {
     assert!(out.stderr.contains("checksum mismatch"), "{out:?}");
     assert!(out.stderr.contains(&sha(&body)), "{out:?}");
     assert_eq!(server.requests().len(), 1, "not retried");
-    assert_eq!(files_under(&models), ["models/w.bin.lock"]);
+    assert!(
+        files_under(&models).is_empty(),
+        "{:?}",
+        files_under(&models)
+    );
 }
 
 #[test]
@@ -548,6 +550,8 @@ fn a_stalled_server_ends_the_download_after_the_idle_timeout() {
             .len(),
         100_000
     );
+    // A failed download keeps its bytes for a resume, not its lock.
+    assert_eq!(files_under(&models), ["models/w.bin.partial"]);
 }
 
 #[test]
@@ -656,6 +660,51 @@ fn two_jobs_for_one_file_download_it_once() {
     }
     assert_eq!(server.requests_for("GET", "/w.bin").len(), 1);
     assert_eq!(fs::read(models.join("models/w.bin")).unwrap(), body);
+    assert_eq!(files_under(&models), ["models/w.bin"], "no lock left");
+}
+
+#[test]
+fn the_lock_of_a_killed_download_does_not_block_the_next_one() {
+    let server = FileServer::start();
+    let body = data(1 << 20);
+    server.serve(
+        "/w.bin",
+        Serve {
+            pause_at: Some(1 << 19),
+            ..Serve::file(body.clone())
+        },
+    );
+    let models = models_dir();
+    let job =
+        json!({"type": "model_download", "payload": {"url": server.url("/w.bin")}}).to_string();
+    let args = [
+        "run-job",
+        job.as_str(),
+        "--models-dir",
+        models.to_str().unwrap(),
+    ];
+    let mut first = Citadel::spawn(&args, &[]);
+    wait_until("the first job's download to pause", WAIT, || {
+        (server.paused() == 1).then_some(())
+    });
+    // Killed holding the lock: its .lock stays, its flock goes with it.
+    first.kill9();
+    assert!(models.join("models/w.bin.lock").exists());
+    server.release();
+    let mut second = Citadel::spawn(&args, &[]);
+    let status = second.wait_exit(WAIT).expect("citadel run-job exits");
+    assert!(status.success(), "{}", second.log());
+    assert!(
+        !second.log().contains("waiting for another job"),
+        "{}",
+        second.log()
+    );
+    assert_eq!(fs::read(models.join("models/w.bin")).unwrap(), body);
+    assert_eq!(
+        files_under(&models),
+        ["models/w.bin"],
+        "the stale lock is gone"
+    );
 }
 
 #[test]
@@ -777,6 +826,11 @@ fn a_cancelled_download_stops_at_once_and_the_next_job_resumes_it() {
     let kept = fs::metadata(models.join("models/w.bin.partial"))
         .unwrap()
         .len();
+    assert_eq!(
+        files_under(&models),
+        ["models/w.bin.partial"],
+        "a cancelled job's lock goes"
+    );
     assert!(kept > 0 && kept <= 1 << 19, "{kept}");
 
     server.release();
@@ -789,4 +843,5 @@ fn a_cancelled_download_stops_at_once_and_the_next_job_resumes_it() {
         gets[1].header("range"),
         Some(format!("bytes={kept}-").as_str())
     );
+    assert_eq!(files_under(&models), ["models/w.bin"], "no lock left");
 }
