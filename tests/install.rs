@@ -13,7 +13,8 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::Duration;
-use support::{citadel_bin, fresh_temp_dir, skip_unless_ci, wait_for_pid_file, wait_pid_gone};
+use support::jobs::{wait_for_pid_file, wait_pid_gone};
+use support::{citadel_bin, fresh_temp_dir, skip_unless_ci};
 
 fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))

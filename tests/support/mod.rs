@@ -17,7 +17,9 @@ pub mod fake_extraction;
 pub mod fake_nexus;
 pub mod file_server;
 pub mod http;
+pub mod jobs;
 pub mod observe;
+pub mod real_engine;
 pub mod sentinel;
 pub mod stall_proxy;
 pub mod tls;
@@ -58,33 +60,6 @@ pub fn wait_until<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Optio
         }
         thread::sleep(POLL);
     }
-}
-
-/// Whether `pid` is a live process (a zombie waiting for its reaper is not).
-pub fn pid_alive(pid: u32) -> bool {
-    fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|s| {
-            s.rsplit_once(')')
-                .map(|(_, rest)| rest.trim_start().to_owned())
-        })
-        .is_some_and(|rest| !rest.starts_with('Z') && !rest.starts_with('X'))
-}
-
-/// The pid a process wrote to `path` (its first line), once it is there.
-pub fn wait_for_pid_file(path: &Path, timeout: Duration) -> u32 {
-    wait_until(&format!("a pid in {}", path.display()), timeout, || {
-        fs::read_to_string(path)
-            .ok()
-            .and_then(|t| t.lines().next()?.trim().parse().ok())
-    })
-}
-
-/// Waits until process `pid` is gone (or a zombie); panics naming `what`.
-pub fn wait_pid_gone(what: &str, pid: u32, timeout: Duration) {
-    wait_until(&format!("{what} (pid {pid}) to be gone"), timeout, || {
-        (!pid_alive(pid)).then_some(())
-    });
 }
 
 /// A fresh, empty directory under the system temp dir, unique per process,
