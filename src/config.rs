@@ -298,6 +298,11 @@ pub const SETTINGS: &[(&str, &str)] = &[
         "gateway-max-connections",
         "connections the gateway serves at once (one thread each); more are answered 503 [256]",
     ),
+    // leftovers
+    (
+        "service-tool-timeout",
+        "longest run of each tool `citadel service` starts (systemctl, getent, useradd, …); then it is killed [60s]",
+    ),
 ];
 
 /// Where jobs come from.
@@ -426,6 +431,9 @@ pub struct Settings {
     pub gateway_client_timeout: Duration,
     pub gateway_max_body: usize,
     pub gateway_max_connections: usize,
+    // leftovers
+    /// Limit of each outside tool `citadel service` runs.
+    pub service_tool_timeout: Duration,
 }
 
 /// `MODEL=BACKEND[@QUEUE]`: a model the gateway serves, the engine kind its
@@ -536,6 +544,8 @@ impl Default for Settings {
             gateway_client_timeout: Duration::from_secs(10),
             gateway_max_body: 4 << 20,
             gateway_max_connections: 256,
+            // leftovers
+            service_tool_timeout: Duration::from_secs(60),
         }
     }
 }
@@ -860,6 +870,8 @@ impl Settings {
                     return Err(format!("'{v}' is not between 1 and 65536"));
                 }
             }
+            // leftovers
+            "service-tool-timeout" => self.service_tool_timeout = positive(parse_duration(v)?)?,
             _ => return Err(format!("unknown setting '{name}'")),
         }
         Ok(())

@@ -14,11 +14,10 @@ mod support;
 
 use serde_json::{json, Value as Json};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
-use support::{
-    cached_engine, fresh_temp_dir, report_skip, skip_unless_ci, wait_until, Citadel, RedisServer,
-};
+use support::real_engine::{engine_or_skip, one_engine, LlamaServer};
+use support::{fresh_temp_dir, skip_unless_ci, wait_until, Citadel, RedisServer};
 
 const WAIT: Duration = Duration::from_secs(90);
 const TEST: &str = "openai_client_through_the_gateway_matches_the_engine_and_cancels_on_leave";
@@ -115,94 +114,6 @@ fn openai_python() -> Result<PathBuf, String> {
     }
 }
 
-/// A `llama-server` on a free port, killed on drop (as tests/real_engine.rs).
-struct Llama {
-    child: Child,
-    url: String,
-    dir: PathBuf,
-}
-
-impl Llama {
-    fn start(server: &Path, model: &Path) -> Llama {
-        let dir = fresh_temp_dir("gw-llama");
-        let port = support::free_port();
-        let log = std::fs::File::create(dir.join("llama.log")).unwrap();
-        let child = Command::new(server)
-            .arg("-m")
-            .arg(model)
-            .args(["--host", "127.0.0.1", "--port", &port.to_string()])
-            .args(["-c", "1024", "-np", "1", "-t", "1", "--no-webui"])
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        let l = Llama {
-            child,
-            url: format!("http://127.0.0.1:{port}"),
-            dir,
-        };
-        wait_until("llama-server healthy", WAIT, || {
-            (l.get("/health").0 == 200).then_some(())
-        });
-        l
-    }
-
-    fn agent() -> ureq::Agent {
-        ureq::Agent::config_builder()
-            .proxy(None)
-            .http_status_as_error(false)
-            .timeout_global(Some(WAIT))
-            .build()
-            .new_agent()
-    }
-
-    fn get(&self, path: &str) -> (u16, String) {
-        match Llama::agent().get(format!("{}{path}", self.url)).call() {
-            Ok(mut r) => (
-                r.status().as_u16(),
-                r.body_mut().read_to_string().unwrap_or_default(),
-            ),
-            Err(_) => (0, String::new()),
-        }
-    }
-
-    fn post(&self, path: &str, body: &Json) -> Json {
-        let mut r = Llama::agent()
-            .post(format!("{}{path}", self.url))
-            .header("Content-Type", "application/json")
-            .send(body.to_string().as_bytes())
-            .unwrap_or_else(|e| panic!("POST {path}: {e}"));
-        serde_json::from_str(&r.body_mut().read_to_string().unwrap()).unwrap()
-    }
-
-    fn busy(&self) -> bool {
-        let (_, text) = self.get("/slots");
-        let slots: Json = serde_json::from_str(&text).unwrap_or(json!([]));
-        slots
-            .as_array()
-            .into_iter()
-            .flatten()
-            .any(|s| s["is_processing"] == json!(true))
-    }
-}
-
-impl Drop for Llama {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        if std::thread::panicking() {
-            let log = std::fs::read_to_string(self.dir.join("llama.log")).unwrap_or_default();
-            eprintln!(
-                "--- llama-server log (tail) ---\n{}",
-                &log[log.len().saturating_sub(3000)..]
-            );
-        } else {
-            let _ = std::fs::remove_dir_all(&self.dir);
-        }
-    }
-}
-
 fn client(py: &Path, base: &str, mode: &str) -> Json {
     let script = fresh_temp_dir("openai-client").join("client.py");
     std::fs::write(&script, CLIENT).unwrap();
@@ -225,20 +136,15 @@ fn client(py: &Path, base: &str, mode: &str) -> Json {
 
 #[test]
 fn openai_client_through_the_gateway_matches_the_engine_and_cancels_on_leave() {
-    if std::env::var("CITADEL_SKIP_REAL_ENGINE").is_ok_and(|v| v == "1" || v == "true") {
-        return report_skip(TEST, "CITADEL_SKIP_REAL_ENGINE=1");
-    }
-    let Some((server, model)) = cached_engine() else {
-        return skip_unless_ci(
-            TEST,
-            "the real llama-server is not cached; run scripts/real-engine.sh",
-        );
+    let Some((server, model)) = engine_or_skip(TEST) else {
+        return;
     };
     let py = match openai_python() {
         Ok(py) => py,
         Err(why) => return skip_unless_ci(TEST, &why),
     };
-    let llama = Llama::start(&server, &model);
+    let _one = one_engine();
+    let llama = LlamaServer::start(&server, &model, 1024, 1);
     // What the engine answers directly, at temperature 0.
     let msgs = json!([{"role": "user", "content": "Name three colors."}]);
     let direct_chat = llama.post(
