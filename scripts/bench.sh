@@ -6,7 +6,9 @@
 # 1 000 tokens each from a fake vLLM, engine write → chunk event latency and
 # agent CPU, once as fast as the engine can and once paced at 100 tokens/s
 # per stream (BENCH_LLM_TOKEN_US=10000); model_download of a 1 GiB file from a
-# local server against `curl -o` of it (BENCH_DOWNLOAD_MIB=256 for less).
+# local server against `curl -o` of it (BENCH_DOWNLOAD_MIB=256 for less);
+# the gateway: 64 streaming chat requests through `citadel gateway` against the
+# same sent straight to the fake engine (added latency per token, CPU).
 #
 #   scripts/bench.sh                    # everything
 #   BENCH_JOBS=20000 scripts/bench.sh   # a shorter burn-down
@@ -46,14 +48,14 @@ run_bench() {
         why="no benchmark of that name ran"
     fi
     if [ "$rc" -eq 0 ]; then
-        grep -E '^(idle|burn|pickup|enqueued|llm|download)' <<<"$out" || true
+        grep -E '^(idle|burn|pickup|enqueued|llm|download|gateway)' <<<"$out" || true
     else
         printf '%s\n' "$out"
         echo "bench: $1 FAILED ($why)" >&2
         FAILED+=("$1${BENCH_LLM_TOKEN_US:+ (BENCH_LLM_TOKEN_US=$BENCH_LLM_TOKEN_US)}${BENCH_LLM_COALESCE:+ (BENCH_LLM_COALESCE=$BENCH_LLM_COALESCE)}")
     fi
 }
-for b in bench_idle_rss bench_burn_down bench_pickup_latency bench_llm_stream bench_model_download; do
+for b in bench_idle_rss bench_burn_down bench_pickup_latency bench_llm_stream bench_model_download bench_gateway_stream; do
     run_bench "$b"
 done
 BENCH_LLM_TOKEN_US=10000 run_bench bench_llm_stream

@@ -12,6 +12,8 @@
 #   ensure_openssl    openssl (the rediss:// test makes its certificates with it)
 #   ensure_docker     dockerd + the docker CLI (docker.io) and a static busybox
 #                     (busybox-static): tests/docker.rs starts private daemons
+#   ensure_openai_venv  a Python venv with the official `openai` client (PyPI),
+#                     under target/tmp/openai-venv, for tests/gateway_openai.rs
 #   free_port         a free 127.0.0.1 port (never a fixed fallback)
 #   path_hint DIR     tells how to put DIR on PATH when it is not there
 
@@ -142,6 +144,25 @@ ensure_docker() {
     if ! apt_install "${missing[@]}"; then
         in_ci && die "could not install ${missing[*]}, which tests/docker.rs needs (CI=true: no skipping)"
         note "no ${missing[*]}: the Docker tests will be SKIPPED"
+    fi
+}
+
+# ensure_openai_venv: tests/gateway_openai.rs drives `citadel gateway` with
+# the official openai Python client, from a venv kept under target/ (made
+# once; a warm run finds it). Needs python3 with venv (Debian: python3-venv).
+# Outside CI a machine without it only skips that test (loudly).
+ensure_openai_venv() {
+    local venv="${CARGO_TARGET_DIR:-target}/tmp/openai-venv"
+    [ -x "$venv/bin/python" ] && "$venv/bin/python" -c 'import openai' >/dev/null 2>&1 && return 0
+    step "making $venv (the openai Python client, for the gateway test)"
+    if ! command -v python3 >/dev/null 2>&1 || ! python3 -c 'import venv, ensurepip' >/dev/null 2>&1; then
+        apt_install python3 python3-venv || true
+    fi
+    rm -rf "$venv"
+    if ! { python3 -m venv "$venv" && "$venv/bin/pip" install --quiet openai; }; then
+        rm -rf "$venv"
+        in_ci && die "could not make the openai venv that tests/gateway_openai.rs needs (CI=true: no skipping)"
+        note "no openai venv: the gateway's openai-client test will be SKIPPED"
     fi
 }
 

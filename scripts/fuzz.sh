@@ -2,7 +2,8 @@
 # Fuzz the parsers that take outside input, each for a set time: the
 # property tests of src/proptests.rs (job entries, Nexus jobs, settings,
 # config files, durations, device configs) and
-# src/handlers/inference/proptests.rs (SSE and NDJSON decoders). cargo-fuzz
+# src/handlers/inference/proptests.rs (SSE and NDJSON decoders) and
+# src/gateway/proptests.rs (gateway request bodies and heads). cargo-fuzz
 # would need a nightly toolchain and cargo-fuzz itself; these run on stable.
 #
 #   scripts/fuzz.sh                    # every target, 60 s each

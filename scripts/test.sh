@@ -36,6 +36,7 @@ ensure_redis
 ensure_rust
 ensure_openssl
 ensure_docker
+ensure_openai_venv
 printf 'using %s, %s\n' "$(cargo --version)" "$(redis-server --version | cut -d' ' -f1-3)"
 # tests/install.rs checks the systemd unit with systemd-analyze verify.
 if ! command -v systemd-analyze >/dev/null 2>&1; then

@@ -17,6 +17,13 @@ pub enum Command {
         job: Option<String>,
     },
     Submit(Submit),
+    /// `citadel follow JOB [--from ID]`: print an existing job's events.
+    Follow {
+        job_id: String,
+        from: String,
+    },
+    /// `citadel gateway`: the OpenAI-compatible HTTP front of the fabric.
+    Gateway,
     Dlq(Dlq),
     /// The operator's screen (`--json`: one JSON object).
     Status {
@@ -108,6 +115,10 @@ pub fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Cli, String> {
     let mut positional: Vec<String> = Vec::new();
     let mut flags: Vec<(String, String)> = Vec::new();
     let mut queues: Vec<String> = Vec::new();
+    // gateway: --route and --api-key repeat, like --queue.
+    let mut routes: Vec<String> = Vec::new();
+    let mut api_keys: Vec<String> = Vec::new();
+    let mut from: Option<String> = None;
     let mut config_path: Option<PathBuf> = None;
     let mut submit = Submit {
         kind: String::new(),
@@ -171,6 +182,14 @@ pub fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Cli, String> {
                 submit.follow = true
             }
             Long("all") if name.as_deref() == Some("dlq") => all = true,
+            Long("from") if name.as_deref() == Some("follow") => from = Some(text(p.value())?),
+            Long("listen") if name.as_deref() == Some("gateway") => {
+                flags.push(("gateway-listen".into(), text(p.value())?))
+            }
+            Long("route") if name.as_deref() == Some("gateway") => routes.push(text(p.value())?),
+            Long("api-key") if name.as_deref() == Some("gateway") => {
+                api_keys.push(text(p.value())?)
+            }
             Long("json") if matches!(name.as_deref(), Some("services" | "status")) => json = true,
             Long("json") if name.as_deref() == Some("init") => init.json = true,
             Long("relogin") if name.as_deref() == Some("init") => init.relogin = true,
@@ -224,6 +243,12 @@ pub fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Cli, String> {
     let mut settings = Settings::load_with(config_path.as_deref(), name == "init")?;
     if !queues.is_empty() {
         flags.push(("queue".into(), queues.join(",")));
+    }
+    for r in routes {
+        flags.push(("gateway-routes".into(), r));
+    }
+    for k in api_keys {
+        flags.push(("gateway-api-keys".into(), k));
     }
     for (f, v) in &flags {
         settings.set(f, v).map_err(|e| format!("--{f}: {e}"))?;
@@ -344,6 +369,20 @@ pub fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Cli, String> {
                 request: service,
             })
         }
+        "follow" => {
+            let Some(job_id) = positional.first().cloned() else {
+                return Err("follow needs a job id (see 'citadel follow --help')".into());
+            };
+            extra(1)?;
+            Command::Follow {
+                job_id,
+                from: from.unwrap_or_else(|| "0".into()),
+            }
+        }
+        "gateway" => {
+            extra(0)?;
+            Command::Gateway
+        }
         "version" => Command::Version,
         other => return Err(format!("unknown command '{other}' (see 'citadel --help')")),
     };
@@ -383,6 +422,8 @@ pub fn help_text(topic: &str) -> Result<String, String> {
                \x20 up         start the node's configured services (Docker), then the agent\n\
                \x20 run-job    run one job locally through the same handlers (no Redis)\n\
                \x20 submit     enqueue a job; --follow prints its output as it streams\n\
+               \x20 follow     print a job's events from its replayable stream (events:v1:{jobId})\n\
+               \x20 gateway    serve an OpenAI-compatible API whose requests become llm_inference jobs\n\
                \x20 dlq        list, show, replay or purge dead letters\n\
                \x20 status     say which inference engines (vLLM, Ollama, llama.cpp) answer\n\
                \x20 services   list, start, stop or restart the node's service containers (Docker)\n\
@@ -437,9 +478,10 @@ pub fn help_text(topic: &str) -> Result<String, String> {
              \x20 --node NAME      send to jobs:v1:node:NAME instead of the queue\n\
              \x20 --tag TAG        send to jobs:v1:tag:TAG (read by every worker whose device\n\
              \x20                  config has the custom tag TAG) instead of the queue\n\
-             \x20 -f, --follow     subscribe to the job's events first, print chunks as they\n\
-             \x20                  arrive and the result at the end; exit 0 on end, 1 on\n\
-             \x20                  error or cancelled\n\n\
+             \x20 -f, --follow     print the job's chunks as they arrive (read from its\n\
+             \x20                  replayable stream events:v1:{{jobId}}, so nothing is missed\n\
+             \x20                  and a lost Redis connection resumes where it was) and the\n\
+             \x20                  result at the end; exit 0 on end, 1 on error or cancelled\n\n\
              Without --follow it prints the job id.\n{}",
             settings_help()
         ),
@@ -526,6 +568,33 @@ pub fn help_text(topic: &str) -> Result<String, String> {
              again changes nothing. uninstall stops, disables and removes the unit (and the\n\
              user install created); credentials and state stay. status is systemctl status.\n\
              --root DIR writes under DIR instead of / (for tests and images). Needs root.\n{}",
+            settings_help()
+        ),
+        "follow" => format!(
+            "citadel follow — print a job's events from its replayable stream\n\n\
+             Usage: citadel follow JOB_ID [--from ENTRY_ID]\n\n\
+             Reads events:v1:{{JOB_ID}} with XREAD BLOCK after ENTRY_ID [0: from the first\n\
+             event], prints chunks as they arrive and the result at the end, exactly as\n\
+             'citadel submit --follow'. It may start long after the job did (within the\n\
+             stream's lifetime, --events-ttl on the workers); a lost Redis connection is\n\
+             opened again and reading goes on after the last entry seen.\n\
+             Exit 0 on end, 1 on error or cancelled.\n{}",
+            settings_help()
+        ),
+        "gateway" => format!(
+            "citadel gateway — an OpenAI-compatible API over the job fabric\n\n\
+             Usage: citadel gateway [--listen ADDR] [--route MODEL=BACKEND[@QUEUE]]…\n\
+             \x20                      [--api-key KEY]… [--insecure-no-auth] [flags]\n\n\
+             Serves POST /v1/chat/completions, POST /v1/completions, GET /v1/models and\n\
+             GET /healthz on --listen [127.0.0.1:8088]. Each completion request becomes an\n\
+             llm_inference job on the model's queue (--route; without routes every model goes\n\
+             to --default-backend on the first --queue); the answer is built from the job's\n\
+             replayable events (events:v1:{{jobId}}): SSE chunks with stream:true, one JSON\n\
+             object otherwise. No worker claims it within --gateway-claim-timeout: 503 with\n\
+             Retry-After; past --gateway-job-timeout: 504; the client goes away: the job is\n\
+             cancelled. With --api-key (repeatable) every request needs\n\
+             'Authorization: Bearer KEY'; without keys it listens only on a loopback address\n\
+             unless --insecure-no-auth. SIGTERM/SIGINT stop it.\n{}",
             settings_help()
         ),
         "version" => "citadel version — print the version\n".to_string(),
@@ -616,10 +685,53 @@ mod tests {
     }
 
     #[test]
+    fn gateway_flags_repeat_and_follow_takes_a_job_and_an_id() {
+        let cli = parse_args(&[
+            "gateway",
+            "--listen",
+            "127.0.0.1:9000",
+            "--route",
+            "a=vllm",
+            "--route=b=ollama@jobs:v1:b",
+            "--api-key",
+            "sk-12345678",
+            "--api-key",
+            "sk-87654321",
+            "--insecure-no-auth",
+        ])
+        .unwrap();
+        assert_eq!(cli.command, Command::Gateway);
+        let s = &cli.settings;
+        assert_eq!(s.gateway_listen, "127.0.0.1:9000");
+        assert_eq!(s.gateway_routes.len(), 2);
+        assert_eq!(s.gateway_routes[1].queue.as_deref(), Some("jobs:v1:b"));
+        assert_eq!(s.gateway_api_keys.len(), 2);
+        assert!(s.insecure_no_auth);
+        assert!(parse_args(&["gateway", "--route", "nonsense"])
+            .unwrap_err()
+            .contains("--gateway-routes"));
+        assert!(parse_args(&["work", "--listen", "127.0.0.1:1"]).is_err());
+        assert_eq!(
+            parse_args(&["follow", "j-1", "--from", "17-3"])
+                .unwrap()
+                .command,
+            Command::Follow {
+                job_id: "j-1".into(),
+                from: "17-3".into()
+            }
+        );
+        assert!(matches!(
+            parse_args(&["follow", "j-1"]).unwrap().command,
+            Command::Follow { from, .. } if from == "0"
+        ));
+        assert!(parse_args(&["follow"]).unwrap_err().contains("job id"));
+    }
+
+    #[test]
     fn every_command_has_help() {
         for topic in [
             "", "work", "agent", "up", "run-job", "submit", "dlq", "status", "services", "version",
-            "init", "service",
+            "init", "service", "follow", "gateway",
         ] {
             assert!(help_text(topic).is_ok());
         }

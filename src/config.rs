@@ -12,7 +12,7 @@ use std::time::Duration;
 pub const SETTINGS: &[(&str, &str)] = &[
     (
         "redis-url",
-        "Redis URL (redis:// or rediss://) [redis://127.0.0.1:6379]",
+        "Redis URL (redis://, rediss://, or redis+sentinel://SENTINEL,…/MASTER-NAME) [redis://127.0.0.1:6379]",
     ),
     (
         "queue",
@@ -240,6 +240,69 @@ pub const SETTINGS: &[(&str, &str)] = &[
         "events-ttl",
         "how long an events:v1:{jobId} stream is kept after the job's terminal event [1h]",
     ),
+    // Redis Sentinel
+    (
+        "sentinel-username",
+        "ACL user for the sentinels of a redis+sentinel:// URL (the URL's user is the data nodes') [none]",
+    ),
+    (
+        "sentinel-password",
+        "password for the sentinels of a redis+sentinel:// URL (the URL's password is the data nodes') [none]",
+    ),
+    (
+        "sentinel-tls",
+        "TLS to the sentinels: auto (as the URL: rediss+sentinel:// means TLS), true or false [auto]",
+    ),
+    // gateway
+    (
+        "gateway-listen",
+        "address 'citadel gateway' serves the OpenAI API on (flag alias --listen) [127.0.0.1:8088]",
+    ),
+    (
+        "gateway-routes",
+        "MODEL=BACKEND[@QUEUE]: the engine kind and queue of a model; repeat (--route) or comma-separate; config key routes, an object; with any, an unrouted model is a 404 [none]",
+    ),
+    (
+        "default-backend",
+        "engine kind of every model when no route is configured: vllm, ollama or llamacpp (sent on the first --queue) [vllm]",
+    ),
+    (
+        "gateway-api-keys",
+        "API keys the gateway accepts as 'Authorization: Bearer KEY'; repeat (--api-key) or comma-separate [none]",
+    ),
+    (
+        "insecure-no-auth",
+        "let the gateway listen on a non-loopback address without API keys [false]",
+    ),
+    (
+        "gateway-claim-timeout",
+        "a gateway job no worker claimed within this long is withdrawn and answered 503 with Retry-After [10s]",
+    ),
+    (
+        "gateway-job-timeout",
+        "deadline of a gateway job (its timeout_ms); past it the answer is 504 [10m]",
+    ),
+    (
+        "gateway-keepalive",
+        "how often a streaming answer sends an SSE comment while no token comes [10s]",
+    ),
+    (
+        "gateway-client-timeout",
+        "a client must send a whole request within this long, and an idle keep-alive connection is closed after it [10s]",
+    ),
+    (
+        "gateway-max-body",
+        "largest request body the gateway reads, in bytes; larger gets 413 [4194304]",
+    ),
+    (
+        "gateway-max-connections",
+        "connections the gateway serves at once (one thread each); more are answered 503 [256]",
+    ),
+    // leftovers
+    (
+        "service-tool-timeout",
+        "longest run of each tool `citadel service` starts (systemctl, getent, useradd, …); then it is killed [60s]",
+    ),
     // performance
     (
         "coalesce-chunks",
@@ -359,9 +422,39 @@ pub struct Settings {
     pub events_stream: bool,
     pub events_maxlen: u64,
     pub events_ttl: Duration,
+    // Redis Sentinel
+    pub sentinel_username: Option<String>,
+    pub sentinel_password: Option<Secret>,
+    /// `None`: like the data nodes (the URL's scheme).
+    pub sentinel_tls: Option<bool>,
+    // gateway
+    pub gateway_listen: String,
+    /// Model → where its jobs go, in the order given.
+    pub gateway_routes: Vec<GatewayRoute>,
+    pub default_backend: String,
+    pub gateway_api_keys: Vec<Secret>,
+    pub insecure_no_auth: bool,
+    pub gateway_claim_timeout: Duration,
+    pub gateway_job_timeout: Duration,
+    pub gateway_keepalive: Duration,
+    pub gateway_client_timeout: Duration,
+    pub gateway_max_body: usize,
+    pub gateway_max_connections: usize,
+    // leftovers
+    /// Limit of each outside tool `citadel service` runs.
+    pub service_tool_timeout: Duration,
     // performance
     pub coalesce_chunks: bool,
     pub chunk_hold: Duration,
+}
+
+/// `MODEL=BACKEND[@QUEUE]`: a model the gateway serves, the engine kind its
+/// jobs name and the queue they go to (`None`: the first `--queue`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GatewayRoute {
+    pub model: String,
+    pub backend: String,
+    pub queue: Option<String>,
 }
 
 impl Default for Settings {
@@ -447,6 +540,24 @@ impl Default for Settings {
             events_stream: true,
             events_maxlen: 10_000,
             events_ttl: Duration::from_secs(3600),
+            // Redis Sentinel
+            sentinel_username: None,
+            sentinel_password: None,
+            sentinel_tls: None,
+            // gateway
+            gateway_listen: "127.0.0.1:8088".into(),
+            gateway_routes: Vec::new(),
+            default_backend: "vllm".into(),
+            gateway_api_keys: Vec::new(),
+            insecure_no_auth: false,
+            gateway_claim_timeout: Duration::from_secs(10),
+            gateway_job_timeout: Duration::from_secs(600),
+            gateway_keepalive: Duration::from_secs(10),
+            gateway_client_timeout: Duration::from_secs(10),
+            gateway_max_body: 4 << 20,
+            gateway_max_connections: 256,
+            // leftovers
+            service_tool_timeout: Duration::from_secs(60),
             // performance
             coalesce_chunks: false,
             chunk_hold: Duration::ZERO,
@@ -498,10 +609,11 @@ impl Settings {
         for (key, value) in obj {
             let name = key.replace('_', "-");
             // The flag is singular (one NAME=IMAGE each), the file's object plural.
-            let name = if name == "service-images" {
-                "service-image".to_owned()
-            } else {
-                name
+            let name = match name.as_str() {
+                "service-images" => "service-image".to_owned(),
+                // gateway: the issue's config key for --route.
+                "routes" => "gateway-routes".to_owned(),
+                _ => name,
             };
             if !SETTINGS.iter().any(|(n, _)| *n == name) {
                 continue;
@@ -708,6 +820,73 @@ impl Settings {
                 }
             }
             "events-ttl" => self.events_ttl = positive(parse_duration(v)?)?,
+            // Redis Sentinel
+            "sentinel-username" => self.sentinel_username = Some(non_empty(v)?),
+            "sentinel-password" => self.sentinel_password = Some(Secret(non_empty(v)?)),
+            "sentinel-tls" => {
+                self.sentinel_tls = match v {
+                    "auto" => None,
+                    _ => Some(boolean(v).map_err(|_| format!("'{v}' is not auto, true or false"))?),
+                }
+            }
+            // gateway
+            "gateway-listen" => self.gateway_listen = listen_addr(v)?,
+            "gateway-routes" => {
+                // The config file's object {"MODEL": "BACKEND[@QUEUE]"} arrives as its JSON text.
+                let items: Vec<String> = if v.starts_with('{') {
+                    let obj: serde_json::Map<String, serde_json::Value> = serde_json::from_str(v)
+                        .map_err(|e| {
+                        format!("not a JSON object of MODEL: BACKEND[@QUEUE]: {e}")
+                    })?;
+                    obj.into_iter()
+                        .map(|(model, target)| match target {
+                            serde_json::Value::String(t) => Ok(format!("{model}={t}")),
+                            other => {
+                                Err(format!("{model}: {other} is not a string BACKEND[@QUEUE]"))
+                            }
+                        })
+                        .collect::<Result<_, String>>()?
+                } else {
+                    v.split(',').map(str::to_owned).collect()
+                };
+                for item in items.iter().map(|i| i.trim()).filter(|i| !i.is_empty()) {
+                    let route = gateway_route(item)?;
+                    self.gateway_routes.retain(|r| r.model != route.model);
+                    self.gateway_routes.push(route);
+                }
+            }
+            "default-backend" => self.default_backend = backend_name(v)?,
+            "gateway-api-keys" => {
+                for key in v.split(',').map(str::trim).filter(|k| !k.is_empty()) {
+                    if key.len() < 8 || key.chars().any(|c| c.is_whitespace() || c.is_control()) {
+                        return Err(
+                            "an API key must be at least 8 characters, without spaces".into()
+                        );
+                    }
+                    self.gateway_api_keys.push(Secret(key.to_owned()));
+                }
+            }
+            "insecure-no-auth" => self.insecure_no_auth = boolean(v)?,
+            "gateway-claim-timeout" => self.gateway_claim_timeout = positive(parse_duration(v)?)?,
+            "gateway-job-timeout" => self.gateway_job_timeout = positive(parse_duration(v)?)?,
+            "gateway-keepalive" => self.gateway_keepalive = positive(parse_duration(v)?)?,
+            "gateway-client-timeout" => self.gateway_client_timeout = positive(parse_duration(v)?)?,
+            "gateway-max-body" => {
+                self.gateway_max_body = number(v)?;
+                if self.gateway_max_body < 1024 {
+                    return Err(format!(
+                        "'{v}' bytes is too small for a request (at least 1024)"
+                    ));
+                }
+            }
+            "gateway-max-connections" => {
+                self.gateway_max_connections = number(v)?;
+                if self.gateway_max_connections == 0 || self.gateway_max_connections > 65536 {
+                    return Err(format!("'{v}' is not between 1 and 65536"));
+                }
+            }
+            // leftovers
+            "service-tool-timeout" => self.service_tool_timeout = positive(parse_duration(v)?)?,
             // performance
             "coalesce-chunks" => self.coalesce_chunks = boolean(v)?,
             "chunk-hold" => self.chunk_hold = parse_duration(v)?.min(Duration::from_millis(100)),
@@ -754,6 +933,15 @@ impl Settings {
 impl Settings {
     /// The bearer token for Nexus: `nexus-token`, else the stored
     /// `device-api-token`.
+    /// How the sentinels of a `redis+sentinel://` URL are reached.
+    pub fn sentinel_auth(&self) -> crate::redis_sentinel::SentinelAuth {
+        crate::redis_sentinel::SentinelAuth {
+            username: self.sentinel_username.clone(),
+            password: self.sentinel_password.clone(),
+            tls: self.sentinel_tls,
+        }
+    }
+
     pub fn nexus_bearer(&self) -> Option<&str> {
         self.nexus_token
             .as_deref()
@@ -854,7 +1042,15 @@ fn number<T: std::str::FromStr>(v: &str) -> Result<T, String> {
 /// Settings that are on or off. As flags they may stand alone
 /// (`--allow-shell` = `--allow-shell=true`).
 pub fn is_boolean(name: &str) -> bool {
-    matches!(name, "allow-shell" | "tag-streams" | "allow-ssh-control")
+    matches!(
+        name,
+        "allow-shell"
+            | "tag-streams"
+            | "allow-ssh-control"
+            | "insecure-no-auth"
+            | "events-stream"
+            | "coalesce-chunks"
+    )
 }
 
 /// `true`/`false`, `1`/`0`, `yes`/`no`, `on`/`off` (any case).
@@ -954,6 +1150,16 @@ fn check_redis_url(v: &str) -> Result<(), String> {
                 return wrong("it names no socket path");
             }
         }
+        // Resolved through the sentinels at every connect (redis_sentinel).
+        "redis+sentinel" | "rediss+sentinel" => {
+            return match crate::redis_sentinel::SentinelUrl::parse(v) {
+                Ok(_) => Ok(()),
+                Err(what) => Err(format!(
+                    "'{shown}' is not a Redis Sentinel URL: {what} (write {})",
+                    crate::redis_sentinel::FORM
+                )),
+            };
+        }
         other => return wrong(&format!("{other}:// is not a Redis scheme")),
     }
     // The client's own parser has the last word (query options, fragments).
@@ -997,6 +1203,47 @@ fn metrics_addr(v: &str) -> Result<String, String> {
             "'{v}' is not HOST:PORT (e.g. 127.0.0.1:9464, 0.0.0.0:9464; empty turns the listener off)"
         ))
     }
+}
+
+/// `HOST:PORT` a listener binds (an IP or `localhost`).
+fn listen_addr(v: &str) -> Result<String, String> {
+    match metrics_addr(v) {
+        Ok(a) if !a.is_empty() => Ok(a),
+        _ => Err(format!(
+            "'{v}' is not HOST:PORT (e.g. 127.0.0.1:8088, 0.0.0.0:8088)"
+        )),
+    }
+}
+
+/// An engine kind a job may name.
+fn backend_name(v: &str) -> Result<String, String> {
+    let name = v.to_ascii_lowercase();
+    match name.as_str() {
+        "vllm" | "ollama" | "llamacpp" => Ok(name),
+        _ => Err(format!(
+            "'{v}' is not an engine kind (vllm, ollama or llamacpp)"
+        )),
+    }
+}
+
+/// `MODEL=BACKEND[@QUEUE]`.
+fn gateway_route(v: &str) -> Result<GatewayRoute, String> {
+    let wrong =
+        || format!("'{v}' is not MODEL=BACKEND[@QUEUE] (e.g. llama3=vllm@jobs:v1:gpu-a100)");
+    let (model, target) = v.split_once('=').ok_or_else(wrong)?;
+    let (backend, queue) = match target.split_once('@') {
+        Some((b, q)) => (b, Some(q.trim())),
+        None => (target, None),
+    };
+    let model = model.trim();
+    if model.is_empty() || queue.is_some_and(str::is_empty) {
+        return Err(wrong());
+    }
+    Ok(GatewayRoute {
+        model: model.to_owned(),
+        backend: backend_name(backend.trim()).map_err(|e| format!("{v}: {e}"))?,
+        queue: queue.map(str::to_owned),
+    })
 }
 
 /// A systemd unit name: letters, digits and `@._:-` (nothing a shell or
@@ -1132,6 +1379,14 @@ mod tests {
                 "metrics-addr" => "127.0.0.1:0",
                 "gpu-high-temp" => "90",
                 "gpu-telemetry" => "nvidia-smi",
+                "sentinel-tls" => "true",
+                // gateway
+                "gateway-listen" => "127.0.0.1:0",
+                "gateway-routes" => "m=vllm@jobs:v1:x",
+                "default-backend" => "llamacpp",
+                "gateway-api-keys" => "sk-test-1234",
+                "insecure-no-auth" => "true",
+                "gateway-max-body" => "4096",
                 n if n.contains("retries")
                     || n.contains("max")
                     || n.ends_with("-attempts")
@@ -1266,9 +1521,19 @@ mod tests {
             "rediss://h:6380/#insecure",
             "redis://[::1]:6379",
             "unix:///run/redis.sock",
+            "redis+sentinel://127.0.0.1:26379,127.0.0.1:26380/mymaster",
+            "rediss+sentinel://app:pw@[::1]:26379,s2/mymaster/3",
         ] {
             assert_eq!(check_redis_url(good), Ok(()), "{good}");
         }
+        let err = check_redis_url("redis+sentinel://u:s3cret@h1,,h2/m").unwrap_err();
+        assert!(err.contains("'redis+sentinel://u:***@h1,,h2/m'"), "{err}");
+        assert!(
+            err.contains("is not a Redis Sentinel URL: it names no sentinel host"),
+            "{err}"
+        );
+        assert!(err.contains("(write redis+sentinel://"), "{err}");
+        assert!(!err.contains("s3cret"), "{err}");
     }
 
     #[test]
@@ -1298,6 +1563,40 @@ mod tests {
             err.starts_with("service_images: 'tgi' is not a service"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn gateway_routes_read_from_flags_and_the_file_and_bad_ones_are_named() {
+        let mut s = Settings::default();
+        s.set("gateway-routes", "llama3=vllm@jobs:v1:a100, tiny=llamacpp")
+            .unwrap();
+        s.apply_file(r#"{"routes": {"qwen": "ollama@jobs:v1:b", "tiny": "vllm"}}"#)
+            .unwrap();
+        let got: Vec<(&str, &str, Option<&str>)> = s
+            .gateway_routes
+            .iter()
+            .map(|r| (r.model.as_str(), r.backend.as_str(), r.queue.as_deref()))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("llama3", "vllm", Some("jobs:v1:a100")),
+                ("qwen", "ollama", Some("jobs:v1:b")),
+                ("tiny", "vllm", None),
+            ]
+        );
+        for bad in ["nomodel", "=vllm", "m=tgi", "m=vllm@"] {
+            assert!(s.set("gateway-routes", bad).is_err(), "{bad}");
+        }
+        assert!(s
+            .set("gateway-api-keys", "short")
+            .unwrap_err()
+            .contains("at least 8"));
+        assert!(s.set("gateway-listen", "nope").is_err());
+        s.set("gateway-api-keys", "sk-aaaaaaaa,sk-bbbbbbbb")
+            .unwrap();
+        assert_eq!(s.gateway_api_keys.len(), 2);
+        assert!(!format!("{s:?}").contains("sk-aaaaaaaa"), "keys never show");
     }
 
     #[test]

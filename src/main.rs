@@ -10,14 +10,18 @@ mod clip;
 mod clock;
 mod config;
 mod events;
+mod follow;
+mod gateway;
 mod handlers;
 mod http;
 mod job;
 mod node;
 mod observe;
+mod percent;
 #[cfg(test)]
 mod proptests;
 mod redis_conn;
+mod redis_sentinel;
 mod run_job;
 mod sync;
 #[cfg(test)]
@@ -45,6 +49,7 @@ fn main() {
 fn run() -> Result<i32, Exit> {
     let cli = cli::parse(std::env::args_os().skip(1)).map_err(|e| Exit(2, e))?;
     let settings = cli.settings;
+    redis_sentinel::configure(settings.sentinel_auth());
     let executor = || {
         let profile = node::profile::LiveProfile::load(&settings);
         let policy = worker::exec::RetryPolicy {
@@ -68,6 +73,7 @@ fn run() -> Result<i32, Exit> {
             Ok(0)
         }
         Command::Work | Command::Agent { .. } => {
+            redis_sentinel::announce_master();
             transport::check(&settings).map_err(|e| Exit(2, e))?;
             // Before anything starts: a port in use stops the start (exit 2)
             // when the operator chose it; the default port taken (a second
@@ -123,6 +129,10 @@ fn run() -> Result<i32, Exit> {
         }
         Command::RunJob { job } => run_job::run(&executor(), job),
         Command::Submit(s) => admin::submit::run(&settings, &s),
+        Command::Follow { job_id, from } => {
+            admin::submit::follow_existing(&settings, &job_id, &from)
+        }
+        Command::Gateway => gateway::run(settings),
         Command::Dlq(d) => admin::dlq::run(&settings, &d),
         Command::Status { json } => admin::status::run(&settings, json),
         Command::Services(s) => admin::services::run(&settings, &s),

@@ -1,14 +1,24 @@
-//! The one Redis connection helper: timeouts on every socket, and the one
-//! reading of what a Redis error means for the thread that got it.
+//! The one Redis connection helper: timeouts on every socket, the current
+//! master of a `redis+sentinel://` URL found at every (re)connect (see
+//! `redis_sentinel`), and the one reading of what a Redis error means for
+//! the thread that got it.
 
-use redis::{Client, Connection, RedisError, RedisResult};
+use crate::redis_sentinel;
+use redis::{Client, Connection, ErrorKind, RedisError, RedisResult};
 use std::time::Duration;
 
 /// Open a connection with a connect timeout and read/write timeouts.
 /// `read_timeout` must exceed any BLOCK this connection will be used for.
+/// A Sentinel URL is resolved to the current master here, at every call.
 pub fn connect(url: &str, timeout: Duration, read_timeout: Duration) -> RedisResult<Connection> {
-    let client = Client::open(url)?;
-    let conn = client.get_connection_with_timeout(timeout)?;
+    let conn = if redis_sentinel::is_sentinel_url(url) {
+        let parsed = redis_sentinel::SentinelUrl::parse(url).map_err(|e| {
+            RedisError::from((ErrorKind::InvalidClientConfig, "bad Sentinel URL", e))
+        })?;
+        redis_sentinel::connect_master(&parsed, timeout)?
+    } else {
+        Client::open(url)?.get_connection_with_timeout(timeout)?
+    };
     conn.set_read_timeout(Some(read_timeout))?;
     conn.set_write_timeout(Some(timeout))?;
     Ok(conn)
@@ -20,8 +30,10 @@ pub fn connect(url: &str, timeout: Duration, read_timeout: Duration) -> RedisRes
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Fault {
     /// The connection is gone, or this server cannot serve us now (a
-    /// replica after a failover: READONLY; MASTERDOWN, LOADING, BUSY,
-    /// TRYAGAIN, CLUSTERDOWN): drop the connection, reconnect later.
+    /// replica after a failover: READONLY, or UNBLOCKED for a blocked read;
+    /// MASTERDOWN, LOADING, BUSY, TRYAGAIN, CLUSTERDOWN): drop the
+    /// connection, reconnect later (through the sentinels, for a Sentinel
+    /// URL).
     Reconnect,
     /// Redis is at `maxmemory` and refuses writes (OOM): keep what must be
     /// written, take nothing new, retry with backoff.
@@ -41,9 +53,10 @@ pub enum Fault {
 
 pub fn fault(e: &RedisError) -> Fault {
     match e.code() {
-        Some("READONLY" | "MASTERDOWN" | "LOADING" | "BUSY" | "TRYAGAIN" | "CLUSTERDOWN") => {
-            Fault::Reconnect
-        }
+        Some(
+            "READONLY" | "UNBLOCKED" | "MASTERDOWN" | "LOADING" | "BUSY" | "TRYAGAIN"
+            | "CLUSTERDOWN",
+        ) => Fault::Reconnect,
         Some("OOM") => Fault::Full,
         Some("NOGROUP") => Fault::NoGroup,
         Some("NOSCRIPT") => Fault::NoScript,
@@ -62,7 +75,7 @@ pub fn fault(e: &RedisError) -> Fault {
 /// How an episode of `e` is logged: "Redis {this} ({e})".
 pub fn describe(e: &RedisError) -> &'static str {
     match e.code() {
-        Some("READONLY") => "is a read-only replica now (failover?)",
+        Some("READONLY" | "UNBLOCKED") => "is a read-only replica now (failover?)",
         Some("MASTERDOWN" | "LOADING" | "BUSY" | "TRYAGAIN" | "CLUSTERDOWN") => {
             "is up but not serving"
         }
@@ -92,6 +105,7 @@ mod tests {
     fn every_server_error_of_the_contract_has_its_meaning() {
         let cases = [
             ("READONLY", Fault::Reconnect),
+            ("UNBLOCKED", Fault::Reconnect),
             ("MASTERDOWN", Fault::Reconnect),
             ("LOADING", Fault::Reconnect),
             ("BUSY", Fault::Reconnect),

@@ -596,7 +596,7 @@ fn bench_llm_stream() {
     // BENCH_LLM_COALESCE=<hold>: --coalesce-chunks with that --chunk-hold.
     let coalesce = std::env::var("BENCH_LLM_COALESCE").ok();
     if let Some(hold) = &coalesce {
-        args.extend(["--coalesce-chunks", "true", "--chunk-hold", hold]);
+        args.extend(["--coalesce-chunks", "--chunk-hold", hold]);
     }
     let w = Citadel::work(&redis, &args, QUIET);
     let mut c = redis.conn();
@@ -796,4 +796,146 @@ fn bench_model_download() {
         100.0 * best_curl_synced / best_citadel
     );
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `citadel gateway`: 64 concurrent streaming chat requests (raw HTTP, SSE)
+/// through the gateway + one worker to a fake vLLM, against the same 64
+/// requests sent straight to the fake engine in the same run. Each token's
+/// text is the engine's send time; the client computes engine write → SSE
+/// chunk received, per path. Prints time to first token and per-token
+/// latency (p50/p99) of both, the difference (the gateway's added latency;
+/// target p99 ≤ 2 ms per token) and gateway + worker CPU.
+/// `BENCH_GW_STREAMS` (default 64) streams of
+/// `BENCH_GW_TOKENS` (default 200) tokens, one every
+/// `BENCH_GW_TOKEN_US` (default 10 000 µs: 100 tokens/s per stream).
+#[test]
+#[ignore]
+fn bench_gateway_stream() {
+    use std::io::{BufRead, BufReader, Write};
+    use support::fake_engine::{FakeEngine, Reply};
+    let env = |k: &str, d: u64| {
+        std::env::var(k)
+            .ok()
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(d)
+    };
+    let streams = env("BENCH_GW_STREAMS", 64) as usize;
+    let tokens = env("BENCH_GW_TOKENS", 200) as usize;
+    let pace = Duration::from_micros(env("BENCH_GW_TOKEN_US", 10_000));
+    mono_ns();
+    let engine = FakeEngine::always(Reply::sse().generate(Arc::new(move |write| {
+        for _ in 0..tokens {
+            std::thread::sleep(pace);
+            let event = format!(
+                "data: {{\"object\":\"chat.completion.chunk\",\"choices\":[{{\"index\":0,\"delta\":{{\"content\":\"{} \"}},\"finish_reason\":null}}]}}\n\n",
+                mono_ns()
+            );
+            write(event.as_bytes())?;
+        }
+        write(b"data: [DONE]\n\n")
+    })));
+    let redis = fast_redis();
+    let w = Citadel::work(
+        &redis,
+        &[
+            "--node-name",
+            "gw-bench",
+            "--concurrency",
+            "64",
+            "--vllm-url",
+            &engine.url(),
+        ],
+        QUIET,
+    );
+    let mut c = redis.conn();
+    wait_until("the worker's group", Duration::from_secs(10), || {
+        group_exists(&mut c, "jobs:v1:gpu-general")
+    });
+    let addr = format!("127.0.0.1:{}", support::free_port());
+    let url = redis.url();
+    let g = Citadel::spawn(
+        &["gateway", "--listen", &addr],
+        &[("CITADEL_REDIS_URL", &url), ("RUST_LOG", "info")],
+    );
+    g.wait_for_log("gateway: listening on", Duration::from_secs(10));
+    let engine_addr = engine.url().trim_start_matches("http://").to_owned();
+
+    /// (time to first token µs, per-token latencies µs) of one stream.
+    fn one(addr: &str, path: &str) -> (u64, Vec<u64>) {
+        let body = r#"{"model":"m","messages":[{"role":"user","content":"go"}],"stream":true}"#;
+        let mut s = std::net::TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
+        let t0 = mono_ns();
+        write!(
+            s,
+            "POST {path} HTTP/1.1\r\nHost: b\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .unwrap();
+        let mut r = BufReader::new(s);
+        let (mut ttft, mut lat) = (0, Vec::new());
+        let mut line = String::new();
+        while r.read_line(&mut line).unwrap_or(0) > 0 {
+            let at = mono_ns();
+            if let Some(i) = line.find(r#""content":""#) {
+                let digits: String = line[i + 11..]
+                    .chars()
+                    .take_while(char::is_ascii_digit)
+                    .collect();
+                if let Ok(sent) = digits.parse::<u64>() {
+                    if lat.is_empty() {
+                        ttft = (at - t0) / 1000;
+                    }
+                    lat.push((at - sent) / 1000);
+                }
+            }
+            if line.starts_with("data: [DONE]") {
+                break;
+            }
+            line.clear();
+        }
+        (ttft, lat)
+    }
+    let run = |addr: &str, path: &str| -> (Vec<u64>, Vec<u64>, f64) {
+        let t = Instant::now();
+        let results: Vec<(u64, Vec<u64>)> = std::thread::scope(|s| {
+            let hs: Vec<_> = (0..streams).map(|_| s.spawn(|| one(addr, path))).collect();
+            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        let secs = t.elapsed().as_secs_f64();
+        let mut ttft: Vec<u64> = results.iter().map(|r| r.0).collect();
+        let mut lat: Vec<u64> = results.into_iter().flat_map(|r| r.1).collect();
+        assert_eq!(lat.len(), streams * tokens, "{path}: every token arrived");
+        ttft.sort_unstable();
+        lat.sort_unstable();
+        (ttft, lat, secs)
+    };
+    let pct =
+        |v: &[u64], p: f64| v[((v.len() as f64 * p) as usize).min(v.len() - 1)] as f64 / 1000.0;
+    let (d_ttft, d_lat, d_secs) = run(&engine_addr, "/v1/chat/completions");
+    let (cpu_g0, cpu_w0) = (cpu_seconds(g.pid()), cpu_seconds(w.pid()));
+    let (g_ttft, g_lat, g_secs) = run(&addr, "/v1/chat/completions");
+    let (cpu_g, cpu_w) = (cpu_seconds(g.pid()) - cpu_g0, cpu_seconds(w.pid()) - cpu_w0);
+    println!(
+        "gateway stream: {streams} streams x {tokens} tokens, one every {}µs; direct to the engine: \
+         TTFT p50 {:.2} ms p99 {:.2} ms, per token p50 {:.3} ms p99 {:.3} ms ({d_secs:.1}s)",
+        pace.as_micros(),
+        pct(&d_ttft, 0.5),
+        pct(&d_ttft, 0.99),
+        pct(&d_lat, 0.5),
+        pct(&d_lat, 0.99),
+    );
+    println!(
+        "gateway stream: through gateway + worker: TTFT p50 {:.2} ms p99 {:.2} ms, per token p50 {:.3} ms \
+         p99 {:.3} ms ({g_secs:.1}s); added per token p50 {:.3} ms, p99 {:.3} ms (target p99 ≤ 2 ms); \
+         CPU gateway {cpu_g:.2}s = {:.0}% of a core, worker {cpu_w:.2}s = {:.0}%",
+        pct(&g_ttft, 0.5),
+        pct(&g_ttft, 0.99),
+        pct(&g_lat, 0.5),
+        pct(&g_lat, 0.99),
+        pct(&g_lat, 0.5) - pct(&d_lat, 0.5),
+        pct(&g_lat, 0.99) - pct(&d_lat, 0.99),
+        100.0 * cpu_g / g_secs,
+        100.0 * cpu_w / g_secs,
+    );
 }

@@ -10,7 +10,11 @@
 //!   is explained only when the run before it was in a worker that was then
 //!   SIGKILLed (`dup_killed`), or began near the Redis SIGKILL, which may
 //!   lose up to the last second or two of writes by design
-//!   (`dup_redis_kill`); anything else is `dup_unexplained` and fails;
+//!   (`dup_redis_kill`), or was in a worker that said, in its own log, that
+//!   its lease renewal came late (it or Redis stalled past claim-idle: the
+//!   machine is overloaded) and that it lost that job's lease
+//!   (`dup_stalled`); anything else is `dup_unexplained` and fails, printing
+//!   every worker's log lines about the job;
 //! - the group's pending list is empty within claim-idle + 5 s of the last
 //!   job's outcome;
 //! - no job's captured events (a Pub/Sub subscriber that resubscribes after
@@ -106,6 +110,7 @@ struct Figures {
     duplicates: usize,
     dup_killed: usize,
     dup_redis_kill: usize,
+    dup_stalled: usize,
     dup_unexplained: usize,
     worker_kills: usize,
     restarts_at_once: usize,
@@ -114,6 +119,11 @@ struct Figures {
     oom_ms: u64,
     after_end: usize,
     after_end_redis_kill: usize,
+    /// The same, read from the jobs' replayable `events:v1:{jobId}` streams.
+    stream_after_end: usize,
+    stream_after_end_redis_kill: usize,
+    /// Completed jobs whose events stream has no `end`.
+    stream_no_end: usize,
     drain_ms: u64,
     seconds: u64,
     seed: u64,
@@ -123,9 +133,10 @@ impl Figures {
     fn line(&self) -> String {
         format!(
             "CHAOS jobs={} completed={} dead_lettered={} lost={} duplicates={} \
-             dup_killed={} dup_redis_kill={} dup_unexplained={} runs={} worker_kills={} \
+             dup_killed={} dup_redis_kill={} dup_stalled={} dup_unexplained={} runs={} worker_kills={} \
              restarts_at_once={} restarts_after_claim_idle={} redis_restarts={} oom_ms={} \
-             events_after_end={} events_after_end_redis_kill={} drain_ms={} seconds={} seed={}",
+             events_after_end={} events_after_end_redis_kill={} stream_after_end={} \
+             stream_after_end_redis_kill={} stream_no_end={} drain_ms={} seconds={} seed={}",
             self.jobs,
             self.completed,
             self.dead_lettered,
@@ -133,6 +144,7 @@ impl Figures {
             self.duplicates,
             self.dup_killed,
             self.dup_redis_kill,
+            self.dup_stalled,
             self.dup_unexplained,
             self.runs,
             self.worker_kills,
@@ -142,6 +154,9 @@ impl Figures {
             self.oom_ms,
             self.after_end,
             self.after_end_redis_kill,
+            self.stream_after_end,
+            self.stream_after_end_redis_kill,
+            self.stream_no_end,
             self.drain_ms,
             self.seconds,
             self.seed,
@@ -225,6 +240,10 @@ impl Chaos {
 
         let mut redis = RedisServer::start_with(&["--appendfsync", "everysec"]);
         let runs_path = redis.dir().join("echo-runs.log");
+        let logs = std::env::var_os("CHAOS_KEEP_LOGS")
+            .map(std::path::PathBuf::from)
+            .unwrap_or_else(|| redis.dir().join("worker-logs"));
+        let _ = std::fs::create_dir_all(&logs);
         let runs_env = runs_path.to_string_lossy().into_owned();
         let sub = Subscriber::new(&redis, "stream:v1:*");
 
@@ -340,7 +359,7 @@ impl Chaos {
                         format!("SIGKILL worker {} pid {}", slots[i].name, w.pid()),
                     ));
                     w.kill9();
-                    keep_log(&w, &slots[i].name);
+                    keep_log(&logs, &w, &slots[i].name);
                     fig.worker_kills += 1;
                     if rng.range(0, 1) == 0 {
                         fig.restarts_at_once += 1;
@@ -413,6 +432,11 @@ impl Chaos {
             .count();
 
         // Duplicates, each explained by what happened to the run before it.
+        for slot in &slots {
+            if let Some(w) = &slot.proc {
+                keep_log(&logs, w, &slot.name);
+            }
+        }
         let runs = read_runs(&runs_path);
         let near_redis_kill =
             |ms: u64| redis_kill.is_some_and(|(at, back)| ms + 3000 >= at && ms <= back + 1000);
@@ -427,6 +451,8 @@ impl Chaos {
                 } else if near_redis_kill(prev.ms) {
                     fig.dup_redis_kill += 1;
                     redis_kill_jobs.insert(job.clone());
+                } else if said_it_stalled(&logs, prev.pid, job) {
+                    fig.dup_stalled += 1;
                 } else {
                     fig.dup_unexplained += 1;
                     let (from, to) = (prev.ms.saturating_sub(10_000), pair[1].ms + 1000);
@@ -438,6 +464,10 @@ impl Chaos {
                             .filter(|(t, _)| (from..=to).contains(t))
                             .collect::<Vec<_>>()
                     );
+                    eprintln!("chaos: the workers' log lines about {job}:");
+                    for line in log_lines_about(&logs, job) {
+                        eprintln!("  {line}");
+                    }
                 }
             }
         }
@@ -468,6 +498,41 @@ impl Chaos {
                 }
             }
         }
+        // The same from the durable copy, which no restart loses: each
+        // completed job's events stream has an `end` and nothing after it.
+        for chunk in ids.chunks(500) {
+            let mut pipe = redis::pipe();
+            for id in chunk {
+                pipe.cmd("XRANGE")
+                    .arg(format!("events:v1:{id}"))
+                    .arg("-")
+                    .arg("+");
+            }
+            let streams: Vec<Vec<(String, HashMap<String, String>)>> =
+                pipe.query(&mut c).expect("XRANGE the events streams");
+            for (id, entries) in chunk.iter().zip(streams) {
+                let kinds: Vec<String> = entries
+                    .iter()
+                    .filter_map(|(_, f)| serde_json::from_str::<Json>(f.get("event")?).ok())
+                    .filter_map(|ev| Some(ev.get("type")?.as_str()?.to_owned()))
+                    .collect();
+                match kinds.iter().position(|k| k == "end") {
+                    Some(pos) if pos + 1 < kinds.len() => {
+                        if redis_kill_jobs.contains(id) {
+                            fig.stream_after_end_redis_kill += 1;
+                        } else {
+                            fig.stream_after_end += 1;
+                            eprintln!("chaos: events:v1:{id} after end: {kinds:?}");
+                        }
+                    }
+                    None if done.contains(id) => {
+                        fig.stream_no_end += 1;
+                        eprintln!("chaos: events:v1:{id} of a completed job has no end: {kinds:?}");
+                    }
+                    _ => {}
+                }
+            }
+        }
         fig.seconds = t0.elapsed().as_secs();
         let line = fig.line();
         {
@@ -478,25 +543,66 @@ impl Chaos {
             drained,
             "pending list not empty {drain_deadline:?} after the last outcome: {line}"
         );
-        for slot in &slots {
-            if let Some(w) = &slot.proc {
-                keep_log(w, &slot.name);
-            }
-        }
         drop(slots);
         fig
     }
 }
 
-/// `CHAOS_KEEP_LOGS=DIR`: each worker's log is copied there as
-/// `{name}-{pid}.log` when it is killed and at the end (for a post-mortem
-/// of an unexplained duplicate).
-fn keep_log(w: &Citadel, name: &str) {
-    if let Some(dir) = std::env::var_os("CHAOS_KEEP_LOGS") {
-        let dir = Path::new(&dir);
-        let _ = std::fs::create_dir_all(dir);
-        let _ = std::fs::copy(w.log_path(), dir.join(format!("{name}-{}.log", w.pid())));
+/// Each worker's log is copied to `dir` as `{name}-{pid}.log` when it is
+/// killed and before the ledger is read: `CHAOS_KEEP_LOGS=DIR`, else the
+/// run's temporary directory (for the duplicate check and its post-mortem).
+fn keep_log(dir: &Path, w: &Citadel, name: &str) {
+    let _ = std::fs::copy(w.log_path(), dir.join(format!("{name}-{}.log", w.pid())));
+}
+
+/// Whether the worker `pid` logged that its lease renewal came late and
+/// that it lost the lease of `job` (so its run was stopped unsettled and
+/// another worker ran the job again).
+fn said_it_stalled(dir: &Path, pid: u32, job: &str) -> bool {
+    let suffix = format!("-{pid}.log");
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return false;
+    };
+    let lost = format!("(job {job})");
+    entries.flatten().any(|f| {
+        if !f.file_name().to_string_lossy().ends_with(&suffix) {
+            return false;
+        }
+        let text = std::fs::read_to_string(f.path()).unwrap_or_default();
+        text.contains("after the last renewal")
+            && text
+                .lines()
+                .any(|l| l.contains("lost the lease of entry") && l.contains(&lost))
+    })
+}
+
+/// Whether `line` names `job` itself (`chaos-1`, not `chaos-12`).
+fn names_job(line: &str, job: &str) -> bool {
+    line.match_indices(job).any(|(at, _)| {
+        !line[at + job.len()..]
+            .chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_digit())
+    })
+}
+
+/// Every line of every kept log that names `job` or a late renewal,
+/// prefixed with the log's name.
+fn log_lines_about(dir: &Path, job: &str) -> Vec<String> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for f in entries.flatten() {
+        let name = f.file_name().to_string_lossy().into_owned();
+        let text = std::fs::read_to_string(f.path()).unwrap_or_default();
+        for line in text.lines() {
+            if names_job(line, job) || line.contains("after the last renewal") {
+                out.push(format!("{name}: {line}"));
+            }
+        }
     }
+    out
 }
 
 #[track_caller]
@@ -505,6 +611,14 @@ fn assert_sound(fig: &Figures) {
     assert_eq!(fig.lost, 0, "jobs lost: {line}");
     assert_eq!(fig.dup_unexplained, 0, "unexplained duplicate runs: {line}");
     assert_eq!(fig.after_end, 0, "events after end: {line}");
+    assert_eq!(
+        fig.stream_after_end, 0,
+        "events-stream entries after end: {line}"
+    );
+    assert_eq!(
+        fig.stream_no_end, 0,
+        "completed jobs without end in their stream: {line}"
+    );
     assert_eq!(fig.redis_restarts, 2, "{line}");
     assert!(fig.worker_kills > 0, "{line}");
 }

@@ -46,7 +46,7 @@ fn coalesced_chunks_carry_every_token_in_order_with_gap_free_indices() {
     let _w = worker(
         &redis,
         "coalesce-node",
-        &["--coalesce-chunks", "true", "--chunk-hold", "20ms"],
+        &["--coalesce-chunks", "--chunk-hold", "20ms"],
     );
     xadd_job(&mut c, QUEUE, "many", "echo", r#"{"chunks":300}"#);
     let events = wait_ended(&sub, "many");
@@ -83,7 +83,7 @@ fn chunks_are_one_event_per_token_by_default() {
 
 #[test]
 fn bad_coalescing_settings_are_refused_with_the_reason() {
-    let out = support::citadel_cmd(&["work", "--coalesce-chunks", "maybe"])
+    let out = support::citadel_cmd(&["work", "--coalesce-chunks=maybe"])
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(2), "{out:?}");

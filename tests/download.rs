@@ -7,14 +7,12 @@ mod support;
 use serde_json::{json, Value as Json};
 use sha2::{Digest, Sha256};
 use std::fs;
-use std::io::Read;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::thread;
+use std::path::Path;
 use std::time::{Duration, Instant};
 use support::file_server::{FileServer, Serve};
+use support::jobs::{run_to_end, Finished, TempDir};
 use support::{
-    citadel_cmd, fresh_temp_dir, hgetall, wait_until, xadd_job, Citadel, RedisServer, Subscriber,
+    citadel_cmd, hgetall, wait_until, worker_with_env, xadd_job, Citadel, RedisServer, Subscriber,
 };
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -35,24 +33,16 @@ fn sha(bytes: &[u8]) -> String {
         .collect()
 }
 
-#[derive(Debug)]
-struct Output {
-    code: Option<i32>,
-    stdout: String,
-    stderr: String,
-}
-
-impl Output {
-    /// The job's result: the last stdout line (progress lines come before).
-    fn result(&self) -> Json {
-        let last = self.stdout.lines().last().unwrap_or_default();
-        serde_json::from_str(last).unwrap_or_else(|e| panic!("{e}: {self:?}"))
-    }
+/// The job's result: the last stdout line of `citadel run-job` (progress
+/// lines come before).
+fn result(out: &Finished) -> Json {
+    let last = out.stdout.lines().last().unwrap_or_default();
+    serde_json::from_str(last).unwrap_or_else(|e| panic!("{e}: {out:?}"))
 }
 
 /// `citadel run-job` of a `model_download` job with `payload`, files under
 /// `models`, fast retries, and `flags`.
-fn run_job(models: &Path, payload: Json, flags: &[&str]) -> Output {
+fn run_job(models: &Path, payload: Json, flags: &[&str]) -> Finished {
     let job = json!({"type": "model_download", "payload": payload}).to_string();
     let models = models.to_str().unwrap();
     let mut args = vec![
@@ -64,46 +54,67 @@ fn run_job(models: &Path, payload: Json, flags: &[&str]) -> Output {
         "5ms",
     ];
     args.extend_from_slice(flags);
-    let mut cmd = citadel_cmd(&args);
-    run(&mut cmd)
+    run_to_end(&mut citadel_cmd(&args), WAIT)
 }
 
-fn run(cmd: &mut Command) -> Output {
-    cmd.stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let mut child = cmd.spawn().expect("spawning citadel");
-    let pipe = |mut p: Box<dyn Read + Send>| {
-        thread::spawn(move || {
-            let mut s = String::new();
-            let _ = p.read_to_string(&mut s);
-            s
-        })
-    };
-    let out = pipe(Box::new(child.stdout.take().unwrap()));
-    let err = pipe(Box::new(child.stderr.take().unwrap()));
-    let deadline = Instant::now() + WAIT;
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break Some(s);
-        }
-        if Instant::now() >= deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            break None;
-        }
-        thread::sleep(support::POLL);
-    };
-    let o = Output {
-        code: status.and_then(|s| s.code()),
-        stdout: out.join().unwrap(),
-        stderr: err.join().unwrap(),
-    };
-    assert!(
-        status.is_some(),
-        "citadel still running after {WAIT:?}: {o:?}"
+/// `citadel work` (support's [`worker_with_env`] timings) downloading into
+/// `models`, fast retries, then `extra` and `env`.
+fn download_worker(
+    redis: &RedisServer,
+    models: &Path,
+    extra: &[&str],
+    env: &[(&str, &str)],
+) -> Citadel {
+    let mut args = vec![
+        "--models-dir",
+        models.to_str().unwrap(),
+        "--retry-base",
+        "5ms",
+    ];
+    args.extend_from_slice(extra);
+    worker_with_env(redis, "dl-node", &args, env)
+}
+
+/// Serves `body` as `/w.bin`, dropping the first connection halfway;
+/// returns where.
+fn dropped_halfway(server: &FileServer, body: &[u8]) -> u64 {
+    let half = body.len() as u64 / 2;
+    server.serve(
+        "/w.bin",
+        Serve {
+            drop_once_at: Some(half),
+            ..Serve::file(body.to_vec())
+        },
     );
-    o
+    half
+}
+
+/// `citadel run-job` downloading the server's `/w.bin` into `models`, in
+/// the background.
+fn run_job_in_background(server: &FileServer, models: &Path) -> Citadel {
+    let job =
+        json!({"type": "model_download", "payload": {"url": server.url("/w.bin")}}).to_string();
+    Citadel::spawn(
+        &["run-job", &job, "--models-dir", models.to_str().unwrap()],
+        &[],
+    )
+}
+
+/// Serves `body` as `/w.bin`, pausing halfway until released; returns a
+/// `run-job` downloading it once the server paused.
+fn a_download_paused_halfway(server: &FileServer, models: &Path, body: &[u8]) -> Citadel {
+    server.serve(
+        "/w.bin",
+        Serve {
+            pause_at: Some(body.len() as u64 / 2),
+            ..Serve::file(body.to_vec())
+        },
+    );
+    let first = run_job_in_background(server, models);
+    wait_until("the first job's download to pause", WAIT, || {
+        (server.paused() == 1).then_some(())
+    });
+    first
 }
 
 /// Every file under `dir`, relative, sorted.
@@ -124,33 +135,8 @@ fn files_under(dir: &Path) -> Vec<String> {
     out
 }
 
-/// A fresh directory, removed when the test passes (kept for a look when
-/// it fails).
-struct TempDir(PathBuf);
-
-impl std::ops::Deref for TempDir {
-    type Target = Path;
-    fn deref(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl AsRef<Path> for TempDir {
-    fn as_ref(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        if !thread::panicking() {
-            let _ = fs::remove_dir_all(&self.0);
-        }
-    }
-}
-
 fn models_dir() -> TempDir {
-    TempDir(fresh_temp_dir("models"))
+    TempDir::new("models")
 }
 
 #[test]
@@ -167,23 +153,21 @@ fn a_repo_file_is_downloaded_verified_and_not_fetched_again() {
 
     let out = run_job(&models, payload.clone(), &flags);
     assert_eq!(out.code, Some(0), "{out:?}");
-    let r = out.result();
+    let r = result(&out);
     let want = fs::canonicalize(&models).unwrap().join("llm/weights.bin");
     assert_eq!(r["path"], want.display().to_string(), "{r}");
     assert_eq!(r["bytes"], body.len());
     assert_eq!(r["sha256"], sha(&body));
     assert_eq!(r["resumed_from"], 0);
     assert_eq!(fs::read(&want).unwrap(), body);
-    assert_eq!(
-        files_under(&models),
-        ["llm/weights.bin", "llm/weights.bin.lock"]
-    );
+    // The lock went with the job.
+    assert_eq!(files_under(&models), ["llm/weights.bin"]);
     assert_eq!(server.requests_for("GET", path).len(), 1);
 
     // With the checksum: no request at all the second time.
     let out = run_job(&models, payload.clone(), &flags);
     assert_eq!(out.code, Some(0), "{out:?}");
-    assert_eq!(out.result()["resumed_from"], body.len());
+    assert_eq!(result(&out)["resumed_from"], body.len());
     assert_eq!(server.requests().len(), 1, "{:?}", server.requests());
 
     // Without it: one HEAD for the size, no GET.
@@ -191,7 +175,7 @@ fn a_repo_file_is_downloaded_verified_and_not_fetched_again() {
     no_sum.as_object_mut().unwrap().remove("sha256");
     let out = run_job(&models, no_sum, &flags);
     assert_eq!(out.code, Some(0), "{out:?}");
-    assert_eq!(out.result()["sha256"], sha(&body));
+    assert_eq!(result(&out)["sha256"], sha(&body));
     assert_eq!(server.requests_for("HEAD", path).len(), 1);
     assert_eq!(server.requests_for("GET", path).len(), 1);
 }
@@ -200,14 +184,7 @@ fn a_repo_file_is_downloaded_verified_and_not_fetched_again() {
 fn a_connection_dropped_mid_file_is_resumed_at_the_offset() {
     let server = FileServer::start();
     let body = data(1 << 20);
-    let half = body.len() as u64 / 2;
-    server.serve(
-        "/w.bin",
-        Serve {
-            drop_once_at: Some(half),
-            ..Serve::file(body.clone())
-        },
-    );
+    let half = dropped_halfway(&server, &body);
     let models = models_dir();
     let out = run_job(
         &models,
@@ -222,7 +199,7 @@ fn a_connection_dropped_mid_file_is_resumed_at_the_offset() {
         gets[1].header("range"),
         Some(format!("bytes={half}-").as_str())
     );
-    assert_eq!(out.result()["sha256"], sha(&body));
+    assert_eq!(result(&out)["sha256"], sha(&body));
     assert_eq!(fs::read(models.join("models/w.bin")).unwrap(), body);
 }
 
@@ -240,7 +217,7 @@ fn a_partial_file_on_disk_is_resumed_not_fetched_again() {
         &[],
     );
     assert_eq!(out.code, Some(0), "{out:?}");
-    assert_eq!(out.result()["resumed_from"], 123_456);
+    assert_eq!(result(&out)["resumed_from"], 123_456);
     let gets = server.requests_for("GET", "/w.bin");
     assert_eq!(gets.len(), 1);
     assert_eq!(gets[0].header("range"), Some("bytes=123456-"));
@@ -268,7 +245,7 @@ fn a_server_that_ignores_range_gets_the_whole_file_again() {
         &[],
     );
     assert_eq!(out.code, Some(0), "{out:?}");
-    assert_eq!(out.result()["resumed_from"], 0);
+    assert_eq!(result(&out)["resumed_from"], 0);
     let gets = server.requests_for("GET", "/w.bin");
     assert_eq!(gets.len(), 1, "{gets:?}");
     assert_eq!(gets[0].header("range"), Some("bytes=50000-"));
@@ -280,30 +257,10 @@ fn a_network_failure_is_retried_by_the_worker_from_the_bytes_on_disk() {
     let redis = RedisServer::start();
     let server = FileServer::start();
     let body = data(1 << 20);
-    let half = body.len() as u64 / 2;
-    server.serve(
-        "/w.bin",
-        Serve {
-            drop_once_at: Some(half),
-            ..Serve::file(body.clone())
-        },
-    );
+    let half = dropped_halfway(&server, &body);
     let models = models_dir();
     let sub = Subscriber::new(&redis, "stream:v1:*");
-    let _w = Citadel::work(
-        &redis,
-        &[
-            "--models-dir",
-            models.to_str().unwrap(),
-            "--download-max-resumes",
-            "0",
-            "--retry-base",
-            "5ms",
-            "--block",
-            "1s",
-        ],
-        &[],
-    );
+    let _w = download_worker(&redis, &models, &["--download-max-resumes", "0"], &[]);
     let payload = json!({"url": server.url("/w.bin"), "sha256": sha(&body)}).to_string();
     xadd_job(
         &mut redis.conn(),
@@ -347,16 +304,7 @@ fn progress_is_streamed_twice_a_second_and_a_later_drop_still_resumes() {
     );
     let models = models_dir();
     let sub = Subscriber::new(&redis, "stream:v1:*");
-    let _w = Citadel::work(
-        &redis,
-        &[
-            "--models-dir",
-            models.to_str().unwrap(),
-            "--retry-base",
-            "5ms",
-        ],
-        &[],
-    );
+    let _w = download_worker(&redis, &models, &[], &[]);
     let payload = json!({"url": server.url("/slow.bin")}).to_string();
     xadd_job(
         &mut redis.conn(),
@@ -430,14 +378,10 @@ fn redirects_are_followed_the_token_stays_with_the_hf_host_and_no_proxy_for_loop
     let models = models_dir();
     let sub = Subscriber::new(&redis, "stream:v1:*");
     let hf_base = hf.base();
-    let w = Citadel::work(
+    let w = download_worker(
         &redis,
-        &[
-            "--models-dir",
-            models.to_str().unwrap(),
-            "--hf-url",
-            hf_base.as_str(),
-        ],
+        &models,
+        &["--hf-url", hf_base.as_str()],
         // A proxy nobody listens on: loopback downloads must not use it.
         &[
             ("CITADEL_HF_TOKEN", TOKEN),
@@ -485,7 +429,11 @@ fn a_checksum_mismatch_fails_for_good_and_leaves_no_file() {
     assert!(out.stderr.contains("checksum mismatch"), "{out:?}");
     assert!(out.stderr.contains(&sha(&body)), "{out:?}");
     assert_eq!(server.requests().len(), 1, "not retried");
-    assert_eq!(files_under(&models), ["models/w.bin.lock"]);
+    assert!(
+        files_under(&models).is_empty(),
+        "{:?}",
+        files_under(&models)
+    );
 }
 
 #[test]
@@ -496,8 +444,8 @@ fn a_zero_byte_file_is_downloaded_and_then_found_complete() {
     let payload = json!({"url": server.url("/empty.bin")});
     let out = run_job(&models, payload.clone(), &[]);
     assert_eq!(out.code, Some(0), "{out:?}");
-    assert_eq!(out.result()["bytes"], 0);
-    assert_eq!(out.result()["sha256"], sha(b""));
+    assert_eq!(result(&out)["bytes"], 0);
+    assert_eq!(result(&out)["sha256"], sha(b""));
     assert_eq!(fs::read(models.join("models/empty.bin")).unwrap(), b"");
     let out = run_job(&models, payload, &[]);
     assert_eq!(out.code, Some(0), "{out:?}");
@@ -548,13 +496,15 @@ fn a_stalled_server_ends_the_download_after_the_idle_timeout() {
             .len(),
         100_000
     );
+    // A failed download keeps its bytes for a resume, not its lock.
+    assert_eq!(files_under(&models), ["models/w.bin.partial"]);
 }
 
 #[test]
 fn names_that_would_leave_the_models_dir_are_refused() {
     let server = FileServer::start();
     server.serve("/w.bin", Serve::file(data(10)));
-    let base = TempDir(fresh_temp_dir("escape"));
+    let base = TempDir::new("escape");
     let models = base.join("models");
     let outside = base.join("outside");
     fs::create_dir_all(&models).unwrap();
@@ -618,27 +568,9 @@ fn names_that_would_leave_the_models_dir_are_refused() {
 fn two_jobs_for_one_file_download_it_once() {
     let server = FileServer::start();
     let body = data(1 << 20);
-    server.serve(
-        "/w.bin",
-        Serve {
-            pause_at: Some(1 << 19),
-            ..Serve::file(body.clone())
-        },
-    );
     let models = models_dir();
-    let job =
-        json!({"type": "model_download", "payload": {"url": server.url("/w.bin")}}).to_string();
-    let args = [
-        "run-job",
-        job.as_str(),
-        "--models-dir",
-        models.to_str().unwrap(),
-    ];
-    let mut first = Citadel::spawn(&args, &[]);
-    wait_until("the first job's download to pause", WAIT, || {
-        (server.paused() == 1).then_some(())
-    });
-    let mut second = Citadel::spawn(&args, &[]);
+    let mut first = a_download_paused_halfway(&server, &models, &body);
+    let mut second = run_job_in_background(&server, &models);
     second.wait_for_log("waiting for another job writing", WAIT);
     assert_eq!(
         server.requests().len(),
@@ -656,6 +588,33 @@ fn two_jobs_for_one_file_download_it_once() {
     }
     assert_eq!(server.requests_for("GET", "/w.bin").len(), 1);
     assert_eq!(fs::read(models.join("models/w.bin")).unwrap(), body);
+    assert_eq!(files_under(&models), ["models/w.bin"], "no lock left");
+}
+
+#[test]
+fn the_lock_of_a_killed_download_does_not_block_the_next_one() {
+    let server = FileServer::start();
+    let body = data(1 << 20);
+    let models = models_dir();
+    let mut first = a_download_paused_halfway(&server, &models, &body);
+    // Killed holding the lock: its .lock stays, its flock goes with it.
+    first.kill9();
+    assert!(models.join("models/w.bin.lock").exists());
+    server.release();
+    let mut second = run_job_in_background(&server, &models);
+    let status = second.wait_exit(WAIT).expect("citadel run-job exits");
+    assert!(status.success(), "{}", second.log());
+    assert!(
+        !second.log().contains("waiting for another job"),
+        "{}",
+        second.log()
+    );
+    assert_eq!(fs::read(models.join("models/w.bin")).unwrap(), body);
+    assert_eq!(
+        files_under(&models),
+        ["models/w.bin"],
+        "the stale lock is gone"
+    );
 }
 
 #[test]
@@ -751,16 +710,7 @@ fn a_cancelled_download_stops_at_once_and_the_next_job_resumes_it() {
     );
     let models = models_dir();
     let sub = Subscriber::new(&redis, "stream:v1:*");
-    let _w = Citadel::work(
-        &redis,
-        &[
-            "--models-dir",
-            models.to_str().unwrap(),
-            "--cancel-poll",
-            "100ms",
-        ],
-        &[],
-    );
+    let _w = download_worker(&redis, &models, &[], &[]);
     let payload = json!({"url": server.url("/w.bin"), "sha256": sha(&body)}).to_string();
     let mut conn = redis.conn();
     xadd_job(&mut conn, QUEUE, "dl-cancel", "model_download", &payload);
@@ -777,6 +727,11 @@ fn a_cancelled_download_stops_at_once_and_the_next_job_resumes_it() {
     let kept = fs::metadata(models.join("models/w.bin.partial"))
         .unwrap()
         .len();
+    assert_eq!(
+        files_under(&models),
+        ["models/w.bin.partial"],
+        "a cancelled job's lock goes"
+    );
     assert!(kept > 0 && kept <= 1 << 19, "{kept}");
 
     server.release();
@@ -789,4 +744,5 @@ fn a_cancelled_download_stops_at_once_and_the_next_job_resumes_it() {
         gets[1].header("range"),
         Some(format!("bytes={kept}-").as_str())
     );
+    assert_eq!(files_under(&models), ["models/w.bin"], "no lock left");
 }

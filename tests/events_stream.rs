@@ -123,7 +123,7 @@ fn the_stream_is_capped_and_keeps_the_newest_events() {
 fn events_stream_false_publishes_only() {
     let redis = RedisServer::start();
     let sub = Subscriber::new(&redis, "stream:v1:*");
-    let _w = support::worker(&redis, "ev-4", &["--events-stream", "false"]);
+    let _w = support::worker(&redis, "ev-4", &["--events-stream=false"]);
     let mut conn = redis.conn();
     xadd_job(&mut conn, QUEUE, "j-quiet", "echo", r#"{"chunks":2}"#);
     let published = wait_ended(&sub, "j-quiet");
@@ -142,12 +142,13 @@ fn bad_events_settings_stop_the_start_with_the_reason() {
         ("--events-maxlen", "0", "events-stream=false"),
         ("--events-maxlen", "lots", "whole number"),
         ("--events-ttl", "0s", "events-ttl"),
-        ("--events-stream", "sometimes", "not a boolean"),
+        ("--events-stream=sometimes", "", "not a boolean"),
     ] {
-        let out =
-            support::citadel_cmd(&["work", "--redis-url", "redis://127.0.0.1:1", flag, value])
-                .output()
-                .expect("run citadel");
+        let mut args = vec!["work", "--redis-url", "redis://127.0.0.1:1", flag];
+        if !value.is_empty() {
+            args.push(value);
+        }
+        let out = support::citadel_cmd(&args).output().expect("run citadel");
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(2), "{flag} {value}: {stderr}");
         assert!(stderr.contains(want), "{flag} {value}: {stderr}");

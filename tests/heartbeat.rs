@@ -7,12 +7,14 @@
 mod support;
 
 use serde_json::Value as Json;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 use support::fake_nexus::FakeNexus;
+use support::jobs::{fake_tool, path_with, wait_for_pid_file, wait_pid_gone};
 use support::observe::{assert_logged_once, assert_rfc3339_ms, log_lines_with, wait_status};
 use support::{
-    fresh_temp_dir, wait_until, xadd_job, xlen, xrange_all, Citadel, RedisServer, Subscriber,
+    fresh_temp_dir, wait_until, worker_with_env, xadd_job, xlen, xrange_all, Citadel, RedisServer,
+    Subscriber,
 };
 
 const STREAM: &str = "node:status:stream";
@@ -26,41 +28,23 @@ const TWO_GPUS: &str = "\
 1, NVIDIA H200, GPU-9a8b7c6d-1111-2222-3333-444455556666, [N/A], 143771, [Not Supported], 39, [N/A], 580.65.06
 ";
 
-/// `citadel work` as `node` with `args`; PATH is `path_dirs` (then the test's own PATH when `inherit`).
-/// GPUs come from nvidia-smi (the fake one on PATH), even where NVML would load.
+/// `citadel work` as `node` (support's [`worker_with_env`] timings) with
+/// `args`; PATH is `path` when given. GPUs come from nvidia-smi (the fake
+/// one on PATH), even where NVML would load.
 fn agent(redis: &RedisServer, node: &str, args: &[&str], path: Option<&str>) -> Citadel {
-    let mut all = vec![
-        "--node-name",
-        node,
-        "--block",
-        "1s",
-        "--gpu-telemetry",
-        "nvidia-smi",
-    ];
+    let mut all = vec!["--gpu-telemetry", "nvidia-smi"];
     all.extend_from_slice(args);
     match path {
-        Some(p) => Citadel::work(redis, &all, &[("PATH", p)]),
-        None => Citadel::work(redis, &all, &[]),
+        Some(p) => worker_with_env(redis, node, &all, &[("PATH", p)]),
+        None => worker_with_env(redis, node, &all, &[]),
     }
 }
 
 /// A directory holding an executable `nvidia-smi` with `body` as its script.
 fn fake_nvidia_smi(body: &str) -> PathBuf {
-    use std::os::unix::fs::PermissionsExt;
     let dir = fresh_temp_dir("nvidia-smi");
-    let path = dir.join("nvidia-smi");
-    std::fs::write(&path, format!("#!/bin/sh\n{body}\n")).unwrap();
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    fake_tool(&dir, "nvidia-smi", body);
     dir
-}
-
-/// PATH with `dir` first, then this test's own PATH (for `cat`, `sleep`).
-fn path_with(dir: &Path) -> String {
-    format!(
-        "{}:{}",
-        dir.display(),
-        std::env::var("PATH").unwrap_or_default()
-    )
 }
 
 /// A script printing `text`.
@@ -357,70 +341,42 @@ fn a_heartbeat_arrives_without_gpus_when_nvidia_smi_hangs_from_the_start() {
     assert_logged_once(&w.log(), "reporting the last known GPUs until it answers");
 }
 
-#[test]
-fn sigterm_stops_the_heartbeat_at_once_and_kills_a_hung_nvidia_smi() {
-    let redis = RedisServer::start();
+/// An agent whose nvidia-smi hangs (the query timeout is 10m) and that
+/// nvidia-smi's pid, once it runs.
+fn agent_with_a_hung_nvidia_smi(redis: &RedisServer, node: &str) -> (Citadel, u32) {
     let pid_file = fresh_temp_dir("nvidia-smi-pid").join("pid");
     let fake = fake_nvidia_smi(&format!(
         "echo $$ > '{}'\nexec sleep 600",
         pid_file.display()
     ));
-    let mut w = agent(
-        &redis,
-        "hb-stop",
+    let w = agent(
+        redis,
+        node,
         &["--heartbeat-interval", "1h", "--gpu-query-timeout", "10m"],
         Some(&path_with(&fake)),
     );
-    let pid = wait_until("nvidia-smi to start", WAIT, || {
-        std::fs::read_to_string(&pid_file)
-            .ok()
-            .and_then(|t| t.trim().parse::<u32>().ok())
-    });
+    (w, wait_for_pid_file(&pid_file, WAIT))
+}
+
+#[test]
+fn sigterm_stops_the_heartbeat_at_once_and_kills_a_hung_nvidia_smi() {
+    let redis = RedisServer::start();
+    let (mut w, pid) = agent_with_a_hung_nvidia_smi(&redis, "hb-stop");
     w.wait_working();
     w.sigterm();
     let status = w.wait_exit(WAIT).expect("citadel exits after SIGTERM");
     assert!(status.success(), "{status}");
     // The stop itself ended the run (not the agent's exit, below).
     assert!(!w.log().contains("a beat is still waiting"), "{}", w.log());
-    wait_until("the hung nvidia-smi to be gone", WAIT, || {
-        (!alive(pid)).then_some(())
-    });
+    wait_pid_gone("the hung nvidia-smi", pid, WAIT);
 }
 
 #[test]
 fn a_hung_nvidia_smi_dies_with_a_killed_agent() {
     let redis = RedisServer::start();
-    let pid_file = fresh_temp_dir("nvidia-smi-pid").join("pid");
-    let fake = fake_nvidia_smi(&format!(
-        "echo $$ > '{}'\nexec sleep 600",
-        pid_file.display()
-    ));
-    let mut w = agent(
-        &redis,
-        "hb-kill9",
-        &["--heartbeat-interval", "1h", "--gpu-query-timeout", "10m"],
-        Some(&path_with(&fake)),
-    );
-    let pid = wait_until("nvidia-smi to start", WAIT, || {
-        std::fs::read_to_string(&pid_file)
-            .ok()
-            .and_then(|t| t.trim().parse::<u32>().ok())
-    });
+    let (mut w, pid) = agent_with_a_hung_nvidia_smi(&redis, "hb-kill9");
     w.kill9();
-    wait_until("the hung nvidia-smi to be gone", WAIT, || {
-        (!alive(pid)).then_some(())
-    });
-}
-
-/// Whether `pid` is a live process (a zombie waiting for its reaper is not).
-fn alive(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|s| {
-            s.rsplit_once(')')
-                .map(|(_, rest)| rest.trim_start().to_owned())
-        })
-        .is_some_and(|rest| !rest.starts_with('Z'))
+    wait_pid_gone("the hung nvidia-smi", pid, WAIT);
 }
 
 #[test]

@@ -10,32 +10,26 @@ mod support;
 
 use serde_json::{json, Value as Json};
 use std::fs;
-use std::io::Read;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Stdio};
-use std::thread;
-use std::time::{Duration, Instant};
+use std::process::Stdio;
+use std::time::Duration;
 use support::fake_auth::{self, approval, FakeAuth, Start, Token};
 use support::fake_nexus::FakeNexus;
+use support::jobs::{fake_tool, path_with, run_to_end, Finished};
 use support::{citadel_cmd, fresh_temp_dir, wait_until, Citadel, RedisServer};
 
 const TOKEN: &str = "dat_9Qm2x7LkT4pZsecret";
 
-/// What one `citadel init` run gave.
-struct Run {
-    code: i32,
-    stdout: String,
-    stderr: String,
-    took: Duration,
+/// What one `citadel init` (or other command) run gave.
+type Run = Finished;
+
+/// Neither output holds the token.
+trait NoToken {
+    fn assert_no_token(&self, token: &str);
 }
 
-impl Run {
-    fn all(&self) -> String {
-        format!("{}\n{}", self.stdout, self.stderr)
-    }
-
-    /// Neither output holds the token.
+impl NoToken for Run {
     fn assert_no_token(&self, token: &str) {
         assert!(
             !self.all().contains(token),
@@ -45,51 +39,12 @@ impl Run {
     }
 }
 
-/// Reads a child's pipe on its own thread.
-fn drain(mut r: impl Read + Send + 'static) -> thread::JoinHandle<String> {
-    thread::spawn(move || {
-        let mut s = String::new();
-        let _ = r.read_to_string(&mut s);
-        s
-    })
-}
-
 /// `citadel init <args>` with `--config config` and debug logging, waited
 /// for at most `limit` (then killed: a failure).
 fn init(config: &Path, args: &[&str], limit: Duration) -> Run {
     let mut all = vec!["init", "--config", config.to_str().unwrap()];
     all.extend_from_slice(args);
-    let mut child: Child = citadel_cmd(&all)
-        .env("RUST_LOG", "debug")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawning citadel init");
-    let out = drain(child.stdout.take().unwrap());
-    let err = drain(child.stderr.take().unwrap());
-    let t0 = Instant::now();
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        if t0.elapsed() > limit {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!(
-                "citadel init {args:?} still running after {limit:?}\nstdout:\n{}\nstderr:\n{}",
-                out.join().unwrap(),
-                err.join().unwrap()
-            );
-        }
-        thread::sleep(Duration::from_millis(10));
-    };
-    Run {
-        code: status.code().unwrap_or(-1),
-        stdout: out.join().unwrap(),
-        stderr: err.join().unwrap(),
-        took: t0.elapsed(),
-    }
+    run_to_end(citadel_cmd(&all).env("RUST_LOG", "debug"), limit)
 }
 
 /// A config path in a fresh directory that does not exist yet.
@@ -128,7 +83,7 @@ fn pending_polls_then_approval_store_credentials_0600_in_a_0700_dir() {
         &["--auth-url", &auth.url()],
         Duration::from_secs(30),
     );
-    assert_eq!(run.code, 0, "{}", run.all());
+    assert_eq!(run.code, Some(0), "{}", run.all());
     run.assert_no_token(TOKEN);
     assert!(!run.all().contains("redispw"), "{}", run.all());
     assert!(!run.all().contains(fake_auth::DEVICE_CODE), "{}", run.all());
@@ -232,7 +187,7 @@ fn credentials_are_merged_into_an_existing_config_keeping_its_keys() {
         &["--auth-url", &auth.url()],
         Duration::from_secs(30),
     );
-    assert_eq!(run.code, 0, "{}", run.all());
+    assert_eq!(run.code, Some(0), "{}", run.all());
     let stored = read_json(&config);
     assert_eq!(stored["concurrency"], 3);
     assert_eq!(stored["queue"], json!(["jobs:v1:a", "jobs:v1:b"]));
@@ -255,7 +210,7 @@ fn slow_down_widens_the_poll_interval_by_five_seconds_for_good() {
         &["--auth-url", &auth.url()],
         Duration::from_secs(60),
     );
-    assert_eq!(run.code, 0, "{}", run.all());
+    assert_eq!(run.code, Some(0), "{}", run.all());
     let polls = auth.polls();
     assert_eq!(polls.len(), 3);
     let g = gaps(&polls);
@@ -286,7 +241,7 @@ fn expired_and_denied_codes_stop_with_a_clear_message_and_store_nothing() {
             &["--auth-url", &auth.url()],
             Duration::from_secs(30),
         );
-        assert_eq!(run.code, 1, "{}", run.all());
+        assert_eq!(run.code, Some(1), "{}", run.all());
         assert!(run.stderr.contains(want), "{}", run.stderr);
         assert!(!config.exists(), "nothing is stored");
         assert_eq!(auth.polls().len(), 2, "no poll after the end");
@@ -302,7 +257,7 @@ fn expired_and_denied_codes_stop_with_a_clear_message_and_store_nothing() {
                 Duration::from_secs(30),
             )
         };
-        assert_eq!(json_run.code, 1);
+        assert_eq!(json_run.code, Some(1));
         let last: Json = serde_json::from_str(json_run.stdout.lines().last().unwrap()).unwrap();
         assert_eq!(last["event"], "failed");
         assert_eq!(last["reason"], reason);
@@ -319,7 +274,7 @@ fn the_code_expiry_from_expires_in_ends_the_wait() {
         &["--auth-url", &auth.url()],
         Duration::from_secs(30),
     );
-    assert_eq!(run.code, 1, "{}", run.all());
+    assert_eq!(run.code, Some(1), "{}", run.all());
     assert!(run.stderr.contains("the code expired"), "{}", run.stderr);
     assert!(run.took < Duration::from_secs(10), "{:?}", run.took);
 }
@@ -367,7 +322,7 @@ fn garbage_answers_end_with_clear_errors() {
             &["--auth-url", &auth.url()],
             Duration::from_secs(30),
         );
-        assert_eq!(run.code, 1, "{want}: {}", run.all());
+        assert_eq!(run.code, Some(1), "{want}: {}", run.all());
         assert!(
             run.stderr.contains(want),
             "want {want:?} in:\n{}",
@@ -430,7 +385,7 @@ fn garbage_answers_end_with_clear_errors() {
             &["--auth-url", &auth.url(), "--init-timeout", "20s"],
             Duration::from_secs(40),
         );
-        assert_eq!(run.code, 1, "{want}: {}", run.all());
+        assert_eq!(run.code, Some(1), "{want}: {}", run.all());
         assert!(
             run.stderr.contains(want),
             "want {want:?} in:\n{}",
@@ -463,7 +418,7 @@ fn server_errors_and_dropped_connections_are_retried_until_approval() {
         &["--auth-url", &auth.url()],
         Duration::from_secs(120),
     );
-    assert_eq!(run.code, 0, "{}", run.all());
+    assert_eq!(run.code, Some(0), "{}", run.all());
     assert_eq!(auth.polls().len(), 6);
     assert!(run.stderr.contains("HTTP 503"), "{}", run.stderr);
     assert!(run.stderr.contains("asking again in"), "{}", run.stderr);
@@ -482,7 +437,7 @@ fn a_hung_poll_is_given_up_after_the_request_timeout_and_retried() {
         &["--auth-url", &auth.url(), "--nexus-timeout", "500ms"],
         Duration::from_secs(60),
     );
-    assert_eq!(run.code, 0, "{}", run.all());
+    assert_eq!(run.code, Some(0), "{}", run.all());
     let polls = auth.polls();
     assert_eq!(polls.len(), 2);
     assert!(run.stderr.contains("no answer"), "{}", run.stderr);
@@ -498,7 +453,7 @@ fn the_overall_timeout_ends_a_wait_that_is_never_approved() {
         &["--auth-url", &auth.url(), "--init-timeout", "3s"],
         Duration::from_secs(30),
     );
-    assert_eq!(run.code, 1, "{}", run.all());
+    assert_eq!(run.code, Some(1), "{}", run.all());
     assert!(
         run.stderr
             .contains("no approval within 3s (--init-timeout)"),
@@ -524,7 +479,7 @@ fn the_overall_timeout_ends_a_wait_that_is_never_approved() {
         ],
         Duration::from_secs(30),
     );
-    assert_eq!(run.code, 1, "{}", run.all());
+    assert_eq!(run.code, Some(1), "{}", run.all());
     assert!(
         run.stderr.contains("no approval within 3s"),
         "{}",
@@ -547,7 +502,7 @@ fn the_overall_timeout_ends_a_wait_that_is_never_approved() {
         ],
         Duration::from_secs(30),
     );
-    assert_eq!(run.code, 1, "{}", run.all());
+    assert_eq!(run.code, Some(1), "{}", run.all());
     assert!(
         run.stderr.contains("cannot reach the auth server"),
         "{}",
@@ -572,7 +527,7 @@ fn json_mode_prints_the_code_then_the_outcome_as_json_lines() {
         &["--auth-url", &auth.url(), "--json"],
         Duration::from_secs(30),
     );
-    assert_eq!(run.code, 0, "{}", run.all());
+    assert_eq!(run.code, Some(0), "{}", run.all());
     run.assert_no_token(TOKEN);
     let lines: Vec<Json> = run
         .stdout
@@ -613,7 +568,7 @@ fn a_token_file_provisions_without_a_browser() {
         ],
         Duration::from_secs(20),
     );
-    assert_eq!(run.code, 0, "{}", run.all());
+    assert_eq!(run.code, Some(0), "{}", run.all());
     run.assert_no_token(TOKEN);
     let stored = read_json(&config);
     assert_eq!(stored["device_api_token"], TOKEN);
@@ -652,7 +607,7 @@ fn a_token_file_provisions_without_a_browser() {
     // --token, and bad tokens.
     let (_b, config2) = new_config();
     let run = init(&config2, &["--token", TOKEN], Duration::from_secs(20));
-    assert_eq!(run.code, 0, "{}", run.all());
+    assert_eq!(run.code, Some(0), "{}", run.all());
     assert_eq!(read_json(&config2)["device_api_token"], TOKEN);
     let (_b, config3) = new_config();
     for (args, want) in [
@@ -665,13 +620,13 @@ fn a_token_file_provisions_without_a_browser() {
         (vec!["--token", "a", "--token-file", "b"], "not both"),
     ] {
         let run = init(&config3, &args, Duration::from_secs(20));
-        assert_eq!(run.code, 2, "{args:?}: {}", run.all());
+        assert_eq!(run.code, Some(2), "{args:?}: {}", run.all());
         assert!(run.stderr.contains(want), "{args:?}: {}", run.stderr);
         assert!(!config3.exists());
     }
     // Without --auth-url or a token: what is needed.
     let run = init(&config3, &[], Duration::from_secs(20));
-    assert_eq!(run.code, 2, "{}", run.all());
+    assert_eq!(run.code, Some(2), "{}", run.all());
     assert!(run.stderr.contains("needs --auth-url"), "{}", run.stderr);
 }
 
@@ -692,7 +647,7 @@ fn a_provisioned_node_is_left_alone_unless_relogin() {
         &["--auth-url", &auth.url()],
         Duration::from_secs(20),
     );
-    assert_eq!(run.code, 0, "{}", run.all());
+    assert_eq!(run.code, Some(0), "{}", run.all());
     assert!(run.stdout.contains("already provisioned"), "{}", run.stdout);
     assert!(run.stdout.contains("--relogin"), "{}", run.stdout);
     assert!(!run.all().contains("old-token"));
@@ -707,7 +662,7 @@ fn a_provisioned_node_is_left_alone_unless_relogin() {
         &["--auth-url", &auth.url(), "--json"],
         Duration::from_secs(20),
     );
-    assert_eq!(run.code, 0, "{}", run.all());
+    assert_eq!(run.code, Some(0), "{}", run.all());
     let line: Json = serde_json::from_str(run.stdout.trim()).unwrap();
     assert_eq!(
         line,
@@ -720,7 +675,7 @@ fn a_provisioned_node_is_left_alone_unless_relogin() {
         &["--auth-url", &auth.url(), "--relogin"],
         Duration::from_secs(20),
     );
-    assert_eq!(run.code, 0, "{}", run.all());
+    assert_eq!(run.code, Some(0), "{}", run.all());
     let stored = read_json(&config);
     assert_eq!(stored["device_api_token"], TOKEN);
     assert_eq!(stored["org_id"], "org-7");
@@ -743,7 +698,7 @@ fn the_agent_afterwards_polls_nexus_with_the_stored_token_and_uses_the_stored_re
         &["--auth-url", &auth.url()],
         Duration::from_secs(20),
     );
-    assert_eq!(run.code, 0, "{}", run.all());
+    assert_eq!(run.code, Some(0), "{}", run.all());
 
     let mut agent = Citadel::spawn(
         &[
@@ -805,7 +760,7 @@ fn the_agent_afterwards_polls_nexus_with_the_stored_token_and_uses_the_stored_re
         &["--auth-url", &auth.url(), "--relogin"],
         Duration::from_secs(20),
     );
-    assert_eq!(run.code, 0, "{}", run.all());
+    assert_eq!(run.code, Some(0), "{}", run.all());
     let mut worker = Citadel::spawn(
         &[
             "work",
@@ -864,14 +819,7 @@ fn as_user(home: &Path, xdg: Option<&Path>, args: &[&str]) -> Run {
     if let Some(x) = xdg {
         cmd.env("XDG_CONFIG_HOME", x);
     }
-    let t0 = Instant::now();
-    let out = cmd.output().expect("running citadel as a user");
-    Run {
-        code: out.status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-        took: t0.elapsed(),
-    }
+    run_to_end(&mut cmd, Duration::from_secs(30))
 }
 
 /// A copy of the citadel binary in a temp dir that uid 65534 can reach
@@ -909,7 +857,7 @@ fn a_non_root_user_keeps_credentials_in_the_home_config_which_every_command_read
             "http://127.0.0.1:9",
         ],
     );
-    assert_eq!(run.code, 0, "{}", run.all());
+    assert_eq!(run.code, Some(0), "{}", run.all());
     let config = home.join(".config/citadel/config.json");
     assert_eq!(read_json(&config)["device_api_token"], TOKEN);
     assert_eq!(mode(&config), 0o600);
@@ -924,7 +872,7 @@ fn a_non_root_user_keeps_credentials_in_the_home_config_which_every_command_read
         None,
         &["status", "--engine-connect-timeout", "100ms"],
     );
-    assert_eq!(status.code, 0, "{}", status.all());
+    assert_eq!(status.code, Some(0), "{}", status.all());
     assert!(
         status.stdout.contains("credentials: device_api_token ***")
             && status.stdout.contains(config.to_str().unwrap())
@@ -942,7 +890,7 @@ fn a_non_root_user_keeps_credentials_in_the_home_config_which_every_command_read
 
     let xdg = home.join("xdg");
     let run = as_user(&home, Some(&xdg), &["init", "--token", TOKEN]);
-    assert_eq!(run.code, 0, "{}", run.all());
+    assert_eq!(run.code, Some(0), "{}", run.all());
     assert!(xdg.join("citadel/config.json").exists());
 }
 
@@ -995,22 +943,15 @@ fn on_a_terminal_the_url_is_also_a_qr_code() {
 /// installed (is-enabled) when `dir/enabled` exists.
 fn fake_systemctl(dir: &Path) -> String {
     let bin = dir.join("bin");
-    fs::create_dir_all(&bin).unwrap();
-    let script = bin.join("systemctl");
-    fs::write(
-        &script,
-        format!(
-            "#!/bin/sh\necho \"$*\" >> '{d}/calls'\ncase \"$1\" in\nis-enabled) [ -f '{d}/enabled' ] ;;\n*) exit 0 ;;\nesac\n",
+    fake_tool(
+        &bin,
+        "systemctl",
+        &format!(
+            "echo \"$*\" >> '{d}/calls'\ncase \"$1\" in\nis-enabled) [ -f '{d}/enabled' ] ;;\n*) exit 0 ;;\nesac",
             d = dir.display()
         ),
-    )
-    .unwrap();
-    fs::set_permissions(&script, fs::Permissions::from_mode(0o755)).unwrap();
-    format!(
-        "{}:{}",
-        bin.display(),
-        std::env::var("PATH").unwrap_or_default()
-    )
+    );
+    path_with(&bin)
 }
 
 #[test]

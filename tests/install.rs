@@ -12,6 +12,8 @@ use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+use std::time::Duration;
+use support::jobs::{wait_for_pid_file, wait_pid_gone};
 use support::{citadel_bin, fresh_temp_dir, skip_unless_ci};
 
 fn repo() -> PathBuf {
@@ -540,5 +542,44 @@ fn docker_managed_services_put_the_service_user_in_the_docker_group() {
         text(&out).contains("--user ghost: no such user"),
         "{}",
         text(&out)
+    );
+}
+
+#[test]
+fn a_hung_tool_is_killed_at_service_tool_timeout_with_an_error_naming_it() {
+    let fakes = Fakes::new();
+    // systemctl daemon-reload hangs; the sleep it started records its pid.
+    fs::write(
+        fakes.dir.join("systemctl"),
+        FAKE_SYSTEMCTL.replacen(
+            "case \"$1\" in\n",
+            "case \"$1\" in\ndaemon-reload) sleep 300 & echo $! >\"$FAKE_STATE/hung-pid\"; wait ;;\n",
+            1,
+        ),
+    )
+    .unwrap();
+    let root = a_root();
+    let r = root.to_str().unwrap();
+    let out = fakes
+        .command(citadel_bin())
+        .args(["service", "install", "--root", r, "--binary", citadel_bin()])
+        .args(["--service-tool-timeout", "1s"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(
+        text(&out).contains(
+            "systemctl daemon-reload did not finish within 1s (service-tool-timeout) and was killed"
+        ),
+        "{}",
+        text(&out)
+    );
+    // What the hung tool started went with it (its whole process group).
+    let hung = wait_for_pid_file(&fakes.state.join("hung-pid"), Duration::from_secs(5));
+    wait_pid_gone("the hung tool's sleep", hung, Duration::from_secs(10));
+    let calls = fakes.take_calls();
+    assert!(
+        !calls.iter().any(|c| c.contains("enable --now")),
+        "nothing ran after the hung tool: {calls:?}"
     );
 }

@@ -154,6 +154,140 @@ fn outcomes_wait_while_redis_is_full_then_land_exactly_once() {
     w.wait_for_log("settle: Redis works again", Duration::from_secs(10));
 }
 
+/// A Redis at `maxmemory` for several times the consumer name's lifetime:
+/// the worker keeps its name (renewed with PEXPIRE, which a full Redis
+/// still runs) and the lease of its running job, so another worker with a
+/// short claim-idle reclaims nothing and the job runs once.
+#[test]
+fn a_worker_keeps_its_name_and_its_job_through_a_long_full_redis() {
+    let redis = RedisServer::start();
+    let mut c = redis.conn();
+    let sub = Subscriber::new(&redis, EVENTS);
+    let runs = redis.dir().join("echo-runs.log");
+    let runs_env = runs.to_string_lossy().into_owned();
+    let env = [("CITADEL_TEST_ECHO_RUNS", runs_env.as_str())];
+    let fast = ["--claim-idle", "1s"];
+    let _a = support::worker_with_env(&redis, "node-full", &fast, &env);
+    xadd_job(&mut c, QUEUE, "j-full", "echo", r#"{"sleep_ms":6000}"#);
+    sub.wait_for("j-full", "start", Duration::from_secs(30));
+    let b = support::worker_with_env(&redis, "node-other", &fast, &env);
+    b.wait_working();
+
+    let key = "citadel:v1:consumer:workers:node-full";
+    config_set(&mut c, "maxmemory-policy", "noeviction");
+    config_set(&mut c, "maxmemory", "1");
+    // Four times the name's lifetime (1 s), sampled throughout.
+    let until = std::time::Instant::now() + Duration::from_secs(4);
+    while std::time::Instant::now() < until {
+        let pttl: i64 = redis::cmd("PTTL").arg(key).query(&mut c).unwrap();
+        assert!(
+            pttl > 0,
+            "the consumer name lapsed while Redis was full (PTTL {pttl})"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    config_set(&mut c, "maxmemory", "0");
+    assert_each_ended_once(&redis, &sub, &["j-full".to_string()]);
+    let ran = std::fs::read_to_string(&runs).unwrap_or_default();
+    assert_eq!(ran.lines().count(), 1, "runs: {ran}");
+    assert_eq!(status(&mut c, "j-full")["worker_id"], "node-full");
+}
+
+/// A worker whose Redis answers nothing for longer than claim-idle looks
+/// dead: another worker reclaims its running job. When the answers come
+/// back, the stalled worker says its renewal was late and that it lost the
+/// lease, stops its run, and writes nothing of the job; the job ends once,
+/// by the worker that reclaimed it.
+#[test]
+fn a_worker_stalled_past_claim_idle_says_so_and_yields_the_job() {
+    let redis = RedisServer::start();
+    let proxy = StallProxy::start(redis.port());
+    let mut c = redis.conn();
+    let sub = Subscriber::new(&redis, EVENTS);
+    let url = proxy.url();
+    let a = Citadel::spawn(
+        &[
+            "work",
+            "--redis-url",
+            &url,
+            "--node-name",
+            "node-stalled",
+            "--claim-idle",
+            "1s",
+            "--redis-timeout",
+            "20s",
+            "--block",
+            "1s",
+        ],
+        &[],
+    );
+    a.wait_working();
+    xadd_job(&mut c, QUEUE, "j-stall", "echo", r#"{"sleep_ms":4000}"#);
+    sub.wait_for("j-stall", "start", Duration::from_secs(30));
+    let b = worker(&redis, "node-live", &["--claim-idle", "1s"]);
+    proxy.hold_replies(true);
+    wait_until(
+        "the live worker to reclaim the job",
+        Duration::from_secs(20),
+        || {
+            pending_rows(&mut c, QUEUE, GROUP)
+                .iter()
+                .any(|p| p.consumer == "node-live")
+                .then_some(())
+        },
+    );
+    proxy.hold_replies(false);
+    a.wait_for_log("after the last renewal", Duration::from_secs(20));
+    a.wait_for_log("lost the lease of entry", Duration::from_secs(20));
+    wait_status(&mut c, "j-stall", "completed", Duration::from_secs(30));
+    assert_eq!(status(&mut c, "j-stall")["worker_id"], "node-live");
+    wait_drained(&mut c, QUEUE, GROUP, Duration::from_secs(20));
+    assert_eq!(events_of(&sub, "j-stall", "end").len(), 1);
+    assert!(
+        b.log().contains("job j-stall (echo) completed"),
+        "{}",
+        b.log()
+    );
+}
+
+/// Redis is down for longer than claim-idle (a restart that takes a while):
+/// when it is back every running entry looks idle past claim-idle, since
+/// Redis counts the downtime. The workers that run them renew their leases
+/// first thing after reconnecting, and the others reclaim only after one
+/// renewal period, so no live worker's job is taken: each runs once.
+#[test]
+fn a_redis_down_past_claim_idle_takes_no_job_from_a_live_worker() {
+    let mut redis = RedisServer::start_with(&["--appendfsync", "always"]);
+    let mut c = redis.conn();
+    let runs = redis.dir().join("echo-runs.log");
+    let runs_env = runs.to_string_lossy().into_owned();
+    let env = [("CITADEL_TEST_ECHO_RUNS", runs_env.as_str())];
+    let args = ["--claim-idle", "2s", "--concurrency", "4"];
+    let sub = Subscriber::new(&redis, EVENTS);
+    let _a = support::worker_with_env(&redis, "node-a", &args, &env);
+    let jobs: Vec<String> = (0..4).map(|i| format!("j-down-{i}")).collect();
+    for job in &jobs {
+        xadd_job(&mut c, QUEUE, job, "echo", r#"{"sleep_ms":7000}"#);
+    }
+    for job in &jobs {
+        sub.wait_for(job, "start", Duration::from_secs(30));
+    }
+    let b = support::worker_with_env(&redis, "node-b", &args, &env);
+    b.wait_working();
+    redis.stop();
+    // The outage itself: longer than claim-idle.
+    std::thread::sleep(Duration::from_secs(3));
+    redis.restart();
+    let mut c = redis.conn();
+    for job in &jobs {
+        wait_status(&mut c, job, "completed", Duration::from_secs(30));
+        assert_eq!(status(&mut c, job)["worker_id"], "node-a", "{job}");
+    }
+    wait_drained(&mut c, QUEUE, GROUP, Duration::from_secs(20));
+    let ran = std::fs::read_to_string(&runs).unwrap_or_default();
+    assert_eq!(ran.lines().count(), jobs.len(), "runs: {ran}");
+}
+
 /// The connected Redis is demoted to a replica of another (a failover seen
 /// from a node that kept its address), then promoted back. Jobs finishing
 /// meanwhile keep their outcomes; none runs in a loop; each dead letter is

@@ -11,12 +11,13 @@ mod support;
 use serde_json::{json, Value as Json};
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 use support::fake_nexus::FakeNexus;
+use support::jobs::{run_to_end, terminal_event, wait_pid_gone};
 use support::observe::{event_type, events_of, is_terminal, kinds_of};
 use support::{
-    citadel_cmd, fresh_temp_dir, wait_until, xadd_job, xrange_all, Citadel, RedisServer, Subscriber,
+    citadel_cmd, fresh_temp_dir, wait_until, worker_with_env, xadd_job, xrange_all, Citadel,
+    RedisServer, Subscriber,
 };
 
 /// Longest wait for anything a worker should do promptly (a loaded 2-core
@@ -37,7 +38,8 @@ struct ShellWorker {
     workspace: PathBuf,
 }
 
-/// `citadel work --allow-shell` with ms-scale settings and a 1 s kill grace;
+/// `citadel work --allow-shell` (support's [`worker_with_env`] timings) with
+/// fast retries and a 1 s kill grace;
 /// later flags in `extra` override these.
 fn shell_worker(
     redis: &RedisServer,
@@ -49,12 +51,6 @@ fn shell_worker(
     let ws = workspace.to_str().expect("utf-8 temp dir").to_owned();
     let grace = format!("{}ms", GRACE.as_millis());
     let mut args = vec![
-        "--node-name",
-        node,
-        "--block",
-        "1s",
-        "--cancel-poll",
-        "100ms",
         "--retry-base",
         "5ms",
         "--shutdown-grace",
@@ -67,22 +63,13 @@ fn shell_worker(
     ];
     args.extend_from_slice(extra);
     ShellWorker {
-        citadel: Citadel::work(redis, &args, env),
+        citadel: worker_with_env(redis, node, &args, env),
         workspace,
     }
 }
 
 fn submit(redis: &RedisServer, job: &str, kind: &str, payload: Json) {
     xadd_job(&mut redis.conn(), QUEUE, job, kind, &payload.to_string());
-}
-
-/// The job's terminal event; waits for it.
-fn terminal(sub: &Subscriber, job: &str, timeout: Duration) -> Json {
-    wait_until(&format!("a terminal event of {job}"), timeout, || {
-        sub.events_for(job)
-            .into_iter()
-            .find(|e| is_terminal(event_type(e)))
-    })
 }
 
 /// The contents of the job's chunk events so far, checking that their
@@ -208,43 +195,6 @@ fn assert_group_gone(pids: &[i32], agent: u32) {
     }
 }
 
-/// What a one-shot command did.
-#[derive(Debug)]
-struct Output {
-    code: Option<i32>,
-    stdout: String,
-    stderr: String,
-}
-
-/// Runs `cmd` to completion; panics if it takes longer than `timeout`.
-fn run(mut cmd: Command, timeout: Duration) -> Output {
-    let child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("spawning {cmd:?}: {e}"));
-    let pid = child.id();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let _ = tx.send(child.wait_with_output());
-    });
-    let out = match rx.recv_timeout(timeout) {
-        Ok(out) => out.expect("waiting for citadel"),
-        Err(_) => {
-            let _ = Command::new("kill")
-                .args(["-KILL", &pid.to_string()])
-                .status();
-            panic!("{cmd:?} still running after {timeout:?}");
-        }
-    };
-    Output {
-        code: out.status.code(),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
-}
-
 // ---------------------------------------------------------------------------
 // Output and results
 // ---------------------------------------------------------------------------
@@ -274,7 +224,7 @@ fn output_is_streamed_as_it_appears_and_the_result_holds_exit_code_and_output() 
     assert!(!kinds_of(&sub, "j-stream").iter().any(|k| is_terminal(k)));
     fs::write(w.workspace.join("go2"), "").unwrap();
 
-    let end = terminal(&sub, "j-stream", WAIT);
+    let end = terminal_event(&sub, "j-stream", WAIT);
     assert_eq!(event_type(&end), "end", "{end}");
     let result = &end["data"]["result"];
     assert_eq!(result["exit_code"], json!(0), "{result}");
@@ -316,7 +266,7 @@ fn a_failing_command_fails_for_good_with_its_exit_code_or_signal_and_its_output_
         json!({"command": "echo dying; kill -KILL $$"}),
     );
 
-    let err = terminal(&sub, "j-exit", WAIT);
+    let err = terminal_event(&sub, "j-exit", WAIT);
     assert_eq!(event_type(&err), "error", "{err}");
     assert_eq!(err["data"]["recoverable"], json!(false), "{err}");
     let msg = err["data"]["error"].as_str().unwrap();
@@ -329,7 +279,7 @@ fn a_failing_command_fails_for_good_with_its_exit_code_or_signal_and_its_output_
     assert_eq!(dl["reason"], "permanent error", "{dl:?}");
     assert_eq!(dl["deliveries"], "1", "not retried: {dl:?}");
 
-    let err = terminal(&sub, "j-sig", WAIT);
+    let err = terminal_event(&sub, "j-sig", WAIT);
     assert_eq!(event_type(&err), "error", "{err}");
     let msg = err["data"]["error"].as_str().unwrap();
     assert!(msg.contains("killed by signal 9 (SIGKILL)"), "{msg}");
@@ -350,7 +300,7 @@ fn output_beyond_the_cap_is_cut_with_a_marker_but_still_streamed() {
         json!({ "command": command }),
     );
 
-    let end = terminal(&sub, "j-cap", WAIT);
+    let end = terminal_event(&sub, "j-cap", WAIT);
     assert_eq!(event_type(&end), "end", "{end}");
     let output = end["data"]["result"]["output"].as_str().unwrap();
     let full: String = (0..100)
@@ -387,7 +337,7 @@ fn output_that_is_not_utf8_is_passed_through_lossily() {
         json!({ "command": command }),
     );
 
-    let end = terminal(&sub, "j-utf8", WAIT);
+    let end = terminal_event(&sub, "j-utf8", WAIT);
     assert_eq!(event_type(&end), "end", "{end}");
     assert_eq!(
         end["data"]["result"]["output"],
@@ -422,7 +372,7 @@ fn the_command_sees_a_scrubbed_environment_plus_the_jobs_env() {
         json!({"command": "env; pwd", "env": {"JOB_VAR": "from the job", "MY_TOKEN": "job-owned"}}),
     );
 
-    let end = terminal(&sub, "j-env", WAIT);
+    let end = terminal_event(&sub, "j-env", WAIT);
     assert_eq!(event_type(&end), "end", "{end}");
     let output = end["data"]["result"]["output"].as_str().unwrap();
     let names: Vec<&str> = output
@@ -488,7 +438,7 @@ fn a_deadline_kills_the_whole_tree_including_a_child_that_ignores_sigterm() {
     assert_eq!(pids.len(), 3, "{pids:?}");
     assert_running_in_own_group(&pids, w.citadel.pid());
 
-    let err = terminal(&sub, job, WAIT);
+    let err = terminal_event(&sub, job, WAIT);
     let took = started.elapsed();
     assert_group_gone(&pids, w.citadel.pid());
     assert_eq!(event_type(&err), "error", "{err}");
@@ -520,7 +470,7 @@ fn a_job_without_timeout_ms_gets_the_shell_timeout() {
     wait_output(&sub, job, "ready\n");
     let pids = recorded_pids(&w.workspace, job);
 
-    let err = terminal(&sub, job, WAIT);
+    let err = terminal_event(&sub, job, WAIT);
     assert_group_gone(&pids, w.citadel.pid());
     assert_eq!(event_type(&err), "error", "{err}");
     let msg = err["data"]["error"].as_str().unwrap();
@@ -552,7 +502,7 @@ fn cancellation_kills_the_process_group() {
         .arg("1")
         .exec(&mut redis.conn())
         .expect("SET cancel key");
-    let ev = terminal(&sub, job, WAIT);
+    let ev = terminal_event(&sub, job, WAIT);
     assert_group_gone(&pids, w.citadel.pid());
     assert_eq!(event_type(&ev), "cancelled", "{ev}");
     assert!(
@@ -584,7 +534,7 @@ fn cancellation_kills_a_child_that_ignores_sigterm_after_the_grace() {
         .arg("1")
         .exec(&mut redis.conn())
         .expect("SET cancel key");
-    let ev = terminal(&sub, job, WAIT);
+    let ev = terminal_event(&sub, job, WAIT);
     assert_group_gone(&pids, w.citadel.pid());
     assert_eq!(event_type(&ev), "cancelled", "{ev}");
     assert!(
@@ -608,7 +558,7 @@ fn background_processes_of_a_finished_command_do_not_outlive_it() {
     );
     submit(&redis, job, "shell_command", json!({ "command": command }));
 
-    let end = terminal(&sub, job, WAIT);
+    let end = terminal_event(&sub, job, WAIT);
     let pids = recorded_pids(&w.workspace, job);
     assert_eq!(pids.len(), 3, "{pids:?}");
     assert_group_gone(&pids, w.citadel.pid());
@@ -646,6 +596,39 @@ fn shutting_the_agent_down_kills_running_shells() {
     );
 }
 
+#[test]
+fn a_sigkilled_agent_takes_its_running_shells_with_it() {
+    let redis = RedisServer::start();
+    let sub = Subscriber::new(&redis, "stream:v1:*");
+    let mut w = shell_worker(&redis, "node-sigkill", &[], &[]);
+    let job = "j-sigkill";
+    let command = format!(
+        "{}sleep 300 & echo $! >> {job}.pids; {}echo ready; wait",
+        record_leader(job),
+        spawn_term_ignorer(job)
+    );
+    submit(&redis, job, "shell_command", json!({ "command": command }));
+    wait_output(&sub, job, "ready\n");
+    let pids = recorded_pids(&w.workspace, job);
+    assert_eq!(pids.len(), 3, "{pids:?}");
+    assert_running_in_own_group(&pids, w.citadel.pid());
+
+    // No exit code runs: only the kernel closing the agent's pipes does.
+    w.citadel.kill9();
+    for &pid in &pids {
+        wait_pid_gone(
+            "a process of the SIGKILLed agent's shell job",
+            pid as u32,
+            WAIT,
+        );
+    }
+    assert!(
+        live_members(pids[0]).is_empty(),
+        "group {} outlived the agent",
+        pids[0]
+    );
+}
+
 // ---------------------------------------------------------------------------
 // Off by default; bad input
 // ---------------------------------------------------------------------------
@@ -664,7 +647,7 @@ fn shell_command_is_disabled_unless_the_node_allows_it() {
         json!({ "command": command }),
     );
 
-    let err = terminal(&sub, "j-off", WAIT);
+    let err = terminal_event(&sub, "j-off", WAIT);
     assert_eq!(event_type(&err), "error", "{err}");
     assert_eq!(
         err["data"]["error"],
@@ -715,7 +698,7 @@ fn bad_payloads_fail_for_good_and_say_what_is_wrong() {
         submit(&redis, job, "shell_command", payload.clone());
     }
     for (job, _, want) in &cases {
-        let err = terminal(&sub, job, WAIT);
+        let err = terminal_event(&sub, job, WAIT);
         assert_eq!(event_type(&err), "error", "{job}: {err}");
         let msg = err["data"]["error"].as_str().unwrap();
         assert!(msg.contains(want), "{job}: {msg}");
@@ -786,13 +769,13 @@ fn run_job_runs_a_shell_command_when_allowed() {
     let job = r#"{"type":"shell_command","payload":{"command":"echo hi"}}"#;
     let mut cmd = citadel_cmd(&["run-job", "--allow-shell", job]);
     cmd.env("CITADEL_REDIS_URL", "redis://127.0.0.1:1/");
-    let out = run(cmd, WAIT);
+    let out = run_to_end(&mut cmd, WAIT);
     assert_eq!(out.code, Some(0), "{out:?}");
     assert_eq!(out.stdout, "hi\n{\"exit_code\":0,\"output\":\"hi\\n\"}\n");
 
     let mut cmd = citadel_cmd(&["run-job", job]);
     cmd.env("CITADEL_REDIS_URL", "redis://127.0.0.1:1/");
-    let out = run(cmd, WAIT);
+    let out = run_to_end(&mut cmd, WAIT);
     assert_eq!(out.code, Some(1), "{out:?}");
     assert!(
         out.stderr
@@ -806,7 +789,7 @@ fn run_job_runs_a_shell_command_when_allowed() {
         r#"{"type":"shell_command","payload":{"command":"exit 3"}}"#,
     ]);
     cmd.env("CITADEL_ALLOW_SHELL", "true");
-    let out = run(cmd, WAIT);
+    let out = run_to_end(&mut cmd, WAIT);
     assert_eq!(out.code, Some(1), "{out:?}");
     assert!(out.stderr.contains("exited with code 3"), "{out:?}");
 }

@@ -145,7 +145,7 @@ fn finish(settings: &Settings, init: &Init, creds: Credentials) -> Result<i32, E
     }
     let nexus = creds.get("nexus_url");
     let org = creds.get("org_id");
-    let restarted = crate::node::systemd::restart_for_credentials();
+    let restarted = crate::node::systemd::restart_for_credentials(settings);
     if init.json {
         let service = match &restarted {
             None => json!(null),
@@ -203,8 +203,10 @@ pub fn service(settings: &Settings, s: &Service) -> Result<i32, Exit> {
     use crate::node::systemd;
     let lines = match s.action {
         ServiceAction::Install => systemd::install(settings, &s.request),
-        ServiceAction::Uninstall => systemd::uninstall(&s.request),
-        ServiceAction::Status => return systemd::status(&s.request).map_err(|e| Exit(1, e)),
+        ServiceAction::Uninstall => systemd::uninstall(settings, &s.request),
+        ServiceAction::Status => {
+            return systemd::status(settings, &s.request).map_err(|e| Exit(1, e))
+        }
     }
     .map_err(|e| Exit(1, e))?;
     for l in lines {

@@ -29,7 +29,10 @@ pub fn connect(settings: &crate::config::Settings) -> Result<redis::Connection, 
     .map_err(|e| {
         Exit(
             1,
-            format!("cannot reach Redis at {}: {e}", settings.redis_url),
+            format!(
+                "cannot reach Redis at {}: {e}",
+                crate::config::redact_password(&settings.redis_url)
+            ),
         )
     })
 }

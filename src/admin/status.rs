@@ -50,7 +50,7 @@ impl Readiness {
         }
     }
 
-    fn to_json(&self, name: &str, url: &str) -> Value {
+    pub fn to_json(&self, name: &str, url: &str) -> Value {
         let (state, models) = match self {
             Readiness::Ready(m) => ("ready", m.clone()),
             Readiness::Busy(..) => ("not_ready", Vec::new()),
@@ -472,13 +472,26 @@ pub fn log_readiness(settings: &Settings) {
 /// Every engine probed at once; each probe takes at most the engine connect
 /// timeout to connect and as long again to answer.
 pub fn probe_all(settings: &Settings) -> Vec<(Backend, Readiness)> {
+    probe_all_at(settings, Backend::probe_path)
+}
+
+/// [`probe_all`] at each engine's model list: the models each serves (the
+/// heartbeat's `engines`).
+pub fn probe_models(settings: &Settings) -> Vec<(Backend, Readiness)> {
+    probe_all_at(settings, Backend::models_path)
+}
+
+fn probe_all_at(
+    settings: &Settings,
+    path: fn(Backend) -> &'static str,
+) -> Vec<(Backend, Readiness)> {
     let client = HttpClient::new(settings.engine_connect_timeout);
     let budget = settings.engine_connect_timeout * 2;
     std::thread::scope(|s| {
         let probes: Vec<_> = Backend::ALL
             .map(|b| {
                 let client = &client;
-                let url = format!("{}{}", b.url(settings), b.probe_path());
+                let url = format!("{}{}", b.url(settings), path(b));
                 (b, s.spawn(move || probe(client, &url, budget)))
             })
             .into_iter()

@@ -1,10 +1,12 @@
-//! `citadel submit`: XADD a job; with `--follow`, subscribe to its events
-//! first (Pub/Sub has no replay) and print chunks as they arrive.
+//! `citadel submit`: XADD a job; with `--follow`, print its events as they
+//! arrive, read from its replayable stream (`events:v1:{jobId}`, through
+//! [`crate::follow`]). `citadel follow` prints an existing job's events.
 
 use super::{connect, Exit};
 use crate::cli::Submit;
 use crate::config::Settings;
-use crate::{backoff, clock, events};
+use crate::follow::{Follower, Seam};
+use crate::{backoff, clock};
 use serde_json::Value;
 use std::io::Write;
 use std::time::Duration;
@@ -55,48 +57,75 @@ pub fn run(settings: &Settings, s: &Submit) -> Result<i32, Exit> {
     follow(settings, &job_id, enqueue)
 }
 
-/// Subscribe, enqueue, then print events until the terminal one. If the
-/// subscription drops, subscribe again and look at the status hash, so an end
-/// missed meanwhile is not waited for forever.
+/// Enqueue, then print the job's events from the first one on (its
+/// replayable stream: nothing is missed however late the reading starts).
 fn follow(
     settings: &Settings,
     job_id: &str,
     enqueue: impl FnOnce() -> Result<(), Exit>,
 ) -> Result<i32, Exit> {
-    let mut enqueue = Some(enqueue);
+    enqueue()?;
+    print_events(settings, job_id, "0")
+}
+
+/// `citadel follow JOB [--from ID]`: print a job's events after entry `from`.
+pub fn follow_existing(settings: &Settings, job_id: &str, from: &str) -> Result<i32, Exit> {
+    print_events(settings, job_id, from)
+}
+
+/// Print events until the terminal one: chunks as they come, the result at
+/// the end. A lost connection is opened again and reading goes on after the
+/// last entry seen. When the stream stays quiet and the status hash says the
+/// job settled (workers with `--events-stream=false` write no stream), that
+/// is reported instead of waiting forever.
+fn print_events(settings: &Settings, job_id: &str, from: &str) -> Result<i32, Exit> {
+    let mut follower = Follower::new(&settings.redis_url, settings.redis_timeout, job_id, from);
     let mut out = std::io::stdout();
     let mut at_line_start = true;
+    let mut retry = backoff::Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
+    let mut down = false;
+    let mut seam = Seam::default();
+    // Settled per the status hash: the next read is the last one.
+    let mut settled: Option<(i32, String)> = None;
     loop {
-        let mut conn = connect(settings)?;
-        let mut pubsub = conn.as_pubsub();
-        pubsub.set_read_timeout(Some(Duration::from_secs(1)))?;
-        pubsub.subscribe(events::channel(job_id))?;
-        match enqueue.take() {
-            Some(enqueue) => enqueue()?,
-            None => {
-                if let Some(code) = settled_meanwhile(settings, job_id)? {
-                    return Ok(code);
+        let block = match settled {
+            Some(_) => Duration::from_millis(1),
+            None => Duration::from_secs(1),
+        };
+        let events = match follower.next(block) {
+            Ok(e) => e,
+            Err(e) => {
+                if !down {
+                    eprintln!(
+                        "citadel: lost Redis while following {job_id} ({e}); reconnecting, \
+                         going on after entry {}",
+                        follower.last_id()
+                    );
                 }
+                down = true;
+                std::thread::sleep(retry.next_delay());
+                continue;
             }
+        };
+        if down {
+            eprintln!("citadel: Redis is back; following {job_id} again");
+            down = false;
         }
-        loop {
-            let msg = match pubsub.get_message() {
-                Ok(m) => m,
-                Err(e) if e.is_timeout() => continue,
-                Err(e) => {
-                    eprintln!("citadel: lost the event subscription ({e}); reconnecting");
-                    std::thread::sleep(Duration::from_millis(500));
-                    break;
-                }
-            };
-            let Ok(payload) = msg.get_payload::<String>() else {
-                continue;
-            };
-            let Ok(ev) = serde_json::from_str::<Value>(&payload) else {
-                continue;
-            };
-            let data = &ev["data"];
-            match ev["type"].as_str().unwrap_or_default() {
+        retry.reset();
+        if events.is_empty() {
+            if let Some((code, why)) = settled {
+                eprintln!("{why}");
+                return Ok(code);
+            }
+            // The settle writes the stream and the status together: one
+            // more read finds the terminal event if it is there.
+            settled = settled_meanwhile(settings, job_id)?;
+            continue;
+        }
+        for read in events {
+            let data = &read.event["data"];
+            match read.kind() {
+                _ if !seam.keep(&read) => {}
                 "chunk" => {
                     let text = data["content"].as_str().unwrap_or_default();
                     let _ = out.write_all(text.as_bytes()).and_then(|_| out.flush());
@@ -127,23 +156,31 @@ fn follow(
     }
 }
 
-fn settled_meanwhile(settings: &Settings, job_id: &str) -> Result<Option<i32>, Exit> {
-    let mut conn = connect(settings)?;
+/// A job its status hash says settled: its exit code and what to say when
+/// its terminal event is not in the stream; `None` while it has not.
+fn settled_meanwhile(settings: &Settings, job_id: &str) -> Result<Option<(i32, String)>, Exit> {
+    let mut conn = match connect(settings) {
+        Ok(c) => c,
+        // Unreachable: the follower says so on its next read.
+        Err(_) => return Ok(None),
+    };
     let status: Option<String> = redis::cmd("HGET")
         .arg(format!("job:{job_id}:status"))
         .arg("status")
-        .query(&mut conn)?;
+        .query(&mut conn)
+        .unwrap_or(None);
     Ok(match status.as_deref() {
-        Some("completed") => {
-            eprintln!(
-                "citadel: job {job_id} completed while the subscription was down (result not seen)"
-            );
-            Some(0)
-        }
-        Some(s @ ("failed" | "cancelled")) => {
-            eprintln!("citadel: job {job_id} {s} while the subscription was down");
-            Some(1)
-        }
+        Some("completed") => Some((
+            0,
+            format!(
+                "citadel: job {job_id} completed, but its events stream has no end event \
+                 (workers with --events-stream=false, or it expired): result not seen"
+            ),
+        )),
+        Some(s @ ("failed" | "cancelled")) => Some((
+            1,
+            format!("citadel: job {job_id} {s} (its events stream has no terminal event)"),
+        )),
         _ => None,
     })
 }

@@ -7,7 +7,8 @@
 //! nor a name that looks like a secret) plus the payload's `env`. However the
 //! job ends (exit, deadline, cancellation, the agent's shutdown) no process
 //! of its group outlives it: what is left gets SIGTERM, then SIGKILL after
-//! `--shell-kill-grace`, and the leader is reaped.
+//! `--shell-kill-grace`, and the leader is reaped. An agent killed outright
+//! (SIGKILL, OOM) takes the group with it (process.rs's reaper).
 //!
 //! This file owns the payload, the environment and the job's supervision
 //! loop; output.rs cuts output into chunks and the capped result (pure);
@@ -101,7 +102,13 @@ impl Handler for Shell {
                 "cancelled before the command started".into(),
             ));
         }
-        let mut child = Command::new("/bin/sh")
+        // Started first: a command is never without one.
+        let reaper = process::Reaper::start().map_err(|e| {
+            JobError::Retryable(format!(
+                "shell_command: cannot start its reaper /bin/sh: {e}"
+            ))
+        })?;
+        let mut child = process::die_with_agent(&mut Command::new("/bin/sh"))
             .arg("-c")
             .arg(&params.command)
             .current_dir(&self.workspace)
@@ -121,7 +128,12 @@ impl Handler for Shell {
                     _ => JobError::Retryable(msg),
                 }
             })?;
-        let group = Group::of(&child);
+        let group = Group::of(&child, reaper).map_err(|e| {
+            let _ = child.wait();
+            JobError::Retryable(format!(
+                "shell_command: cannot hand the command to its reaper: {e}"
+            ))
+        })?;
         log::debug!(
             "job {}: /bin/sh -c running in {} as process group {}",
             job.id,

@@ -10,6 +10,11 @@
 //! wherever a Redis URL is configured; Nexus polling without one has no
 //! heartbeat. A stop wakes it at once.
 //!
+//! Each beat also lists the local inference engines and the models they
+//! serve (`engines`: each engine's model list, asked at its URL, bounded by
+//! the engine connect timeout), which `citadel gateway` offers on
+//! `GET /v1/models`.
+//!
 //! What it says of the node comes from the live device config
 //! (`profile`): the device name and tags, the alert switches; while the
 //! config has `healthMonitoringEnabled` false no beat is sent (the thread
@@ -18,9 +23,11 @@
 
 use super::gpu::{Gpu, GpuReader, GpuSource};
 use super::host::HostReader;
+use crate::admin::status::Readiness;
 use crate::backoff::Outage;
 use crate::config::{Mode, Settings};
 use crate::events::AGENT_VERSION;
+use crate::handlers::inference::Backend;
 use crate::node::profile::{LiveProfile, Snapshot};
 use crate::redis_conn::{self, Fault};
 use crate::worker::counters::Counters;
@@ -140,7 +147,11 @@ impl Beat {
         // Its longest legitimate turn: the interval, nvidia-smi, a send.
         let beat = crate::observe::alive::Beat::new(
             "heartbeat",
-            interval + s.gpu_query_timeout + s.redis_timeout * 3 + Duration::from_secs(30),
+            interval
+                + s.gpu_query_timeout
+                + s.engine_connect_timeout * 2
+                + s.redis_timeout * 3
+                + Duration::from_secs(30),
         );
         loop {
             beat.tick();
@@ -167,6 +178,10 @@ impl Beat {
                 return;
             }
             crate::observe::metrics::METRICS.set_gpus(&gpus);
+            let engines = crate::admin::status::probe_models(&self.settings);
+            if stop.is_set() {
+                return;
+            }
             let host = self.host.read(&self.settings.state_dir);
             let timestamp = crate::clock::now_rfc3339();
             let body = payload(
@@ -174,8 +189,11 @@ impl Beat {
                 &self.settings,
                 &timestamp,
                 self.started.elapsed(),
-                host,
-                &gpus,
+                Readings {
+                    host,
+                    gpus: &gpus,
+                    engines: &engines,
+                },
                 self.counters.snapshot(),
             );
             match self.send(&timestamp, &body.to_string()) {
@@ -222,6 +240,14 @@ impl Beat {
     }
 }
 
+/// What a beat read of the machine: host figures (merged into the top
+/// level), GPUs, and the local engines' answers.
+struct Readings<'a> {
+    host: Value,
+    gpus: &'a [Gpu],
+    engines: &'a [(Backend, Readiness)],
+}
+
 /// The heartbeat's JSON. `nodeId` is the node name; `nodeName` and `tags`
 /// come from the device config, as do the alert switches (`monitoring`),
 /// recorded for whoever watches the beats.
@@ -230,10 +256,14 @@ fn payload(
     settings: &Settings,
     timestamp: &str,
     uptime: Duration,
-    host: Value,
-    gpus: &[Gpu],
+    read: Readings<'_>,
     worker: Value,
 ) -> Value {
+    let Readings {
+        host,
+        gpus,
+        engines,
+    } = read;
     let mode = match settings.mode {
         Mode::Redis => "redis",
         Mode::Nexus => "nexus",
@@ -262,6 +292,10 @@ fn payload(
         "mode": mode,
         "concurrency": settings.concurrency,
         "gpus": gpus,
+        "engines": engines
+            .iter()
+            .map(|(b, r)| r.to_json(b.name(), b.url(settings)))
+            .collect::<Vec<_>>(),
         "worker": worker,
         "alerts": alerts,
     });
@@ -330,10 +364,20 @@ mod tests {
             &s,
             "2026-01-20T10:00:01.123Z",
             Duration::from_secs(61),
-            host,
-            &[],
+            Readings {
+                host,
+                gpus: &[],
+                engines: &[
+                    (Backend::Vllm, Readiness::Ready(vec!["m-1".into()])),
+                    (Backend::Ollama, Readiness::Down("refused".into())),
+                ],
+            },
             json!({"processed": 0}),
         );
+        assert_eq!(body["engines"][0]["name"], "vllm");
+        assert_eq!(body["engines"][0]["state"], "ready");
+        assert_eq!(body["engines"][0]["models"], json!(["m-1"]));
+        assert_eq!(body["engines"][1]["state"], "down");
         assert_eq!(body["nodeId"], "n1");
         assert_eq!(body["nodeName"], "dev-1");
         assert_eq!(body["tags"], json!(["t1"]));

@@ -12,9 +12,10 @@
 //! the unit is not already enabled and active.
 
 use crate::config::Settings;
+use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::Command;
-use std::time::Duration;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
 
 pub const UNIT_NAME: &str = "citadel.service";
 /// The service user created when `--user` is not given.
@@ -35,6 +36,8 @@ const LIMIT_NOFILE: u64 = 65536;
 /// The unit's marker line for a user that `install` created (and
 /// `uninstall` therefore removes).
 const CREATED_USER_MARK: &str = "# citadel: created user ";
+/// Most bytes kept of what one tool writes to stdout, and to stderr.
+const TOOL_OUTPUT_CAP: u64 = 1 << 20;
 
 /// What goes into the unit.
 #[derive(Debug, Clone, PartialEq)]
@@ -136,17 +139,48 @@ impl Request {
     }
 }
 
-/// A tool from PATH; its failure says what ran.
-fn tool(name: &str, args: &[&str]) -> Result<std::process::Output, String> {
+/// A tool from PATH, run with [`crate::child`] (its own process group, dead
+/// with the agent) and killed, with whatever it started, once `limit`
+/// passes; its failure says what ran.
+fn tool(limit: Duration, name: &str, args: &[&str]) -> Result<std::process::Output, String> {
     log::debug!("running {name} {}", args.join(" "));
-    Command::new(name)
-        .args(args)
-        .output()
-        .map_err(|e| format!("cannot run {name}: {e}"))
+    let mut cmd = Command::new(name);
+    cmd.args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = crate::child::spawn(&mut cmd).map_err(|e| format!("cannot run {name}: {e}"))?;
+    let reader = |pipe: Option<Box<dyn Read + Send>>| {
+        std::thread::spawn(move || {
+            let mut buf = Vec::new();
+            if let Some(p) = pipe {
+                let _ = p.take(TOOL_OUTPUT_CAP).read_to_end(&mut buf);
+            }
+            buf
+        })
+    };
+    let stdout = reader(child.stdout.take().map(|p| Box::new(p) as _));
+    let stderr = reader(child.stderr.take().map(|p| Box::new(p) as _));
+    let Some(status) = crate::child::wait(&mut child, Instant::now() + limit, None) else {
+        return Err(timed_out(name, args, limit));
+    };
+    Ok(std::process::Output {
+        status,
+        stdout: stdout.join().unwrap_or_default(),
+        stderr: stderr.join().unwrap_or_default(),
+    })
 }
 
-fn tool_ok(name: &str, args: &[&str]) -> Result<(), String> {
-    let out = tool(name, args)?;
+fn timed_out(name: &str, args: &[&str], limit: Duration) -> String {
+    format!(
+        "{name} {} did not finish within {} (service-tool-timeout) and was killed",
+        args.join(" "),
+        crate::config::format_duration(limit)
+    )
+}
+
+fn tool_ok(limit: Duration, name: &str, args: &[&str]) -> Result<(), String> {
+    let out = tool(limit, name, args)?;
     if out.status.success() {
         Ok(())
     } else {
@@ -160,8 +194,8 @@ fn tool_ok(name: &str, args: &[&str]) -> Result<(), String> {
 }
 
 /// (uid, gid) of `user`, from `getent passwd`.
-fn lookup_user(user: &str) -> Result<Option<(u32, u32)>, String> {
-    let out = tool("getent", &["passwd", user])?;
+fn lookup_user(limit: Duration, user: &str) -> Result<Option<(u32, u32)>, String> {
+    let out = tool(limit, "getent", &["passwd", user])?;
     if !out.status.success() {
         return Ok(None);
     }
@@ -176,8 +210,8 @@ fn lookup_user(user: &str) -> Result<Option<(u32, u32)>, String> {
     }
 }
 
-fn group_exists(group: &str) -> Result<bool, String> {
-    Ok(tool("getent", &["group", group])?.status.success())
+fn group_exists(limit: Duration, group: &str) -> Result<bool, String> {
+    Ok(tool(limit, "getent", &["group", group])?.status.success())
 }
 
 fn must_be_root(req: &Request, what: &str) -> Result<(), String> {
@@ -193,6 +227,7 @@ fn must_be_root(req: &Request, what: &str) -> Result<(), String> {
 /// Returns the lines to print (what it did).
 pub fn install(settings: &Settings, req: &Request) -> Result<Vec<String>, String> {
     must_be_root(req, "install")?;
+    let limit = settings.service_tool_timeout;
     let mut done = Vec::new();
     let binary = match &req.binary {
         Some(b) => b.clone(),
@@ -204,7 +239,7 @@ pub fn install(settings: &Settings, req: &Request) -> Result<Vec<String>, String
     let mut created_user = previous
         .as_deref()
         .is_some_and(|t| t.contains(&format!("{CREATED_USER_MARK}{user}\n")));
-    let ids = match lookup_user(&user)? {
+    let ids = match lookup_user(limit, &user)? {
         Some(ids) => ids,
         None if req.user.is_some() => {
             return Err(format!(
@@ -213,6 +248,7 @@ pub fn install(settings: &Settings, req: &Request) -> Result<Vec<String>, String
         }
         None => {
             tool_ok(
+                limit,
                 "useradd",
                 &[
                     "--system",
@@ -227,26 +263,26 @@ pub fn install(settings: &Settings, req: &Request) -> Result<Vec<String>, String
             )?;
             created_user = true;
             done.push(format!("created the system user '{user}'"));
-            lookup_user(&user)?
+            lookup_user(limit, &user)?
                 .ok_or_else(|| format!("useradd ran but there is no user '{user}'"))?
         }
     };
     // Docker-managed services (configured here, or later by an
     // APPLY_DEVICE_CONFIG job): the agent talks to the Docker socket, so the
     // service user joins the docker group wherever Docker is installed.
-    let docker_group = group_exists("docker")?;
+    let docker_group = group_exists(limit, "docker")?;
     if !settings.services.is_empty() && !docker_group {
         return Err(
             "docker-managed services are configured (services), but there is no 'docker' group: install Docker first".into(),
         );
     }
     if docker_group && user != "root" {
-        let groups = tool("id", &["-nG", &user])?;
+        let groups = tool(limit, "id", &["-nG", &user])?;
         let member = String::from_utf8_lossy(&groups.stdout)
             .split_whitespace()
             .any(|g| g == "docker");
         if !member {
-            tool_ok("usermod", &["-aG", "docker", &user])?;
+            tool_ok(limit, "usermod", &["-aG", "docker", &user])?;
             done.push(format!(
                 "added '{user}' to the 'docker' group (Docker is installed: the node's services, \
                  set here or by an APPLY_DEVICE_CONFIG job, run as containers): this gives the \
@@ -276,16 +312,16 @@ pub fn install(settings: &Settings, req: &Request) -> Result<Vec<String>, String
         write_file(&unit_path, text.as_bytes(), 0o644)
             .map_err(|e| format!("cannot write {}: {e}", unit_path.display()))?;
         done.push(format!("wrote {}", unit_path.display()));
-        tool_ok("systemctl", &["daemon-reload"])?;
+        tool_ok(limit, "systemctl", &["daemon-reload"])?;
     }
-    let enabled = tool("systemctl", &["is-enabled", "--quiet", UNIT_NAME])?
+    let enabled = tool(limit, "systemctl", &["is-enabled", "--quiet", UNIT_NAME])?
         .status
         .success();
-    let active = tool("systemctl", &["is-active", "--quiet", UNIT_NAME])?
+    let active = tool(limit, "systemctl", &["is-active", "--quiet", UNIT_NAME])?
         .status
         .success();
     if !enabled || !active {
-        tool_ok("systemctl", &["enable", "--now", UNIT_NAME])?;
+        tool_ok(limit, "systemctl", &["enable", "--now", UNIT_NAME])?;
         done.push(format!("enabled and started {UNIT_NAME}"));
     }
     if done.is_empty() {
@@ -351,7 +387,8 @@ fn write_file(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()> {
 
 /// `citadel service uninstall`: stop, disable, remove the unit (and the
 /// user `install` created). The config (credentials) and state stay.
-pub fn uninstall(req: &Request) -> Result<Vec<String>, String> {
+pub fn uninstall(settings: &Settings, req: &Request) -> Result<Vec<String>, String> {
+    let limit = settings.service_tool_timeout;
     must_be_root(req, "uninstall")?;
     let unit_path = req.unit_path();
     let Ok(text) = std::fs::read_to_string(&unit_path) else {
@@ -361,19 +398,19 @@ pub fn uninstall(req: &Request) -> Result<Vec<String>, String> {
         )]);
     };
     let mut done = Vec::new();
-    tool_ok("systemctl", &["disable", "--now", UNIT_NAME])?;
+    tool_ok(limit, "systemctl", &["disable", "--now", UNIT_NAME])?;
     done.push(format!("stopped and disabled {UNIT_NAME}"));
     std::fs::remove_file(&unit_path)
         .map_err(|e| format!("cannot remove {}: {e}", unit_path.display()))?;
     done.push(format!("removed {}", unit_path.display()));
-    tool_ok("systemctl", &["daemon-reload"])?;
+    tool_ok(limit, "systemctl", &["daemon-reload"])?;
     let created = text
         .lines()
         .find_map(|l| l.strip_prefix(CREATED_USER_MARK))
         .map(str::to_owned);
     if let Some(user) = created {
-        if lookup_user(&user)?.is_some() {
-            tool_ok("userdel", &[&user])?;
+        if lookup_user(limit, &user)?.is_some() {
+            tool_ok(limit, "userdel", &[&user])?;
             done.push(format!(
                 "removed the system user '{user}' (install created it)"
             ));
@@ -389,24 +426,26 @@ pub fn uninstall(req: &Request) -> Result<Vec<String>, String> {
 /// service, if it runs, so that it uses them (`systemctl try-restart`) —
 /// from approval to serving with no further command. `None` when no
 /// service is installed (or `systemctl` cannot tell) or this is not root.
-pub fn restart_for_credentials() -> Option<Result<String, String>> {
+pub fn restart_for_credentials(settings: &Settings) -> Option<Result<String, String>> {
+    let limit = settings.service_tool_timeout;
     // SAFETY: geteuid has no preconditions and cannot fail.
     if unsafe { libc::geteuid() } != 0 {
         return None;
     }
-    let enabled = tool("systemctl", &["is-enabled", "--quiet", UNIT_NAME]).ok()?;
+    let enabled = tool(limit, "systemctl", &["is-enabled", "--quiet", UNIT_NAME]).ok()?;
     if !enabled.status.success() {
         return None;
     }
     Some(
-        tool_ok("systemctl", &["try-restart", UNIT_NAME])
+        tool_ok(limit, "systemctl", &["try-restart", UNIT_NAME])
             .map(|()| format!("restarted {UNIT_NAME}: the agent now runs with these credentials")),
     )
 }
 
 /// `citadel service status`: `systemctl status`'s own output and exit code
 /// (0 running, 3 stopped, 4 unknown unit).
-pub fn status(req: &Request) -> Result<i32, String> {
+pub fn status(settings: &Settings, req: &Request) -> Result<i32, String> {
+    let limit = settings.service_tool_timeout;
     let unit_path = req.unit_path();
     if unit_path.exists() {
         println!("unit: {}", unit_path.display());
@@ -416,10 +455,13 @@ pub fn status(req: &Request) -> Result<i32, String> {
             unit_path.display()
         );
     }
-    let status = Command::new("systemctl")
-        .args(["status", "--no-pager", UNIT_NAME])
-        .status()
-        .map_err(|e| format!("cannot run systemctl: {e}"))?;
+    let args = ["status", "--no-pager", UNIT_NAME];
+    let mut cmd = Command::new("systemctl");
+    cmd.args(args).stdin(Stdio::null());
+    let mut child =
+        crate::child::spawn(&mut cmd).map_err(|e| format!("cannot run systemctl: {e}"))?;
+    let status = crate::child::wait(&mut child, Instant::now() + limit, None)
+        .ok_or_else(|| timed_out("systemctl", &args, limit))?;
     Ok(status.code().unwrap_or(1))
 }
 

@@ -17,8 +17,12 @@ pub mod fake_extraction;
 pub mod fake_nexus;
 pub mod file_server;
 pub mod http;
+pub mod jobs;
 pub mod observe;
+pub mod real_engine;
+pub mod sentinel;
 pub mod stall_proxy;
+pub mod tls;
 
 use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
@@ -218,6 +222,11 @@ impl RedisServer {
 
     pub fn port(&self) -> u16 {
         self.port
+    }
+
+    /// The server's process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
     }
 
     /// The server's data directory (also holds its log).

@@ -11,8 +11,15 @@
 //! `.partial` and `.lock` files are opened with `O_NOFOLLOW`.
 //!
 //! Lock. `flock` on `<file>.lock` (held by an open file, so it is released
-//! when the job's thread drops it or the process dies); a second job polls
-//! for it (cancellably) and then finds the file done.
+//! when the job's thread drops it or the process dies: a dead agent's lock
+//! never blocks a later job); a second job polls for it (cancellably) and
+//! then finds the file done. The job that holds the lock removes the
+//! `.lock` file when it ends (done, failed, cancelled), still holding it.
+//! A waiter may then get the lock of that removed file, so a lock counts
+//! only when the file locked is still the one at `<file>.lock` (same
+//! device and inode); otherwise it is taken again on the file now there.
+//! A `.lock` left by an agent that died stays until the next job on that
+//! file ends.
 //!
 //! Free space: `statvfs` through `libc` — std has no call for it, and
 //! running `df` would parse text of a tool that may be missing.
@@ -134,33 +141,71 @@ impl Place {
     /// Takes this file's lock, waiting (cancellably) while another job
     /// holds it.
     pub fn lock(&self, ctx: &Context<'_>) -> Result<FileLock, JobError> {
-        let file = open_nofollow(&self.lock, false).map_err(|e| {
-            JobError::Permanent(format!(
-                "model_download: cannot open the lock file {}: {e}",
-                self.lock.display()
-            ))
-        })?;
         let mut logged = false;
         loop {
-            // SAFETY: flock on a file descriptor this function owns.
-            if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
-                return Ok(FileLock(file));
-            }
-            let e = io::Error::last_os_error();
-            if e.raw_os_error() != Some(libc::EWOULDBLOCK) && e.kind() != ErrorKind::Interrupted {
-                return Err(JobError::Permanent(format!(
-                    "model_download: cannot lock {}: {e}",
+            let file = open_nofollow(&self.lock, false).map_err(|e| {
+                JobError::Permanent(format!(
+                    "model_download: cannot open the lock file {}: {e}",
                     self.lock.display()
-                )));
+                ))
+            })?;
+            loop {
+                // SAFETY: flock on a file descriptor this function owns.
+                if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+                    break;
+                }
+                let e = io::Error::last_os_error();
+                if e.raw_os_error() != Some(libc::EWOULDBLOCK) && e.kind() != ErrorKind::Interrupted
+                {
+                    return Err(JobError::Permanent(format!(
+                        "model_download: cannot lock {}: {e}",
+                        self.lock.display()
+                    )));
+                }
+                if !logged {
+                    log::info!(
+                        "model_download: waiting for another job writing {}",
+                        self.path.display()
+                    );
+                    logged = true;
+                }
+                ctx.sleep(LOCK_POLL)?;
             }
-            if !logged {
-                log::info!(
-                    "model_download: waiting for another job writing {}",
-                    self.path.display()
-                );
-                logged = true;
+            // The job before removed the file it held: lock the one there now.
+            if same_file(&file, &self.lock) {
+                return Ok(FileLock {
+                    file,
+                    path: self.lock.clone(),
+                });
             }
-            ctx.sleep(LOCK_POLL)?;
+        }
+    }
+}
+
+/// Whether `path` (not followed) is the file `file` has open.
+fn same_file(file: &File, path: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (file.metadata(), fs::symlink_metadata(path)) {
+        (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+        _ => false,
+    }
+}
+
+/// Held while a job works on a file; dropping it removes the `.lock` file
+/// (while still holding it) and releases the lock.
+pub struct FileLock {
+    file: File,
+    path: PathBuf,
+}
+
+impl Drop for FileLock {
+    fn drop(&mut self) {
+        // Only the file this lock holds: a waiter that locked it next
+        // retries on whatever is at the path (see the module comment).
+        if same_file(&self.file, &self.path) {
+            if let Err(e) = fs::remove_file(&self.path) {
+                log::debug!("model_download: cannot remove {}: {e}", self.path.display());
+            }
         }
     }
 }
@@ -172,9 +217,6 @@ fn continue_checked(p: &Path, root: &Path) -> Result<PathBuf, ()> {
         _ => Err(()),
     }
 }
-
-/// Held while a job works on a file; dropping it releases the lock.
-pub struct FileLock(#[allow(dead_code)] File);
 
 /// Opens (creating) `path` for reading and writing, never through a symlink.
 pub fn open_nofollow(path: &Path, truncate: bool) -> io::Result<File> {
@@ -276,6 +318,80 @@ mod tests {
         ] {
             assert!(components("file_name", bad).is_err(), "{bad:?}");
         }
+    }
+
+    /// Runs `f` with a Context of its own (no cancel, no deadline).
+    fn with_ctx<T>(f: impl FnOnce(&mut Context<'_>) -> T) -> T {
+        use crate::node::profile::{DeviceConfig, LiveProfile};
+        let token = std::sync::Arc::new(crate::worker::cancel::CancelToken::new());
+        let profile = std::sync::Arc::new(LiveProfile::new(
+            &crate::config::Settings::default(),
+            std::env::temp_dir().join("citadel-disk-unused-profile.json"),
+            DeviceConfig::default(),
+            false,
+        ));
+        let mut sink = |_: &str| {};
+        let mut ctx = Context::new(&token, &mut sink, None, &profile);
+        f(&mut ctx)
+    }
+
+    fn ino(f: &File) -> u64 {
+        use std::os::unix::fs::MetadataExt;
+        f.metadata().unwrap().ino()
+    }
+
+    /// Open descriptors of this process on `path` (not a removed file).
+    fn open_on(path: &Path) -> usize {
+        fs::read_dir("/proc/self/fd")
+            .unwrap()
+            .flatten()
+            .filter(|e| fs::read_link(e.path()).is_ok_and(|l| l == path))
+            .count()
+    }
+
+    #[test]
+    fn the_lock_file_goes_when_its_job_ends_and_a_lock_on_a_removed_file_does_not_count() {
+        let base = std::env::temp_dir().join(format!(
+            "citadel-disk-lock-{}-{:?}",
+            std::process::id(),
+            std::thread::current().id()
+        ));
+        let _ = fs::remove_dir_all(&base);
+        let place = Place::new(&base, "m", "w.bin").unwrap();
+        let lock_path = place.lock.clone();
+
+        // One job: the .lock is there while it holds it, gone after.
+        let a = with_ctx(|ctx| place.lock(ctx)).unwrap();
+        assert!(lock_path.exists());
+        // B waits on the file A holds.
+        let waiter = {
+            let place = Place::new(&base, "m", "w.bin").unwrap();
+            std::thread::spawn(move || with_ctx(|ctx| place.lock(ctx)).map(|l| ino(&l.file)))
+        };
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while open_on(&lock_path) < 2 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "B never opened the lock"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        // Meanwhile a third job (C) made a new .lock and holds it.
+        let tmp = base.join("m/new.lock");
+        let c = open_nofollow(&tmp, false).unwrap();
+        // SAFETY: flock on a descriptor this test owns.
+        assert_eq!(unsafe { libc::flock(c.as_raw_fd(), libc::LOCK_EX) }, 0);
+        fs::rename(&tmp, &lock_path).unwrap();
+        // A ends: it leaves C's file alone; B must not take A's removed one.
+        drop(a);
+        assert!(lock_path.exists(), "A removed a .lock it did not hold");
+        let c_ino = ino(&c);
+        drop(c);
+        let b_ino = waiter.join().unwrap().unwrap();
+        assert_eq!(b_ino, c_ino, "B counted a lock on the file A removed");
+        // B ended too: it removed the file it held.
+        assert!(!lock_path.exists(), "B left its .lock behind");
+        let _ = fs::remove_dir_all(&base);
     }
 
     #[test]

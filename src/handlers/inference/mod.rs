@@ -75,6 +75,15 @@ impl Backend {
             Backend::LlamaCpp => "/health",
         }
     }
+
+    /// The GET that lists the models the engine serves (vLLM and
+    /// llama.cpp `{"data":[{"id"}]}`, Ollama `{"models":[{"name"}]}`).
+    pub fn models_path(self) -> &'static str {
+        match self {
+            Backend::LlamaCpp => "/v1/models",
+            b => b.probe_path(),
+        }
+    }
 }
 
 /// What the job asks for.

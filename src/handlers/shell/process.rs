@@ -8,10 +8,18 @@
 //! Its exit is awaited with `waitid(WNOWAIT)`, which leaves it a zombie.
 //! Every group not yet reaped is known here, so that the agent can kill
 //! what is left of them before it exits ([`kill_all`]).
+//!
+//! An agent that is SIGKILLed runs no exit code: each group is watched by
+//! a [`Reaper`], a tiny `/bin/sh` outside it that holds the read end of a
+//! pipe from the agent and SIGKILLs the group when that pipe closes —
+//! which the kernel does when the agent dies, however it dies. The leader
+//! also gets PR_SET_PDEATHSIG (SIGKILL). A group reaped normally stops its
+//! reaper first (before its id may be reused).
 
 use crate::sync::lock;
-use std::io;
-use std::process::{Child, ExitStatus};
+use std::io::{self, Write};
+use std::os::unix::process::CommandExt;
+use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex, Weak};
 
 pub use libc::{SIGKILL, SIGTERM};
@@ -19,24 +27,97 @@ pub use libc::{SIGKILL, SIGTERM};
 /// Every group started, until it is reaped (dead ones are dropped lazily).
 static GROUPS: Mutex<Vec<Weak<Group>>> = Mutex::new(Vec::new());
 
+/// The reaper's script: the group id comes first on stdin; end of input
+/// (the agent is gone, or it closed the pipe) kills the group. Terminal
+/// signals are ignored: only the pipe, or the agent's SIGKILL, ends it.
+const REAPER_SCRIPT: &str =
+    "trap '' INT TERM HUP QUIT; read pgid || exit 0; read _; kill -9 -\"$pgid\"";
+
+/// A `/bin/sh` that SIGKILLs one process group once the agent dies (see
+/// the module comment). Killed and reaped when dropped.
+pub struct Reaper {
+    child: Child,
+    pipe: Option<ChildStdin>,
+}
+
+impl Reaper {
+    /// Starts a reaper, before the command it is to watch.
+    pub fn start() -> io::Result<Reaper> {
+        let mut child = Command::new("/bin/sh")
+            .arg("-c")
+            .arg(REAPER_SCRIPT)
+            .arg("citadel-shell-reaper")
+            .env_clear()
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .process_group(0)
+            .spawn()?;
+        let pipe = child.stdin.take();
+        Ok(Reaper { child, pipe })
+    }
+
+    /// Hands it the group to kill when the agent dies.
+    fn watch(&mut self, pgid: i32) -> io::Result<()> {
+        let pipe = self
+            .pipe
+            .as_mut()
+            .ok_or_else(|| io::Error::other("the reaper has no stdin"))?;
+        pipe.write_all(format!("{pgid}\n").as_bytes())?;
+        pipe.flush()
+    }
+}
+
+impl Drop for Reaper {
+    /// SIGKILL first: closing the pipe would make it kill the group.
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Sets PR_SET_PDEATHSIG (SIGKILL) on the command about to be spawned: its
+/// leader dies with the spawning thread.
+pub fn die_with_agent(cmd: &mut Command) -> &mut Command {
+    // SAFETY: prctl(2) only sets a flag of the forked child; nothing is
+    // allocated between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            Ok(())
+        })
+    }
+}
+
 /// A running command's process group, led by the `/bin/sh` it started as.
 pub struct Group {
     pgid: i32,
     /// True once the leader is reaped: its pid may name someone else then.
     reaped: Mutex<bool>,
+    /// Kills the group if the agent dies first; stopped before the reap.
+    reaper: Mutex<Option<Reaper>>,
 }
 
 impl Group {
-    /// The group of `child`, spawned with `process_group(0)`.
-    pub fn of(child: &Child) -> Arc<Group> {
+    /// The group of `child`, spawned with `process_group(0)`, watched by
+    /// `reaper`. When the reaper cannot be told the group, the group is
+    /// SIGKILLed and the error returned (reap `child` then).
+    pub fn of(child: &Child, mut reaper: Reaper) -> io::Result<Arc<Group>> {
+        let pgid = child.id() as i32;
+        if let Err(e) = reaper.watch(pgid) {
+            // SAFETY: kill(2) of the group whose unreaped leader is `child`.
+            unsafe { libc::kill(-pgid, libc::SIGKILL) };
+            return Err(e);
+        }
         let group = Arc::new(Group {
-            pgid: child.id() as i32,
+            pgid,
             reaped: Mutex::new(false),
+            reaper: Mutex::new(Some(reaper)),
         });
         let mut groups = lock(&GROUPS);
         groups.retain(|g| g.upgrade().is_some_and(|g| !*lock(&g.reaped)));
         groups.push(Arc::downgrade(&group));
-        group
+        Ok(group)
     }
 
     pub fn id(&self) -> i32 {
@@ -83,6 +164,8 @@ impl Group {
     /// is sent to the group afterwards.
     pub fn reap(&self, child: &mut Child) -> io::Result<ExitStatus> {
         let mut reaped = lock(&self.reaped);
+        // While the group id is still pinned by the unreaped leader.
+        drop(lock(&self.reaper).take());
         let status = child.wait();
         *reaped = true;
         status

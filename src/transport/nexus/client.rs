@@ -105,7 +105,11 @@ impl NexusClient {
         output: &str,
         timeout: Duration,
     ) -> Result<(), NexusError> {
-        let url = format!("{}/api/v1/jobs/{}/status", self.base, encode_segment(id));
+        let url = format!(
+            "{}/api/v1/jobs/{}/status",
+            self.base,
+            crate::percent::encode(id)
+        );
         let mut req = self
             .agent
             .post(url)
@@ -211,19 +215,6 @@ fn excerpt(s: &str) -> String {
     crate::clip::clip(s.trim(), 200)
 }
 
-/// Percent-encode a path segment (everything but RFC 3986 unreserved).
-fn encode_segment(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -276,6 +267,6 @@ mod tests {
         ] {
             assert!(!is_loopback(url), "{url}");
         }
-        assert_eq!(encode_segment("a b/c?d"), "a%20b%2Fc%3Fd");
+        assert_eq!(crate::percent::encode("a b/c?d"), "a%20b%2Fc%3Fd");
     }
 }

@@ -17,11 +17,17 @@
 use redis::{Connection, RedisResult, Value};
 use std::time::{Duration, Instant};
 
-/// Take the key if it is free or ours; returns nil when held by us
-/// afterwards, else `{holder, pttl}`.
+/// Take the key if it is free, renew it if ours; returns nil when held by
+/// us afterwards, else `{holder, pttl}`. Our own key is renewed with
+/// PEXPIRE, which a Redis at `maxmemory` still runs (SET it refuses): a
+/// worker keeps its name through a Redis that is full, however long.
 const HOLD: &str = r"
 local cur = redis.call('GET', KEYS[1])
-if not cur or cur == ARGV[1] then
+if cur == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return false
+end
+if not cur then
   redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
   return false
 end

@@ -12,7 +12,8 @@
 //!    worker reclaimed meanwhile stays with it);
 //! 3. every claim-idle/3, reclaims entries that dead consumers left idle
 //!    (XAUTOCLAIM, its cursor kept across rounds so every entry of a long
-//!    pending list is reached);
+//!    pending list is reached), the first time one period after each
+//!    (re)connect, so that live workers renew first after an outage;
 //! 4. reads new entries: a sweep of every stream, then one BLOCK on all of
 //!    them.
 //!
@@ -176,6 +177,12 @@ impl Reader {
                 return Ok(()); // the connect outlasted a stop: read nothing
             }
             self.outage.recovered();
+            // After an outage every entry looks idle for as long as Redis
+            // was away (a restart counts its downtime): reclaim only after
+            // one renewal period, so that live workers cut off by the same
+            // outage renew their leases first (they do at reconnect).
+            let every = (self.state.settings.claim_idle / 3).max(Duration::from_millis(10));
+            self.next_reclaim = Instant::now() + every;
             // A read cut off by the outage may have delivered entries to this
             // consumer that nobody runs: take back own pending entries first.
             self.own = Some(vec![Some("-".into()); self.streams.len()]);

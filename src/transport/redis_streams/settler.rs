@@ -72,6 +72,11 @@ pub struct Settler {
     dropped: u64,
     /// Whether this thread had a connection before (a new one is a reconnect).
     connected_before: bool,
+    /// When the leases held were last renewed (or nothing was held).
+    renewed_at: Instant,
+    /// Renew at once: the connection is new (after an outage, Redis counts
+    /// the time it was away as idle time of every entry).
+    renew_now: bool,
 }
 
 impl Settler {
@@ -84,6 +89,8 @@ impl Settler {
             retry_at: Instant::now(),
             dropped: 0,
             connected_before: false,
+            renewed_at: Instant::now(),
+            renew_now: false,
         }
     }
 
@@ -163,7 +170,8 @@ impl Settler {
                 next_name = now + name_every;
                 self.renew_name();
             }
-            if now >= next_renew {
+            let reconnected = std::mem::take(&mut self.renew_now);
+            if now >= next_renew || reconnected {
                 next_renew = now + renew_every;
                 self.renew_leases();
             }
@@ -427,6 +435,7 @@ impl Settler {
             self.conn = Some((conn, scripts));
             if std::mem::replace(&mut self.connected_before, true) {
                 METRICS.redis_reconnected();
+                self.renew_now = true;
             }
         }
         let (conn, scripts) = self.conn.as_mut().expect("connection just set");
@@ -508,6 +517,12 @@ impl Settler {
                     .push(e.id.clone());
             }
         }
+        let claim_idle = self.state.settings.claim_idle;
+        let gap = self.renewed_at.elapsed();
+        if by_stream.is_empty() {
+            self.renewed_at = Instant::now();
+            return;
+        }
         for (stream, ids) in by_stream {
             let st = self.state.clone();
             let mut eval = redis::cmd("EVAL");
@@ -537,6 +552,19 @@ impl Settler {
                 }
                 Err(e) => return self.failed_aside(e),
             }
+        }
+        self.renewed_at = Instant::now();
+        if gap > claim_idle * 2 / 3 {
+            // Renewals are due every claim-idle/3: this one came late enough
+            // that other workers may have taken these entries as a dead
+            // worker's (the reply said which, above).
+            log::warn!(
+                "the leases of the running jobs were renewed {:.1}s after the last renewal \
+                 (claim-idle {:?}): this process or Redis was stalled (CPU, swap, disk) or \
+                 Redis was unreachable",
+                gap.as_secs_f64(),
+                claim_idle
+            );
         }
     }
 

@@ -1,0 +1,102 @@
+//! Server-sent events over HTTP/1.1 chunked transfer, written by hand on
+//! the raw response writer: each event is one HTTP chunk, flushed at once
+//! (tiny_http's own chunked encoder buffers, which would hold tokens back).
+//! The framing is pure ([`head`], [`frame`], [`event`]) so that it is tested
+//! byte by byte; [`SseWriter`] only writes it.
+
+use std::io::{self, Write};
+
+/// The status line and headers of an event stream. `extra`: more
+/// `Name: value` headers (already checked to be header-safe).
+pub fn head(extra: &[(&str, &str)]) -> Vec<u8> {
+    let mut h = String::from(
+        "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\n\
+         X-Accel-Buffering: no\r\nTransfer-Encoding: chunked\r\n",
+    );
+    for (name, value) in extra {
+        h.push_str(&format!("{name}: {value}\r\n"));
+    }
+    h.push_str("\r\n");
+    h.into_bytes()
+}
+
+/// `data: {payload}` and a blank line.
+pub fn event(payload: &str) -> Vec<u8> {
+    let mut e = Vec::with_capacity(payload.len() + 8);
+    e.extend_from_slice(b"data: ");
+    e.extend_from_slice(payload.as_bytes());
+    e.extend_from_slice(b"\n\n");
+    e
+}
+
+/// The comment sent while no token comes, so proxies and clients see life.
+pub const KEEPALIVE: &[u8] = b": keep-alive\n\n";
+
+/// `bytes` as one HTTP chunk.
+pub fn frame(bytes: &[u8]) -> Vec<u8> {
+    let mut f = format!("{:x}\r\n", bytes.len()).into_bytes();
+    f.extend_from_slice(bytes);
+    f.extend_from_slice(b"\r\n");
+    f
+}
+
+/// The end of a chunked body.
+pub const LAST_CHUNK: &[u8] = b"0\r\n\r\n";
+
+pub struct SseWriter<W: Write> {
+    out: W,
+}
+
+impl<W: Write> SseWriter<W> {
+    /// Write the head; the stream has started.
+    pub fn start(mut out: W, extra: &[(&str, &str)]) -> io::Result<SseWriter<W>> {
+        out.write_all(&head(extra))?;
+        out.flush()?;
+        Ok(SseWriter { out })
+    }
+
+    /// One `data:` event, on the wire when this returns.
+    pub fn data(&mut self, payload: &str) -> io::Result<()> {
+        self.raw(&event(payload))
+    }
+
+    pub fn keepalive(&mut self) -> io::Result<()> {
+        self.raw(KEEPALIVE)
+    }
+
+    fn raw(&mut self, bytes: &[u8]) -> io::Result<()> {
+        self.out.write_all(&frame(bytes))?;
+        self.out.flush()
+    }
+
+    /// The last chunk: the response is complete (the connection may carry
+    /// the next request).
+    pub fn finish(mut self) -> io::Result<()> {
+        self.out.write_all(LAST_CHUNK)?;
+        self.out.flush()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn events_are_chunks_on_the_wire() {
+        let mut w = SseWriter::start(Vec::new(), &[("X-Citadel-Job-Id", "j1")]).unwrap();
+        w.data(r#"{"a":1}"#).unwrap();
+        w.keepalive().unwrap();
+        w.data("[DONE]").unwrap();
+        let out = w.out.clone();
+        w.finish().unwrap();
+        let text = String::from_utf8(out).unwrap();
+        assert!(text.starts_with("HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"));
+        assert!(text.contains("Transfer-Encoding: chunked\r\nX-Citadel-Job-Id: j1\r\n\r\n"));
+        let body = text.split_once("\r\n\r\n").unwrap().1;
+        assert_eq!(
+            body,
+            "f\r\ndata: {\"a\":1}\n\n\r\ne\r\n: keep-alive\n\n\r\ne\r\ndata: [DONE]\n\n\r\n"
+        );
+        assert_eq!(frame(b""), b"0\r\n\r\n");
+    }
+}
