@@ -1056,7 +1056,7 @@ fn keep_alive_and_pipelined_requests_are_answered_in_order() {
     s.write_all(keep(&chat(true)).as_bytes()).unwrap();
     let mut got = Vec::new();
     let mut buf = [0u8; 4096];
-    while !got.ends_with(b"0\r\n\r\n") {
+    while !got.ends_with(b"\r\n0\r\n\r\n") {
         let n = s.read(&mut buf).unwrap();
         assert!(n > 0, "{}", String::from_utf8_lossy(&got));
         got.extend_from_slice(&buf[..n]);
@@ -1077,7 +1077,13 @@ fn keep_alive_and_pipelined_requests_are_answered_in_order() {
     let mut all = Vec::new();
     let _ = s.read_to_end(&mut all);
     let text = String::from_utf8_lossy(&all);
-    let cut = text.find("0\r\n\r\n").expect("the stream's end") + 5;
+    // The stream's last chunk, after its head (a header value may end in 0).
+    let body_at = text.find("\r\n\r\n").expect("the stream's head") + 4;
+    let cut = body_at
+        + text[body_at..]
+            .find("\r\n0\r\n\r\n")
+            .expect("the stream's end")
+        + 7;
     let stream = parse_response(&all[..cut]);
     assert!(stream.text().contains("\"two\"") && stream.text().ends_with("data: [DONE]\n\n"));
     let models = parse_response(&all[cut..]);
