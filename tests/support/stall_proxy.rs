@@ -120,6 +120,10 @@ fn pipe_both(client: TcpStream, server: TcpStream, hold: Arc<Hold>, stop: Arc<At
     });
 }
 
+/// How many bytes of one read are looked at again with the next (longer
+/// than any trigger pattern).
+const CARRY: usize = 256;
+
 fn copy(
     mut from: TcpStream,
     mut to: TcpStream,
@@ -128,6 +132,9 @@ fn copy(
     closed: &AtomicBool,
 ) {
     let mut buf = [0u8; 16 * 1024];
+    // The end of the bytes before, so that a trigger pattern split across
+    // two reads is still seen.
+    let mut seen: Vec<u8> = Vec::new();
     let _ = from.set_read_timeout(Some(Duration::from_millis(50)));
     while !closed.load(Ordering::SeqCst) {
         let n = match from.read(&mut buf) {
@@ -143,7 +150,10 @@ fn copy(
             }
             Err(_) => break,
         };
-        saw(&buf[..n]);
+        seen.extend_from_slice(&buf[..n]);
+        saw(&seen);
+        let keep = seen.len().saturating_sub(CARRY);
+        seen.drain(..keep);
         while held() && !closed.load(Ordering::SeqCst) {
             thread::sleep(Duration::from_millis(5));
         }
