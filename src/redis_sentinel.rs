@@ -327,6 +327,19 @@ fn said(e: &RedisError, timeout: Duration) -> String {
     }
 }
 
+/// A connection to `url` whose connect, reads and writes are each bounded
+/// by `timeout`; the error in words.
+fn open_bounded(url: &str, timeout: Duration) -> Result<Connection, String> {
+    let client = Client::open(url).map_err(|e| e.to_string())?;
+    let conn = client
+        .get_connection_with_timeout(timeout)
+        .map_err(|e| said(&e, timeout))?;
+    conn.set_read_timeout(Some(timeout))
+        .and_then(|()| conn.set_write_timeout(Some(timeout)))
+        .map_err(|e| e.to_string())?;
+    Ok(conn)
+}
+
 /// `SENTINEL get-master-addr-by-name` at sentinel `i`.
 fn ask(
     url: &SentinelUrl,
@@ -334,13 +347,7 @@ fn ask(
     auth: &SentinelAuth,
     timeout: Duration,
 ) -> Result<(String, u16), String> {
-    let client = Client::open(url.sentinel_url(i, auth)).map_err(|e| e.to_string())?;
-    let mut conn = client
-        .get_connection_with_timeout(timeout)
-        .map_err(|e| said(&e, timeout))?;
-    conn.set_read_timeout(Some(timeout))
-        .and_then(|()| conn.set_write_timeout(Some(timeout)))
-        .map_err(|e| e.to_string())?;
+    let mut conn = open_bounded(&url.sentinel_url(i, auth), timeout)?;
     let reply: Value = redis::cmd("SENTINEL")
         .arg("get-master-addr-by-name")
         .arg(&url.master)
@@ -373,13 +380,7 @@ fn ask(
 
 /// Connect to the address a sentinel named and check it is a master.
 fn open_master(url: &str, timeout: Duration) -> Result<Connection, String> {
-    let client = Client::open(url).map_err(|e| e.to_string())?;
-    let mut conn = client
-        .get_connection_with_timeout(timeout)
-        .map_err(|e| said(&e, timeout))?;
-    conn.set_read_timeout(Some(timeout))
-        .and_then(|()| conn.set_write_timeout(Some(timeout)))
-        .map_err(|e| e.to_string())?;
+    let mut conn = open_bounded(url, timeout)?;
     let role: Value = redis::cmd("ROLE")
         .query(&mut conn)
         .map_err(|e| said(&e, timeout))?;

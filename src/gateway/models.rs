@@ -8,6 +8,7 @@
 
 use crate::config::Settings;
 use crate::node::heartbeat::STREAM;
+use crate::observe::sampler::text;
 use redis::Value as Redis;
 use serde_json::{json, Value};
 use std::collections::{BTreeMap, BTreeSet};
@@ -109,14 +110,6 @@ fn from_beats(beats: &Redis, now_ms: u64, fresh: Duration, default_backend: &str
                    "citadel_nodes": nodes})
         })
         .collect()
-}
-
-fn text(v: &Redis) -> Option<String> {
-    match v {
-        Redis::BulkString(b) => Some(String::from_utf8_lossy(b).into_owned()),
-        Redis::SimpleString(s) => Some(s.clone()),
-        _ => None,
-    }
 }
 
 #[cfg(test)]
