@@ -10,11 +10,11 @@
 //!   is explained only when the run before it was in a worker that was then
 //!   SIGKILLed (`dup_killed`), or began near the Redis SIGKILL, which may
 //!   lose up to the last second or two of writes by design
-//!   (`dup_redis_kill`), or was in a worker that said, in its own log, that
-//!   its lease renewal came late (it or Redis stalled past claim-idle: the
-//!   machine is overloaded) and that it lost that job's lease
-//!   (`dup_stalled`); anything else is `dup_unexplained` and fails, printing
-//!   every worker's log lines about the job;
+//!   (`dup_redis_kill`). Anything else fails: `dup_stalled` when the worker
+//!   of the run before said, in its own log, that its lease renewal came
+//!   late and that it lost that job's lease (it or Redis stalled past
+//!   claim-idle: the machine was overloaded), `dup_unexplained` otherwise,
+//!   which prints every worker's log lines about the job;
 //! - the group's pending list is empty within claim-idle + 5 s of the last
 //!   job's outcome;
 //! - no job's captured events (a Pub/Sub subscriber that resubscribes after
@@ -610,6 +610,10 @@ fn assert_sound(fig: &Figures) {
     let line = fig.line();
     assert_eq!(fig.lost, 0, "jobs lost: {line}");
     assert_eq!(fig.dup_unexplained, 0, "unexplained duplicate runs: {line}");
+    assert_eq!(
+        fig.dup_stalled, 0,
+        "duplicate runs of jobs whose worker stalled past claim-idle: {line}"
+    );
     assert_eq!(fig.after_end, 0, "events after end: {line}");
     assert_eq!(
         fig.stream_after_end, 0,
