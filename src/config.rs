@@ -12,7 +12,7 @@ use std::time::Duration;
 pub const SETTINGS: &[(&str, &str)] = &[
     (
         "redis-url",
-        "Redis URL (redis://, rediss://, or redis+sentinel://SENTINEL,…/MASTER-NAME) [redis://127.0.0.1:6379]",
+        "Redis URL (redis://, rediss://, redis+sentinel://SENTINEL,…/MASTER-NAME, or redis+cluster://NODE,NODE,…) [redis://127.0.0.1:6379]",
     ),
     (
         "queue",
@@ -915,8 +915,33 @@ impl Settings {
     }
 
     /// This node's own stream, read besides the queues.
+    /// The node's own stream; on a Redis Cluster its name is a hash tag
+    /// (so its dead letters share its slot).
     pub fn node_stream(&self) -> String {
-        format!("jobs:v1:node:{}", self.node_name)
+        if self.on_cluster() {
+            format!("jobs:v1:node:{{{}}}", self.node_name)
+        } else {
+            format!("jobs:v1:node:{}", self.node_name)
+        }
+    }
+
+    /// Whether the Redis URL names a cluster (`redis+cluster://`).
+    pub fn on_cluster(&self) -> bool {
+        crate::redis_cluster::is_cluster_url(&self.redis_url)
+    }
+
+    /// On a Redis Cluster, why the queues cannot be read (each must share
+    /// its slot with its dead letters); `None` elsewhere or when they can.
+    pub fn cluster_queue_problem(&self) -> Option<String> {
+        if !self.on_cluster() {
+            return None;
+        }
+        self.queues.iter().find_map(|q| {
+            crate::redis_cluster::stream_problem(
+                q,
+                &crate::transport::redis_streams::dead_letter::stream_for(q),
+            )
+        })
     }
 
     /// Every stream a worker reads: the queues, then the node's own stream.
@@ -1157,6 +1182,16 @@ fn check_redis_url(v: &str) -> Result<(), String> {
                 Err(what) => Err(format!(
                     "'{shown}' is not a Redis Sentinel URL: {what} (write {})",
                     crate::redis_sentinel::FORM
+                )),
+            };
+        }
+        // Each command goes to the node serving its key (redis_cluster).
+        "redis+cluster" | "rediss+cluster" => {
+            return match crate::redis_cluster::seed_urls(v) {
+                Ok(_) => Ok(()),
+                Err(what) => Err(format!(
+                    "'{shown}' is not a Redis Cluster URL: {what} (write {})",
+                    crate::redis_cluster::FORM
                 )),
             };
         }

@@ -86,7 +86,7 @@ pub struct Follower {
     timeout: Duration,
     key: String,
     last_id: String,
-    conn: Option<redis::Connection>,
+    conn: Option<crate::redis_conn::Conn>,
     /// The BLOCK the connection's read timeout was last set for.
     read_timeout: Option<Duration>,
 }

@@ -20,6 +20,7 @@ mod observe;
 mod percent;
 #[cfg(test)]
 mod proptests;
+mod redis_cluster;
 mod redis_conn;
 mod redis_sentinel;
 mod run_job;

@@ -1,16 +1,34 @@
 //! The one Redis connection helper: timeouts on every socket, the current
 //! master of a `redis+sentinel://` URL found at every (re)connect (see
-//! `redis_sentinel`), and the one reading of what a Redis error means for
-//! the thread that got it.
+//! `redis_sentinel`), a cluster connection for `redis+cluster://` (see
+//! `redis_cluster`), commands sent together in the way each allows, and the
+//! one reading of what a Redis error means for the thread that got it.
 
-use crate::redis_sentinel;
-use redis::{Client, Connection, ErrorKind, RedisError, RedisResult};
+use crate::{redis_cluster, redis_sentinel};
+use redis::cluster::ClusterConnection;
+use redis::{
+    Client, Cmd, Connection, ConnectionLike, ErrorKind, RedisError, RedisResult, ServerError, Value,
+};
 use std::time::Duration;
+
+/// A connection to one Redis server (also a Sentinel URL's master), or to
+/// a cluster (each command goes to the node that serves its key).
+pub enum Conn {
+    Single(Connection),
+    Cluster(Box<ClusterConnection>),
+}
 
 /// Open a connection with a connect timeout and read/write timeouts.
 /// `read_timeout` must exceed any BLOCK this connection will be used for.
 /// A Sentinel URL is resolved to the current master here, at every call.
-pub fn connect(url: &str, timeout: Duration, read_timeout: Duration) -> RedisResult<Connection> {
+pub fn connect(url: &str, timeout: Duration, read_timeout: Duration) -> RedisResult<Conn> {
+    if redis_cluster::is_cluster_url(url) {
+        return Ok(Conn::Cluster(Box::new(redis_cluster::connect(
+            url,
+            timeout,
+            read_timeout,
+        )?)));
+    }
     let conn = if redis_sentinel::is_sentinel_url(url) {
         let parsed = redis_sentinel::SentinelUrl::parse(url).map_err(|e| {
             RedisError::from((ErrorKind::InvalidClientConfig, "bad Sentinel URL", e))
@@ -21,7 +39,128 @@ pub fn connect(url: &str, timeout: Duration, read_timeout: Duration) -> RedisRes
     };
     conn.set_read_timeout(Some(read_timeout))?;
     conn.set_write_timeout(Some(timeout))?;
-    Ok(conn)
+    Ok(Conn::Single(conn))
+}
+
+impl Conn {
+    /// How long a reply may take (it must exceed any BLOCK sent).
+    pub fn set_read_timeout(&self, d: Option<Duration>) -> RedisResult<()> {
+        match self {
+            Conn::Single(c) => c.set_read_timeout(d),
+            Conn::Cluster(c) => c.set_read_timeout(d),
+        }
+    }
+
+    /// `cmd` on the master serving `slot` (on one server: on it).
+    pub fn query_at_slot<T: redis::FromRedisValue>(
+        &mut self,
+        cmd: &Cmd,
+        slot: Option<u16>,
+    ) -> RedisResult<T> {
+        use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
+        match (self, slot) {
+            (Conn::Cluster(c), Some(slot)) => {
+                let route = SingleNodeRoutingInfo::SpecificNode(Route::new(slot, SlotAddr::Master));
+                let v = c
+                    .route_command(cmd, RoutingInfo::SingleNode(route))?
+                    .extract_error()?;
+                Ok(redis::from_redis_value(v)?)
+            }
+            (conn, _) => cmd.query(conn),
+        }
+    }
+
+    pub fn is_cluster(&self) -> bool {
+        matches!(self, Conn::Cluster(_))
+    }
+
+    /// Send `cmds` together and read every reply, in order; a command Redis
+    /// refused has its error in its place. On one server that is one
+    /// pipeline. On a cluster each command is sent on its own, to the node
+    /// of its key (the client's cluster pipeline refuses PUBLISH and
+    /// EVALSHA, and does not follow MOVED): a connection error then ends
+    /// the sending, and the commands before it were applied.
+    pub fn send_all(&mut self, cmds: &[Cmd]) -> RedisResult<Vec<Value>> {
+        match self {
+            Conn::Single(c) => {
+                let mut pipe = redis::pipe();
+                for cmd in cmds {
+                    pipe.add_command(cmd.clone());
+                }
+                pipe.ignore_errors().query(c)
+            }
+            Conn::Cluster(c) => {
+                let mut out = Vec::with_capacity(cmds.len());
+                for cmd in cmds {
+                    out.push(match c.req_command(cmd) {
+                        Ok(v) => v,
+                        Err(e) if e.code().is_some() => match ServerError::try_from(e) {
+                            Ok(se) => Value::ServerError(se),
+                            Err(e) => return Err(e),
+                        },
+                        Err(e) => return Err(e),
+                    });
+                }
+                Ok(out)
+            }
+        }
+    }
+}
+
+impl ConnectionLike for Conn {
+    fn req_packed_command(&mut self, cmd: &[u8]) -> RedisResult<Value> {
+        match self {
+            Conn::Single(c) => c.req_packed_command(cmd),
+            Conn::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands(
+        &mut self,
+        cmd: &[u8],
+        offset: usize,
+        count: usize,
+    ) -> RedisResult<Vec<Value>> {
+        match self {
+            Conn::Single(c) => c.req_packed_commands(cmd, offset, count),
+            Conn::Cluster(c) => c.req_packed_commands(cmd, offset, count),
+        }
+    }
+
+    fn req_command(&mut self, cmd: &Cmd) -> RedisResult<Value> {
+        match self {
+            Conn::Single(c) => c.req_command(cmd),
+            Conn::Cluster(c) => c.req_command(cmd),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Conn::Single(c) => c.get_db(),
+            Conn::Cluster(c) => c.get_db(),
+        }
+    }
+
+    fn supports_pipelining(&self) -> bool {
+        match self {
+            Conn::Single(c) => c.supports_pipelining(),
+            Conn::Cluster(c) => c.supports_pipelining(),
+        }
+    }
+
+    fn check_connection(&mut self) -> bool {
+        match self {
+            Conn::Single(c) => c.check_connection(),
+            Conn::Cluster(c) => c.check_connection(),
+        }
+    }
+
+    fn is_open(&self) -> bool {
+        match self {
+            Conn::Single(c) => c.is_open(),
+            Conn::Cluster(c) => c.is_open(),
+        }
+    }
 }
 
 /// What a Redis error means for the thread that got it. Every thread that
@@ -31,9 +170,10 @@ pub fn connect(url: &str, timeout: Duration, read_timeout: Duration) -> RedisRes
 pub enum Fault {
     /// The connection is gone, or this server cannot serve us now (a
     /// replica after a failover: READONLY, or UNBLOCKED for a blocked read;
-    /// MASTERDOWN, LOADING, BUSY, TRYAGAIN, CLUSTERDOWN): drop the
-    /// connection, reconnect later (through the sentinels, for a Sentinel
-    /// URL).
+    /// MASTERDOWN, LOADING, BUSY, TRYAGAIN, CLUSTERDOWN; MOVED or ASK that
+    /// the cluster client did not follow): drop the connection, reconnect
+    /// later (through the sentinels, for a Sentinel URL; with a fresh slot
+    /// map, for a cluster).
     Reconnect,
     /// Redis is at `maxmemory` and refuses writes (OOM): keep what must be
     /// written, take nothing new, retry with backoff.
@@ -55,7 +195,7 @@ pub fn fault(e: &RedisError) -> Fault {
     match e.code() {
         Some(
             "READONLY" | "UNBLOCKED" | "MASTERDOWN" | "LOADING" | "BUSY" | "TRYAGAIN"
-            | "CLUSTERDOWN",
+            | "CLUSTERDOWN" | "MOVED" | "ASK",
         ) => Fault::Reconnect,
         Some("OOM") => Fault::Full,
         Some("NOGROUP") => Fault::NoGroup,
@@ -79,6 +219,7 @@ pub fn describe(e: &RedisError) -> &'static str {
         Some("MASTERDOWN" | "LOADING" | "BUSY" | "TRYAGAIN" | "CLUSTERDOWN") => {
             "is up but not serving"
         }
+        Some("MOVED" | "ASK") => "moved a slot to another node (resharding or failover)",
         _ => fault(e).describe(),
     }
 }
@@ -109,6 +250,8 @@ mod tests {
             ("MASTERDOWN", Fault::Reconnect),
             ("LOADING", Fault::Reconnect),
             ("BUSY", Fault::Reconnect),
+            ("MOVED", Fault::Reconnect),
+            ("ASK", Fault::Reconnect),
             ("OOM", Fault::Full),
             ("NOGROUP", Fault::NoGroup),
             ("NOSCRIPT", Fault::NoScript),

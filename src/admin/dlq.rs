@@ -3,9 +3,9 @@
 use super::{connect, Exit};
 use crate::cli::Dlq;
 use crate::config::Settings;
+use crate::redis_conn::Conn;
 use crate::transport::redis_streams::dead_letter::{self, REPLAYED_FIELDS};
 use crate::transport::redis_streams::entry::{parse_entries, RawEntry};
-use redis::Connection;
 
 pub fn run(settings: &Settings, cmd: &Dlq) -> Result<i32, Exit> {
     let mut conn = connect(settings)?;
@@ -18,7 +18,7 @@ pub fn run(settings: &Settings, cmd: &Dlq) -> Result<i32, Exit> {
                 config
                     .custom_tags
                     .iter()
-                    .map(|t| crate::node::profile::tag_stream(t)),
+                    .map(|t| crate::node::profile::tag_stream(t, settings.on_cluster())),
             );
         }
     }
@@ -96,9 +96,18 @@ pub fn run(settings: &Settings, cmd: &Dlq) -> Result<i32, Exit> {
     }
 }
 
+/// KEYS: the queue, the dead-letter stream. ARGV: the dead letter's id,
+/// then the fields to add.
+const REPLAY: &str = r"
+local id = redis.call('XADD', KEYS[1], '*', unpack(ARGV, 2))
+redis.call('XDEL', KEYS[2], ARGV[1])
+return id
+";
+
 /// Put the job back on its original queue and delete the dead letter, in
-/// one MULTI/EXEC so it is never both or neither.
-fn replay(conn: &mut Connection, dlq: &str, e: &RawEntry) -> Result<(), Exit> {
+/// one script so it is never both or neither (on a cluster the queue and
+/// its dead letters share a slot, so the script runs on one node).
+fn replay(conn: &mut Conn, dlq: &str, e: &RawEntry) -> Result<(), Exit> {
     let queue = field(e, "original_queue");
     if queue.is_empty() {
         return Err(Exit(
@@ -106,20 +115,14 @@ fn replay(conn: &mut Connection, dlq: &str, e: &RawEntry) -> Result<(), Exit> {
             format!("dead letter {} has no original_queue; not replayed", e.id),
         ));
     }
-    let mut xadd = redis::cmd("XADD");
-    xadd.arg(&queue).arg("*");
+    let mut script = redis::cmd("EVAL");
+    script.arg(REPLAY).arg(2).arg(&queue).arg(dlq).arg(&e.id);
     for (k, v) in e.fields.iter().flatten() {
         if REPLAYED_FIELDS.contains(&k.as_str()) && !(v.is_empty() && k != "payload") {
-            xadd.arg(k).arg(v);
+            script.arg(k).arg(v);
         }
     }
-    let (new_id, _): (String, i64) = redis::pipe()
-        .atomic()
-        .add_command(xadd)
-        .cmd("XDEL")
-        .arg(dlq)
-        .arg(&e.id)
-        .query(conn)?;
+    let new_id: String = script.query(conn)?;
     println!(
         "replayed {} (job {}) to {queue} as {new_id}",
         e.id,
@@ -128,7 +131,7 @@ fn replay(conn: &mut Connection, dlq: &str, e: &RawEntry) -> Result<(), Exit> {
     Ok(())
 }
 
-fn find(conn: &mut Connection, streams: &[String], id: &str) -> Result<(String, RawEntry), Exit> {
+fn find(conn: &mut Conn, streams: &[String], id: &str) -> Result<(String, RawEntry), Exit> {
     for s in streams {
         let found = range(conn, "XRANGE", s, id, id, 1).map_err(|e| match e {
             Exit(_, m) if m.contains("Invalid stream ID") => {
@@ -147,7 +150,7 @@ fn find(conn: &mut Connection, streams: &[String], id: &str) -> Result<(String, 
 }
 
 fn range(
-    conn: &mut Connection,
+    conn: &mut Conn,
     cmd: &str,
     s: &str,
     from: &str,

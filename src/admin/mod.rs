@@ -20,7 +20,7 @@ impl From<redis::RedisError> for Exit {
     }
 }
 
-pub fn connect(settings: &crate::config::Settings) -> Result<redis::Connection, Exit> {
+pub fn connect(settings: &crate::config::Settings) -> Result<crate::redis_conn::Conn, Exit> {
     crate::redis_conn::connect(
         &settings.redis_url,
         settings.redis_timeout,

@@ -182,7 +182,7 @@ fn watched_streams(settings: &Settings) -> Vec<(String, &'static str)> {
         let path = settings.state_dir.join(crate::node::profile::FILE);
         if let Ok(Some(c)) = crate::node::profile::load_file(&path) {
             for t in &c.custom_tags {
-                let name = crate::node::profile::tag_stream(t);
+                let name = crate::node::profile::tag_stream(t, settings.on_cluster());
                 if !list.iter().any(|(s, _)| *s == name) {
                     list.push((name, "tag"));
                 }

@@ -7,7 +7,8 @@
 
 use crate::observe::metrics::entry_age;
 use crate::observe::sampler::{first_pending_id, text};
-use redis::{Connection, RedisResult, Value};
+use crate::redis_conn::Conn;
+use redis::{RedisResult, Value};
 use serde::Serialize;
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -44,7 +45,7 @@ pub struct DeadLetters {
 
 /// Every stream of `streams` (name, role) and its dead-letter stream.
 pub fn streams(
-    conn: &mut Connection,
+    conn: &mut Conn,
     group: &str,
     streams: &[(String, &'static str)],
     now_ms: u64,
@@ -65,7 +66,7 @@ pub fn streams(
 }
 
 fn stream_state(
-    conn: &mut Connection,
+    conn: &mut Conn,
     group: &str,
     stream: &str,
     role: &'static str,

@@ -26,7 +26,7 @@ pub fn run(settings: &Settings, s: &Submit) -> Result<i32, Exit> {
     });
     let stream = match (&s.node, &s.tag) {
         (Some(node), _) => format!("jobs:v1:node:{node}"),
-        (None, Some(tag)) => crate::node::profile::tag_stream(tag),
+        (None, Some(tag)) => crate::node::profile::tag_stream(tag, settings.on_cluster()),
         (None, None) => settings.queues[0].clone(),
     };
     let mut conn = connect(settings)?;

@@ -21,7 +21,7 @@ const BEATS_READ: usize = 2000;
 /// gateway's connection).
 pub fn list(
     settings: &Settings,
-    read: impl FnOnce(&redis::Pipeline) -> redis::RedisResult<(Vec<u64>, Redis)>,
+    read: impl FnOnce(&[redis::Cmd]) -> redis::RedisResult<(Vec<u64>, Redis)>,
 ) -> redis::RedisResult<Value> {
     if !settings.gateway_routes.is_empty() {
         let data: Vec<Value> = settings
@@ -31,15 +31,14 @@ pub fn list(
             .collect();
         return Ok(json!({"object": "list", "data": data}));
     }
-    let mut pipe = redis::pipe();
-    pipe.cmd("TIME")
-        .cmd("XREVRANGE")
+    let beats = redis::cmd("XREVRANGE")
         .arg(STREAM)
         .arg("+")
         .arg("-")
         .arg("COUNT")
-        .arg(BEATS_READ);
-    let (time, beats) = read(&pipe)?;
+        .arg(BEATS_READ)
+        .clone();
+    let (time, beats) = read(&[redis::cmd("TIME"), beats])?;
     let now_ms =
         time.first().copied().unwrap_or(0) * 1000 + time.get(1).copied().unwrap_or(0) / 1000;
     let fresh = settings.heartbeat_interval.max(Duration::from_secs(30)) * 3;

@@ -156,7 +156,14 @@ pub fn answer(gw: &Gateway, mut rq: Request) {
     }
     let Some(endpoint) = endpoint else {
         let s = &gw.settings;
-        return match super::models::list(s, |pipe| with_redis(s, |c| pipe.query(c))) {
+        return match super::models::list(s, |cmds| {
+            with_redis(s, |c| {
+                let mut replies = c.send_all(cmds)?.into_iter();
+                let mut next = || replies.next().unwrap_or(redis::Value::Nil).extract_error();
+                let time = redis::from_redis_value(next()?)?;
+                Ok((time, next()?))
+            })
+        }) {
             Ok(list) => respond_json(rq, 200, &list, &[]),
             Err(e) => respond_error(
                 rq,
@@ -246,14 +253,14 @@ fn route<'a>(settings: &'a Settings, model: &str) -> Result<(Option<&'a str>, &'
 
 thread_local! {
     /// This answering thread's connection for commands (not the follower's).
-    static REDIS: RefCell<Option<redis::Connection>> = const { RefCell::new(None) };
+    static REDIS: RefCell<Option<crate::redis_conn::Conn>> = const { RefCell::new(None) };
 }
 
 /// Run `f` on this thread's Redis connection, opened (again) when needed;
 /// a connection that failed is dropped, and `f` is tried once more on a new one.
 fn with_redis<T>(
     s: &Settings,
-    mut f: impl FnMut(&mut redis::Connection) -> redis::RedisResult<T>,
+    mut f: impl FnMut(&mut crate::redis_conn::Conn) -> redis::RedisResult<T>,
 ) -> redis::RedisResult<T> {
     REDIS.with(|cell| {
         let mut slot = cell.borrow_mut();

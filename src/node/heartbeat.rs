@@ -29,11 +29,11 @@ use crate::config::{Mode, Settings};
 use crate::events::AGENT_VERSION;
 use crate::handlers::inference::Backend;
 use crate::node::profile::{LiveProfile, Snapshot};
+use crate::redis_conn::Conn;
 use crate::redis_conn::{self, Fault};
 use crate::worker::counters::Counters;
 use crate::worker::exec::Executor;
 use crate::worker::stop::StopFlag;
-use redis::Connection;
 use serde_json::{json, Value};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -126,7 +126,7 @@ struct Beat {
     profile: Arc<LiveProfile>,
     counters: Arc<Counters>,
     started: Instant,
-    conn: Option<Connection>,
+    conn: Option<Conn>,
     outage: Outage,
     host: HostReader,
 }
@@ -218,9 +218,8 @@ impl Beat {
             }
         };
         let name = &self.settings.node_name;
-        redis::pipe()
-            .cmd("XADD")
-            .arg(STREAM)
+        let mut xadd = redis::cmd("XADD");
+        xadd.arg(STREAM)
             .arg("MAXLEN")
             .arg("~")
             .arg(STREAM_MAXLEN)
@@ -230,13 +229,14 @@ impl Beat {
             .arg("timestamp")
             .arg(timestamp)
             .arg("payload")
-            .arg(json)
-            .ignore()
-            .cmd("PUBLISH")
-            .arg(channel(name))
-            .arg(json)
-            .ignore()
-            .query::<()>(conn)
+            .arg(json);
+        let publish = redis::cmd("PUBLISH").arg(channel(name)).arg(json).clone();
+        for reply in conn.send_all(&[xadd, publish])? {
+            if let redis::Value::ServerError(e) = reply {
+                return Err(e.into());
+            }
+        }
+        Ok(())
     }
 }
 

@@ -27,8 +27,14 @@ pub const MAX_TAGS: usize = 100;
 pub const MAX_TAG_LEN: usize = 64;
 
 /// The stream a tag's jobs are sent to.
-pub fn tag_stream(tag: &str) -> String {
-    format!("jobs:v1:tag:{tag}")
+/// On a Redis Cluster the tag is a hash tag, so the stream and its dead
+/// letters share a slot (see `redis_cluster`).
+pub fn tag_stream(tag: &str, cluster: bool) -> String {
+    if cluster {
+        format!("jobs:v1:tag:{{{tag}}}")
+    } else {
+        format!("jobs:v1:tag:{tag}")
+    }
 }
 
 /// The node's device config. [`Default`] is a node no config job reached.
@@ -405,6 +411,8 @@ pub struct LiveProfile {
     node_id: String,
     path: PathBuf,
     tag_streams: bool,
+    /// Tag streams named for a Redis Cluster.
+    cluster: bool,
     current: RwLock<Arc<Snapshot>>,
     generation: AtomicU64,
     /// One apply at a time: diff, store and swap are one step.
@@ -447,11 +455,13 @@ impl LiveProfile {
     /// A profile holding `config`, stored at `path` when changed.
     pub fn new(settings: &Settings, path: PathBuf, config: DeviceConfig, stored: bool) -> Self {
         let node_id = settings.node_name.clone();
-        let snap = snapshot(&node_id, settings.tag_streams, config);
+        let cluster = settings.on_cluster();
+        let snap = snapshot(&node_id, settings.tag_streams, cluster, config);
         LiveProfile {
             node_id,
             path,
             tag_streams: settings.tag_streams,
+            cluster,
             current: RwLock::new(Arc::new(snap)),
             generation: AtomicU64::new(0),
             applying: Mutex::new(()),
@@ -497,7 +507,12 @@ impl LiveProfile {
             *stored = true;
         }
         if !changes.is_empty() {
-            let snap = Arc::new(snapshot(&self.node_id, self.tag_streams, new.clone()));
+            let snap = Arc::new(snapshot(
+                &self.node_id,
+                self.tag_streams,
+                self.cluster,
+                new.clone(),
+            ));
             *self.current.write().unwrap_or_else(|p| p.into_inner()) = snap;
             self.generation.fetch_add(1, Ordering::AcqRel);
         }
@@ -505,14 +520,14 @@ impl LiveProfile {
     }
 }
 
-fn snapshot(node_id: &str, tag_streams: bool, config: DeviceConfig) -> Snapshot {
+fn snapshot(node_id: &str, tag_streams: bool, cluster: bool, config: DeviceConfig) -> Snapshot {
     let name = config.device_name.as_deref().unwrap_or(node_id);
     let facts = Arc::new(NodeFacts::new(node_id, name, &config.custom_tags));
     let tag_streams = if tag_streams {
         config
             .custom_tags
             .iter()
-            .map(|t| Arc::from(tag_stream(t)))
+            .map(|t| Arc::from(tag_stream(t, cluster)))
             .collect()
     } else {
         Vec::new()

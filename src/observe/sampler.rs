@@ -13,9 +13,10 @@ use super::metrics::{entry_age, StreamSample, METRICS};
 use crate::config::{Mode, Settings};
 use crate::node::profile::LiveProfile;
 use crate::redis_conn;
+use crate::redis_conn::Conn;
 use crate::transport::redis_streams::dead_letter;
 use crate::worker::stop::StopFlag;
-use redis::{Connection, RedisResult, Value};
+use redis::{RedisResult, Value};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -70,7 +71,7 @@ fn run(settings: &Settings, profile: &LiveProfile, stop: &StopFlag) {
         "metrics-sampler",
         SAMPLE_EVERY + settings.redis_timeout * 4 + Duration::from_secs(30),
     );
-    let mut conn: Option<Connection> = None;
+    let mut conn: Option<Conn> = None;
     loop {
         beat.tick();
         let mut streams = settings.streams();
@@ -105,7 +106,7 @@ fn run(settings: &Settings, profile: &LiveProfile, stop: &StopFlag) {
 
 type Sample = (Vec<StreamSample>, Vec<(String, u64)>);
 
-fn sample(conn: &mut Connection, s: &Settings, streams: &[String]) -> RedisResult<Sample> {
+fn sample(conn: &mut Conn, s: &Settings, streams: &[String]) -> RedisResult<Sample> {
     let now = crate::clock::now_millis();
     let mut out = Vec::with_capacity(streams.len());
     let mut dlq = Vec::with_capacity(streams.len());
@@ -129,7 +130,7 @@ fn sample(conn: &mut Connection, s: &Settings, streams: &[String]) -> RedisResul
 /// (`XPENDING stream group - + 1 consumer` gives the oldest first; the
 /// summary form gives the per-consumer counts). No group yet: nothing.
 pub fn consumer_pending(
-    conn: &mut Connection,
+    conn: &mut Conn,
     stream: &str,
     group: &str,
     consumer: &str,

@@ -18,6 +18,11 @@ pub fn check(settings: &Settings) -> Result<(), String> {
     if settings.mode == Mode::Nexus && settings.nexus_url.is_none() {
         return Err("--mode nexus needs --nexus-url (or CITADEL_NEXUS_URL)".into());
     }
+    if settings.mode != Mode::Nexus {
+        if let Some(why) = settings.cluster_queue_problem() {
+            return Err(why);
+        }
+    }
     Ok(())
 }
 

@@ -11,14 +11,16 @@ use super::StreamsState;
 use crate::events;
 use crate::job::Job;
 use crate::observe::metrics::METRICS;
+use crate::redis_conn::Conn;
 use crate::worker::exec::{Executor, Outcome};
 use crate::worker::pool::{Report, Task};
 use crate::worker::slots::Slot;
 use crossbeam_channel::Sender;
-use redis::Connection;
+use redis::RedisResult;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
+#[derive(Clone)]
 pub struct Intake {
     pub state: Arc<StreamsState>,
     pub exec: Arc<Executor>,
@@ -51,7 +53,7 @@ impl Intake {
     /// `slots`.
     pub fn take(
         &self,
-        conn: &mut Connection,
+        conn: &mut Conn,
         stream: &Arc<str>,
         raws: Vec<(RawEntry, u64)>,
         slots: &mut Vec<Slot>,
@@ -158,7 +160,7 @@ impl Intake {
 /// always 0), and only when some exist one `EXISTS` per key, pipelined, to
 /// tell which. If Redis cannot answer, the jobs start and the settle
 /// thread's cancel check catches them.
-fn cancelled_before_start(conn: &mut Connection, batch: &[(Entry, Verdict)]) -> Vec<bool> {
+fn cancelled_before_start(conn: &mut Conn, batch: &[(Entry, Verdict)]) -> Vec<bool> {
     let mut out = vec![false; batch.len()];
     let asked: Vec<(usize, String)> = batch
         .iter()
@@ -183,11 +185,8 @@ fn cancelled_before_start(conn: &mut Connection, batch: &[(Entry, Verdict)]) -> 
             return out;
         }
     }
-    let mut pipe = redis::pipe();
-    for (_, key) in &asked {
-        pipe.cmd("EXISTS").arg(key);
-    }
-    match pipe.query::<Vec<bool>>(conn) {
+    let keys: Vec<&str> = asked.iter().map(|(_, k)| k.as_str()).collect();
+    match exists_each(conn, &keys) {
         Ok(found) => {
             for ((i, _), yes) in asked.into_iter().zip(found) {
                 out[i] = yes;
@@ -196,6 +195,21 @@ fn cancelled_before_start(conn: &mut Connection, batch: &[(Entry, Verdict)]) -> 
         Err(e) => log::debug!("cancel check before start failed: {e}"),
     }
     out
+}
+
+/// Whether each of `keys` exists: one EXISTS per key, sent together (on
+/// a cluster each to its node). A key Redis refused to look at counts as
+/// absent.
+pub fn exists_each(conn: &mut Conn, keys: &[&str]) -> RedisResult<Vec<bool>> {
+    let cmds: Vec<redis::Cmd> = keys
+        .iter()
+        .map(|k| redis::cmd("EXISTS").arg(*k).clone())
+        .collect();
+    Ok(conn
+        .send_all(&cmds)?
+        .into_iter()
+        .map(|v| v == redis::Value::Int(1))
+        .collect())
 }
 
 /// Where a running job's progress goes in Redis mode: into the settle

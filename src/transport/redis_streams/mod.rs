@@ -15,6 +15,7 @@ mod inflight;
 mod intake;
 mod reader;
 mod scripts;
+mod settle_cluster;
 mod settler;
 
 use crate::config::Settings;
@@ -55,8 +56,12 @@ pub struct StreamsState {
     stop_reading: StopFlag,
     stop_settling: AtomicBool,
     hard_stop: Mutex<Option<Instant>>,
-    /// The reader's CLIENT ID, so a shutdown can unblock its XREADGROUP.
-    reader_client: AtomicU64,
+    /// Each reader's CLIENT ID (with the slot of its streams, on a
+    /// cluster), so a shutdown can unblock its XREADGROUP.
+    reader_clients: Mutex<Vec<(Option<u16>, u64)>>,
+    /// `redis+cluster://`: one reader per hash slot of the streams, and
+    /// outcomes settled slot by slot (see `settler::send_cluster`).
+    pub cluster: bool,
     /// This process's claim on its consumer name, and whether the reader must
     /// (re)take it before reading.
     lock: consumer_lock::ConsumerLock,
@@ -69,6 +74,31 @@ pub struct StreamsState {
 }
 
 impl StreamsState {
+    /// The base streams, then the device config's tag streams (repeats
+    /// dropped).
+    fn streams_now(&self) -> Vec<Arc<str>> {
+        let mut list = self.base_streams.clone();
+        for t in self.profile.now().tag_streams.iter() {
+            if !list.contains(t) {
+                list.push(t.clone());
+            }
+        }
+        list
+    }
+
+    /// The keys of this process's claim on its consumer name for every
+    /// stream read now.
+    fn lock_keys(&self) -> Vec<String> {
+        self.lock.keys(&self.streams_now())
+    }
+
+    /// Record the CLIENT ID of the reader of `slot` (`None`: the reader).
+    fn set_reader_client(&self, slot: Option<u16>, id: u64) {
+        let mut clients = lock(&self.reader_clients);
+        clients.retain(|(s, _)| *s != slot);
+        clients.push((slot, id));
+    }
+
     fn stopping(&self) -> bool {
         self.stop_reading.is_set()
     }
@@ -100,6 +130,7 @@ impl RedisStreams {
         tasks: Sender<Task>,
         slots: Arc<Slots>,
     ) -> Self {
+        let cluster = crate::redis_cluster::is_cluster_url(&settings.redis_url);
         let shared = Arc::new(StreamsState {
             consumer: settings.consumer().to_owned(),
             base_streams: settings.streams().into_iter().map(Arc::from).collect(),
@@ -111,12 +142,14 @@ impl RedisStreams {
             stop_reading: StopFlag::default(),
             stop_settling: AtomicBool::new(false),
             hard_stop: Mutex::new(None),
-            reader_client: AtomicU64::new(0),
+            reader_clients: Mutex::new(Vec::new()),
+            cluster,
             lock: consumer_lock::ConsumerLock::new(
                 &settings.group,
                 settings.consumer(),
                 &crate::config::hostname(),
                 settings.claim_idle,
+                cluster,
             ),
             lock_lost: AtomicBool::new(true),
             settle_blocked: AtomicBool::new(false),
@@ -168,7 +201,11 @@ impl RedisStreams {
             exec,
             tasks,
         };
-        self.reader = Some(spawn("reader", move || reader::Reader::new(intake).run()));
+        self.reader = Some(if intake.state.cluster {
+            spawn("readers", move || reader::run_per_slot(intake))
+        } else {
+            spawn("reader", move || reader::Reader::new(intake, None).run())
+        });
     }
 }
 
@@ -229,25 +266,22 @@ impl Transport for RedisStreams {
 /// A blocked XREADGROUP would still take a job that arrives after the signal;
 /// CLIENT UNBLOCK ends it at once. Repeated until the reader is gone, since
 /// the signal may land between two reads.
+/// On a cluster, each reader's on the node of its slot.
 fn unblock_reader(shared: &StreamsState, reader: &JoinHandle<()>) {
     let s = &shared.settings;
     let until = Instant::now() + Duration::from_millis(500);
     let mut conn = None;
     while !reader.is_finished() && Instant::now() < until {
-        let id = shared.reader_client.load(Ordering::SeqCst);
-        if id != 0 {
+        let clients = lock(&shared.reader_clients).clone();
+        for (slot, id) in clients {
             if conn.is_none() {
                 let left = until.saturating_duration_since(Instant::now());
                 let t = left.clamp(Duration::from_millis(1), Duration::from_millis(200));
                 conn = redis_conn::connect(&s.redis_url, t, t).ok();
             }
             if let Some(c) = conn.as_mut() {
-                if redis::cmd("CLIENT")
-                    .arg("UNBLOCK")
-                    .arg(id)
-                    .query::<i64>(c)
-                    .is_err()
-                {
+                let unblock = redis::cmd("CLIENT").arg("UNBLOCK").arg(id).clone();
+                if c.query_at_slot::<i64>(&unblock, slot).is_err() {
                     conn = None;
                 }
             }

@@ -25,6 +25,13 @@
 //! tag's stream is no longer read; its entries running here settle as
 //! usual (an entry knows its stream).
 //!
+//! On a Redis Cluster there is one reader per hash slot of the streams
+//! (`run_per_slot`): each reads only its slot's streams, on the node that
+//! serves it, so every blocking XREADGROUP names keys of one slot. They
+//! share the handler slots: each takes free ones before it reads, and
+//! keeps no more than one per stream while it blocks, so a read on one
+//! slot never holds capacity that another slot's jobs could use.
+//!
 //! What becomes of an entry read is `intake`'s business.
 
 use super::entry::{self, RawEntry};
@@ -33,9 +40,10 @@ use super::scripts::TAKE_BACK_OWN;
 use super::StreamsState;
 use crate::backoff::Outage;
 use crate::observe::{alive, metrics::METRICS};
+use crate::redis_conn::Conn;
 use crate::redis_conn::{self, Fault};
 use crate::worker::slots::Slot;
-use redis::{Connection, RedisResult, Value};
+use redis::{RedisResult, Value};
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -43,8 +51,10 @@ use std::time::{Duration, Instant};
 
 pub struct Reader {
     state: Arc<StreamsState>,
+    /// On a cluster, the hash slot whose streams this reader reads.
+    slot: Option<u16>,
     intake: Intake,
-    conn: Option<Connection>,
+    conn: Option<Conn>,
     outage: Outage,
     /// What is read: the base streams, then the tag streams.
     streams: Arc<[Arc<str>]>,
@@ -68,12 +78,13 @@ pub struct Reader {
 }
 
 impl Reader {
-    pub fn new(intake: Intake) -> Self {
+    pub fn new(intake: Intake, slot: Option<u16>) -> Self {
         let state = intake.state.clone();
         let generation = state.profile.generation();
-        let streams = streams_now(&state);
+        let streams = streams_of(&state, slot);
         let n = streams.len();
         Reader {
+            slot,
             generation: Some(generation),
             streams: streams.into(),
             state,
@@ -104,6 +115,9 @@ impl Reader {
         self.tell(Some("not connected to Redis yet".into()));
         while !self.state.stopping() {
             beat.tick();
+            if self.slot.is_some() && self.streams.is_empty() {
+                break; // the device config no longer names a stream here
+            }
             if self.state.settle_blocked.load(Ordering::SeqCst) {
                 // Outcomes wait for Redis: take nothing new until they land.
                 self.state.sleep(Duration::from_millis(50));
@@ -128,7 +142,9 @@ impl Reader {
                 }
             }
         }
-        alive::clear_ready("redis");
+        if self.slot.is_none() {
+            alive::clear_ready("redis");
+        }
         log::debug!("reader stopped");
     }
 
@@ -206,15 +222,15 @@ impl Reader {
         result
     }
 
-    fn open(&self) -> RedisResult<Connection> {
+    fn open(&self) -> RedisResult<Conn> {
         let s = &self.state.settings;
         let mut conn =
             redis_conn::connect(&s.redis_url, s.redis_timeout, s.block + s.redis_timeout)?;
         for stream in self.streams.iter() {
             create_group(&mut conn, stream, &s.group)?;
         }
-        let id: u64 = redis::cmd("CLIENT").arg("ID").query(&mut conn)?;
-        self.state.reader_client.store(id, Ordering::SeqCst);
+        let id: u64 = conn.query_at_slot(&redis::cmd("CLIENT").arg("ID").clone(), self.slot)?;
+        self.state.set_reader_client(self.slot, id);
         Ok(conn)
     }
 
@@ -223,12 +239,12 @@ impl Reader {
     /// new streams first (without one, `open` creates them all). Per-stream
     /// cursors are kept by name; a new stream starts its own take-back (an
     /// earlier run may have left entries pending there for this consumer).
-    fn refresh_streams(&mut self, conn: Option<&mut Connection>) -> RedisResult<()> {
+    fn refresh_streams(&mut self, conn: Option<&mut Conn>) -> RedisResult<()> {
         let generation = self.state.profile.generation();
         if self.generation == Some(generation) {
             return Ok(());
         }
-        let list = streams_now(&self.state);
+        let list = streams_of(&self.state, self.slot);
         let added: Vec<Arc<str>> = list
             .iter()
             .filter(|s| !self.streams.contains(s))
@@ -272,10 +288,14 @@ impl Reader {
     /// Take (or take again, after a reconnect) the consumer name. The first
     /// time, a name held by a live process stops this one: two live
     /// processes must never read as one consumer.
-    fn take_name(&mut self, conn: &mut Connection) -> RedisResult<()> {
+    fn take_name(&mut self, conn: &mut Conn) -> RedisResult<()> {
         let st = self.state.clone();
+        let keys = st.lock.keys(&self.streams);
         if !self.started {
-            match st.lock.take_at_start(conn, &|d| st.stop_reading.sleep(d))? {
+            match st
+                .lock
+                .take_at_start(conn, &keys, &|d| st.stop_reading.sleep(d))?
+            {
                 Ok(()) => {
                     self.started = true;
                     st.lock_lost.store(false, Ordering::SeqCst);
@@ -292,7 +312,7 @@ impl Reader {
             }
             return Ok(());
         }
-        match st.lock.hold(conn)? {
+        match st.lock.hold(conn, &keys)? {
             Ok(()) => {
                 if self.lock_warned {
                     log::info!("consumer name '{}' is ours again; reading", st.consumer);
@@ -320,7 +340,7 @@ impl Reader {
     /// earlier run of it left unfinished, or what a read cut off by an
     /// outage delivered. Goes on, stream by stream, until every one was
     /// taken back (more free slots may be needed than there are now).
-    fn take_back_own(&mut self, conn: &mut Connection, free: &mut Vec<Slot>) -> RedisResult<()> {
+    fn take_back_own(&mut self, conn: &mut Conn, free: &mut Vec<Slot>) -> RedisResult<()> {
         let mut cursors = self.own.take().unwrap_or_default();
         for i in 0..cursors.len() {
             if free.is_empty() {
@@ -350,7 +370,7 @@ impl Reader {
     /// another worker meanwhile is simply not returned (`TAKE_BACK_OWN`). Returns where to go on, `None` when done.
     fn take_back_stream(
         &mut self,
-        conn: &mut Connection,
+        conn: &mut Conn,
         i: usize,
         start: &str,
         free: &mut Vec<Slot>,
@@ -407,7 +427,7 @@ impl Reader {
     }
 
     /// XAUTOCLAIM entries idle longer than claim-idle, up to the free slots.
-    fn reclaim(&mut self, conn: &mut Connection, free: &mut Vec<Slot>) -> RedisResult<()> {
+    fn reclaim(&mut self, conn: &mut Conn, free: &mut Vec<Slot>) -> RedisResult<()> {
         let st = self.state.clone();
         let streams = self.streams.clone();
         for (i, stream) in streams.iter().enumerate() {
@@ -470,7 +490,7 @@ impl Reader {
     /// stream, COUNT 1 each. With fewer free slots than streams, that read
     /// can return more entries than slots: the extra ones stay pending for
     /// this consumer and are taken back as soon as a slot frees.
-    fn read_new(&mut self, conn: &mut Connection, free: &mut Vec<Slot>) -> RedisResult<()> {
+    fn read_new(&mut self, conn: &mut Conn, free: &mut Vec<Slot>) -> RedisResult<()> {
         let st = self.state.clone();
         let streams = self.streams.clone();
         if !self.idle {
@@ -494,6 +514,10 @@ impl Reader {
             .block
             .min(until_reclaim)
             .max(Duration::from_millis(1));
+        if self.slot.is_some() {
+            // Readers of other slots may need the rest meanwhile.
+            free.truncate(streams.len());
+        }
         let all: Vec<&Arc<str>> = streams.iter().collect();
         let reply = xreadgroup(conn, &st, 1, Some(block), &all)?;
         self.idle = reply.iter().all(|(_, raws)| raws.is_empty());
@@ -509,19 +533,57 @@ impl Reader {
     }
 }
 
-/// The base streams, then the device config's tag streams (repeats dropped).
-fn streams_now(st: &StreamsState) -> Vec<Arc<str>> {
-    let mut list = st.base_streams.clone();
-    for t in st.profile.now().tag_streams.iter() {
-        if !list.contains(t) {
-            list.push(t.clone());
-        }
+/// The streams read now, or on a cluster those of `slot`.
+fn streams_of(st: &StreamsState, slot: Option<u16>) -> Vec<Arc<str>> {
+    let mut list = st.streams_now();
+    if let Some(slot) = slot {
+        list.retain(|s| crate::redis_cluster::slot(s) == slot);
     }
     list
 }
 
+/// On a cluster: a reader for each hash slot of the streams read, started
+/// as the device config's tags bring streams in new slots (a reader whose
+/// slot has no stream left stops by itself). Returns once every reader
+/// stopped.
+pub fn run_per_slot(intake: Intake) {
+    let st = intake.state.clone();
+    let mut readers: HashMap<u16, std::thread::JoinHandle<()>> = HashMap::new();
+    let mut generation = None;
+    while !st.stopping() {
+        let now = st.profile.generation();
+        if generation != Some(now) {
+            generation = Some(now);
+            let mut slots: Vec<u16> = st
+                .streams_now()
+                .iter()
+                .map(|s| crate::redis_cluster::slot(s))
+                .collect();
+            slots.sort_unstable();
+            slots.dedup();
+            readers.retain(|_, r| !r.is_finished());
+            for slot in slots {
+                if readers.contains_key(&slot) {
+                    continue;
+                }
+                let intake = intake.clone();
+                let r = std::thread::Builder::new()
+                    .name(format!("reader-{slot}"))
+                    .spawn(move || Reader::new(intake, Some(slot)).run())
+                    .expect("spawn reader");
+                readers.insert(slot, r);
+            }
+        }
+        st.sleep(Duration::from_millis(250));
+    }
+    for (_, r) in readers {
+        let _ = r.join();
+    }
+    alive::clear_ready("redis");
+}
+
 /// `XGROUP CREATE stream group 0 MKSTREAM`; an existing group is fine.
-fn create_group(conn: &mut Connection, stream: &str, group: &str) -> RedisResult<()> {
+fn create_group(conn: &mut Conn, stream: &str, group: &str) -> RedisResult<()> {
     let created: RedisResult<()> = redis::cmd("XGROUP")
         .arg("CREATE")
         .arg(stream)
@@ -536,7 +598,7 @@ fn create_group(conn: &mut Connection, stream: &str, group: &str) -> RedisResult
 }
 
 fn xreadgroup(
-    conn: &mut Connection,
+    conn: &mut Conn,
     st: &StreamsState,
     count: usize,
     block: Option<Duration>,
@@ -564,7 +626,7 @@ fn xreadgroup(
 /// `XPENDING stream group start end count <this consumer>`: (id, delivery
 /// count) of each row.
 fn pending_rows(
-    conn: &mut Connection,
+    conn: &mut Conn,
     st: &StreamsState,
     stream: &str,
     (start, end): (&str, &str),
@@ -597,7 +659,7 @@ fn pending_rows(
 
 /// Redis's delivery counts of `raws`, from this consumer's pending list.
 fn delivery_counts(
-    conn: &mut Connection,
+    conn: &mut Conn,
     st: &StreamsState,
     stream: &Arc<str>,
     raws: &[RawEntry],

@@ -27,7 +27,8 @@ use super::dead_letter;
 use super::entry::Entry;
 use super::StreamsState;
 use crate::events;
-use redis::{Cmd, Connection, RedisResult};
+use crate::redis_conn::Conn;
+use redis::{Cmd, RedisResult};
 
 /// KEYS: the consumer-name lock. ARGV: group, consumer, token, updated_at,
 /// status ttl, events MAXLEN ('0' = no events stream), events ttl after
@@ -129,16 +130,88 @@ for key, ttl in pairs(ttl_due) do pcall(redis.call, 'EXPIRE', key, ttl) end
 return out
 ";
 
-/// The batch script's SHA1 on the connected server (loaded at connect,
-/// loaded again after NOSCRIPT).
+/// On a cluster: whether this process holds its consumer name (the claim's
+/// key of these streams' slot) and each entry is still pending for this
+/// consumer. Writes nothing, so it also runs on a Redis at `maxmemory`.
+/// KEYS: the claim's key, then one stream per entry (all in one slot).
+/// ARGV: group, consumer, token, then the entry ids. Reply per entry: 1,
+/// 0 (not pending for this consumer) or -1 (the name is not ours).
+pub const GUARD: &str = r"#!lua flags=no-writes
+local out = {}
+local held = redis.call('GET', KEYS[1]) == ARGV[3]
+for k = 2, #KEYS do
+  if not held then
+    out[#out + 1] = -1
+  else
+    local id = ARGV[k + 2]
+    local p = redis.call('XPENDING', KEYS[k], ARGV[1], id, id, 1)
+    if p[1] ~= nil and p[1][2] == ARGV[2] then out[#out + 1] = 1 else out[#out + 1] = 0 end
+  end
+end
+return out
+";
+
+/// On a cluster: the part of outcomes that lives in their streams' slot,
+/// each checked first like [`BATCH`]'s: the dead letter (when given), then
+/// XACK. Declared `#!lua` without `allow-oom`, so a Redis at `maxmemory`
+/// refuses it whole: nothing is acknowledged without its dead letter.
+/// KEYS: the claim's key, then per entry its stream and its dead-letter
+/// stream. ARGV: group, consumer, token, dead-letter MAXLEN ('0' = none),
+/// then per entry: id, n, then n dead-letter field/value texts. Reply per
+/// entry as [`GUARD`]'s, or the error Redis raised.
+pub const ACK: &str = r"#!lua
+local group, consumer, maxlen = ARGV[1], ARGV[2], ARGV[4]
+local held = redis.call('GET', KEYS[1]) == ARGV[3]
+local out = {}
+local k, a = 2, 5
+while k <= #KEYS do
+  local n = tonumber(ARGV[a + 1])
+  if not held then
+    out[#out + 1] = -1
+  else
+    local ok, r = pcall(function()
+      local id = ARGV[a]
+      local p = redis.call('XPENDING', KEYS[k], group, id, id, 1)
+      if p[1] == nil or p[1][2] ~= consumer then return 0 end
+      if n > 0 then
+        local xadd = {'XADD', KEYS[k + 1]}
+        if maxlen ~= '0' then
+          xadd[#xadd + 1] = 'MAXLEN'; xadd[#xadd + 1] = '~'; xadd[#xadd + 1] = maxlen
+        end
+        xadd[#xadd + 1] = '*'
+        for j = a + 2, a + 1 + n do xadd[#xadd + 1] = ARGV[j] end
+        redis.call(unpack(xadd))
+      end
+      redis.call('XACK', KEYS[k], group, id)
+      return 1
+    end)
+    if ok then out[#out + 1] = r
+    elseif type(r) == 'table' and r.err then out[#out + 1] = r
+    else out[#out + 1] = {err = tostring(r)} end
+  end
+  k = k + 2
+  a = a + 2 + n
+end
+return out
+";
+
+/// The scripts' SHA1s on the connected server (loaded at connect, loaded
+/// again after NOSCRIPT); on a cluster, on every node.
 pub struct Scripts {
     batch: String,
+    pub guard: String,
+    pub ack: String,
 }
 
 impl Scripts {
-    pub fn load(conn: &mut Connection) -> RedisResult<Scripts> {
+    pub fn load(conn: &mut Conn) -> RedisResult<Scripts> {
+        let mut load = |text: &str| -> RedisResult<String> {
+            redis::cmd("SCRIPT").arg("LOAD").arg(text).query(conn)
+        };
         Ok(Scripts {
-            batch: redis::cmd("SCRIPT").arg("LOAD").arg(BATCH).query(conn)?,
+            batch: load(BATCH)?,
+            guard: load(GUARD)?,
+            ack: load(ACK)?,
         })
     }
 

@@ -19,10 +19,11 @@ use super::StreamsState;
 use crate::backoff::Outage;
 use crate::events::{self, NodeFacts};
 use crate::observe::{alive, metrics::METRICS};
+use crate::redis_conn::Conn;
 use crate::redis_conn::{self, Fault};
 use crate::worker::cancel::CancelReason;
 use crate::worker::exec::Outcome;
-use redis::{Connection, RedisError, RedisResult, Value};
+use redis::{Cmd, RedisError, RedisResult, Value};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -47,7 +48,7 @@ pub enum Msg {
 }
 
 /// One command of a settle pipeline.
-enum Step {
+pub(super) enum Step {
     /// A plain event (`claimed`, `chunk`, or the `start` of a job ending in
     /// the same batch): sent once, dropped if Redis refuses it. The flag
     /// says it is a chunk (for the chunk metrics).
@@ -62,7 +63,7 @@ enum Step {
 
 pub struct Settler {
     state: Arc<StreamsState>,
-    conn: Option<(Connection, Scripts)>,
+    conn: Option<(Conn, Scripts)>,
     outage: Outage,
     /// Outcomes Redis has not taken yet, oldest first; `None` = ack only.
     backlog: Vec<(Arc<Entry>, Option<Outcome>)>,
@@ -72,6 +73,8 @@ pub struct Settler {
     dropped: u64,
     /// Whether this thread had a connection before (a new one is a reconnect).
     connected_before: bool,
+    /// On a cluster, outcomes of the backlog whose terminal event went out.
+    announced: super::settle_cluster::Announced,
     /// When the leases held were last renewed (or nothing was held).
     renewed_at: Instant,
     /// Renew at once: the connection is new (after an outage, Redis counts
@@ -89,6 +92,7 @@ impl Settler {
             retry_at: Instant::now(),
             dropped: 0,
             connected_before: false,
+            announced: Default::default(),
             renewed_at: Instant::now(),
             renew_now: false,
         }
@@ -147,8 +151,9 @@ impl Settler {
             }
             if stopping {
                 if idle && self.backlog.is_empty() {
+                    let keys = self.state.lock_keys();
                     if let Some((c, _)) = self.conn.as_mut() {
-                        self.state.lock.release(c);
+                        self.state.lock.release(c, &keys);
                     }
                     return;
                 }
@@ -243,32 +248,30 @@ impl Settler {
         let (mut conn, scripts) = self.conn.take().expect("connection just opened");
         // Plain events as plain commands; statuses and outcomes as
         // operations of batch-script calls, many per call (see `plan`).
-        let mut pipe = redis::pipe();
         let plan = plan(&steps, &self.backlog);
+        if conn.is_cluster() {
+            let sent = super::settle_cluster::send(
+                &mut conn,
+                &scripts,
+                &st,
+                &plan,
+                &steps,
+                &self.backlog,
+                &mut self.announced,
+            );
+            self.conn = Some((conn, scripts));
+            return self.read_replies(sent, steps, events, chunks);
+        }
+        let mut pipe = redis::pipe();
         for part in &plan {
             match part {
                 Part::Plain(i, expire) => {
                     let Step::Publish(e, json, _) = &steps[*i] else {
                         unreachable!("only plain events are sent plain")
                     };
-                    let maxlen = events_maxlen(&st);
-                    if maxlen > 0 {
-                        let key = events_key(e);
-                        pipe.cmd("XADD")
-                            .arg(&key)
-                            .arg("MAXLEN")
-                            .arg("~")
-                            .arg(maxlen)
-                            .arg("*")
-                            .arg("event")
-                            .arg(json);
-                        if *expire {
-                            pipe.cmd("EXPIRE").arg(key).arg(running_events_ttl(&st));
-                        }
+                    for cmd in plain_cmds(&st, e, json, *expire) {
+                        pipe.add_command(cmd);
                     }
-                    pipe.cmd("PUBLISH")
-                        .arg(events::channel(e.job_id.as_deref().unwrap_or_default()))
-                        .arg(json);
                 }
                 Part::Call(ops) => {
                     let mut batch = scripts.batch(&st);
@@ -288,8 +291,24 @@ impl Settler {
                 }
             }
         }
-        let replies = pipe.ignore_errors().query::<Vec<Value>>(&mut conn);
+        let replies = pipe
+            .ignore_errors()
+            .query::<Vec<Value>>(&mut conn)
+            .map(|r| per_step(r, &plan, &steps, events_maxlen(&st) > 0));
         self.conn = Some((conn, scripts));
+        self.read_replies(replies, steps, events, chunks)
+    }
+
+    /// What the replies to a batch's steps mean: forget what is done, keep
+    /// what Redis did not take.
+    fn read_replies(
+        &mut self,
+        replies: RedisResult<Vec<Value>>,
+        steps: Vec<Step>,
+        events: u64,
+        chunks: u64,
+    ) {
+        let st = self.state.clone();
         let replies = match replies {
             Ok(r) => r,
             Err(e) => {
@@ -304,7 +323,6 @@ impl Settler {
         let mut keep = vec![false; self.backlog.len()];
         let mut trouble: Option<(Fault, RedisError)> = None;
         let mut name_missing = false;
-        let replies = per_step(replies, &plan, &steps, events_maxlen(&st) > 0);
         for (step, reply) in steps.iter().zip(replies) {
             let refused = match &reply {
                 Value::ServerError(e) => Some(RedisError::from(e.clone())),
@@ -427,7 +445,7 @@ impl Settler {
         }
     }
 
-    fn connection(&mut self) -> RedisResult<(&mut Connection, &Scripts)> {
+    fn connection(&mut self) -> RedisResult<(&mut Conn, &Scripts)> {
         if self.conn.is_none() {
             let s = &self.state.settings;
             let mut conn = redis_conn::connect(&s.redis_url, s.redis_timeout, s.redis_timeout)?;
@@ -453,14 +471,14 @@ impl Settler {
         if running.is_empty() {
             return;
         }
-        let mut pipe = redis::pipe();
-        for e in &running {
-            pipe.cmd("EXISTS")
-                .arg(cancel_key(e.job_id.as_deref().unwrap_or_default()));
-        }
+        let keys: Vec<String> = running
+            .iter()
+            .map(|e| cancel_key(e.job_id.as_deref().unwrap_or_default()))
+            .collect();
+        let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
         let found = self
             .connection()
-            .and_then(|(c, _)| pipe.query::<Vec<bool>>(c));
+            .and_then(|(c, _)| super::intake::exists_each(c, &keys));
         match found {
             Ok(found) => {
                 for (e, yes) in running.iter().zip(found) {
@@ -480,7 +498,8 @@ impl Settler {
     /// Keep this process's claim on its consumer name.
     fn renew_name(&mut self) {
         let st = self.state.clone();
-        match self.connection().and_then(|(c, _)| st.lock.hold(c)) {
+        let keys = st.lock_keys();
+        match self.connection().and_then(|(c, _)| st.lock.hold(c, &keys)) {
             Ok(Ok(())) => {}
             Ok(Err(holder)) => {
                 let known = st.lock_lost.swap(true, Ordering::SeqCst);
@@ -629,7 +648,7 @@ fn coalesce(
 /// A piece of a settle pipeline: a plain event (its XADD, then its
 /// stream's EXPIRE when the flag says so, then PUBLISH), or one
 /// batch-script call of these steps.
-enum Part {
+pub(super) enum Part {
     Plain(usize, bool),
     Call(Vec<usize>),
 }
@@ -723,30 +742,83 @@ fn per_step(replies: Vec<Value>, plan: &[Part], steps: &[Step], stream_on: bool)
     out
 }
 
-/// The outcome of `e` as an operation of `batch` (`None`: acknowledge only).
-fn add_outcome(batch: &mut Batch, st: &StreamsState, e: &Entry, outcome: Option<&Outcome>) {
+/// A plain event's commands: the events-stream append (then, when
+/// `expire`, the stream's running ttl), then PUBLISH.
+pub(super) fn plain_cmds(st: &StreamsState, e: &Entry, json: &str, expire: bool) -> Vec<Cmd> {
+    let mut cmds = Vec::with_capacity(3);
+    let maxlen = events_maxlen(st);
+    if maxlen > 0 {
+        let key = events_key(e);
+        cmds.push(
+            redis::cmd("XADD")
+                .arg(&key)
+                .arg("MAXLEN")
+                .arg("~")
+                .arg(maxlen)
+                .arg("*")
+                .arg("event")
+                .arg(json)
+                .clone(),
+        );
+        if expire {
+            cmds.push(
+                redis::cmd("EXPIRE")
+                    .arg(key)
+                    .arg(running_events_ttl(st))
+                    .clone(),
+            );
+        }
+    }
+    cmds.push(
+        redis::cmd("PUBLISH")
+            .arg(events::channel(e.job_id.as_deref().unwrap_or_default()))
+            .arg(json)
+            .clone(),
+    );
+    cmds
+}
+
+/// What an outcome writes: the status ('' = none), its error, the
+/// terminal event and, for a failure, the dead letter (reason, error).
+pub(super) struct Ending<'a> {
+    pub status: &'static str,
+    pub error: Option<&'a str>,
+    pub event: Option<String>,
+    pub dead_letter: Option<(&'a str, &'a str)>,
+}
+
+/// What the outcome of `e` writes (`None`: acknowledge only).
+pub(super) fn ending<'a>(st: &StreamsState, e: &Entry, outcome: Option<&'a Outcome>) -> Ending<'a> {
     let node = st.profile.facts();
     let event = |kind, data| Some(event_json(e, kind, data, &node));
-    match outcome {
-        None | Some(Outcome::Abandoned) => batch.finish(e, "", None, None, None),
-        Some(Outcome::Success(v)) => {
-            batch.finish(e, "completed", None, event("end", events::end(v)), None)
-        }
-        Some(Outcome::Failed { reason, error }) => batch.finish(
-            e,
+    let (status, error, event, dead_letter) = match outcome {
+        None | Some(Outcome::Abandoned) => ("", None, None, None),
+        Some(Outcome::Success(v)) => ("completed", None, event("end", events::end(v)), None),
+        Some(Outcome::Failed { reason, error }) => (
             "failed",
-            Some(error),
+            Some(error.as_str()),
             event("error", events::error(error, false)),
-            Some((reason, error)),
+            Some((reason.as_str(), error.as_str())),
         ),
-        Some(Outcome::Cancelled(r)) => batch.finish(
-            e,
+        Some(Outcome::Cancelled(r)) => (
             "cancelled",
             None,
             event("cancelled", events::cancelled(r)),
             None,
         ),
+    };
+    Ending {
+        status,
+        error,
+        event,
+        dead_letter,
     }
+}
+
+/// The outcome of `e` as an operation of `batch` (`None`: acknowledge only).
+fn add_outcome(batch: &mut Batch, st: &StreamsState, e: &Entry, outcome: Option<&Outcome>) {
+    let end = ending(st, e, outcome);
+    batch.finish(e, end.status, end.error, end.event, end.dead_letter);
 }
 
 pub fn cancel_key(job_id: &str) -> String {

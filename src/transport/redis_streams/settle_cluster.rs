@@ -1,0 +1,270 @@
+//! Sending a settle plan to a Redis Cluster. A job's keys are in several
+//! slots (its stream and dead letters in the queue's, its status record,
+//! events stream and channel each in their own), so no one script can
+//! write an outcome. Each operation is instead, in this order:
+//! 1. [`GUARD`] on the stream's node: is the consumer name ours, is the
+//!    entry still pending for this consumer? Writes nothing.
+//! 2. If so, the status record (and, for `start`, the event).
+//! 3. For an outcome, the terminal event (events-stream append, PUBLISH),
+//!    once per outcome however often the rest is sent again.
+//! 4. [`ACK`] on the stream's node: checked again, dead letter, XACK.
+//!
+//! Sent again after a lost reply, an outcome writes its status again (the
+//! same values) and nothing else twice. What one server's script gives and
+//! this does not: between steps 1 and 4 another worker can take the entry
+//! (only if this one stalled past claim-idle just then); its terminal event
+//! may then have been published by this worker too. The replies are those
+//! of the one-server batch script, one per step, so the settler reads them
+//! the same way.
+
+use super::scripts::{events_key, events_maxlen, status_key, Scripts};
+use super::settler::{ending, plain_cmds, Part, Step};
+use super::{dead_letter, entry::Entry, StreamsState};
+use crate::events;
+use crate::redis_conn::Conn;
+use crate::worker::exec::Outcome;
+use redis::{Cmd, RedisResult, Value};
+use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
+
+/// Outcomes whose terminal event went out: (stream, entry id).
+pub type Announced = HashSet<(Arc<str>, String)>;
+
+/// One reply per step, like the one-server pipeline's (see `per_step`).
+pub fn send(
+    conn: &mut Conn,
+    scripts: &Scripts,
+    st: &StreamsState,
+    plan: &[Part],
+    steps: &[Step],
+    backlog: &[(Arc<Entry>, Option<Outcome>)],
+    announced: &mut Announced,
+) -> RedisResult<Vec<Value>> {
+    let mut out = vec![Value::Nil; steps.len()];
+    for part in plan {
+        match part {
+            Part::Plain(i, expire) => {
+                let Step::Publish(e, json, _) = &steps[*i] else {
+                    unreachable!("only plain events are sent plain")
+                };
+                out[*i] = first_error(conn.send_all(&plain_cmds(st, e, json, *expire))?);
+            }
+            Part::Call(ops) => {
+                let items: Vec<(usize, &Arc<Entry>, Option<&Outcome>, bool)> = ops
+                    .iter()
+                    .map(|&i| match &steps[i] {
+                        Step::Start(e, _) => (i, e, None, false),
+                        Step::Settle(k) => (i, &backlog[*k].0, backlog[*k].1.as_ref(), true),
+                        Step::Publish(..) | Step::Text(..) => {
+                            unreachable!("plain events are sent plain")
+                        }
+                    })
+                    .collect();
+                call(conn, scripts, st, steps, &items, announced, &mut out)?;
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// The operations of one planned script call, slot by slot.
+fn call(
+    conn: &mut Conn,
+    scripts: &Scripts,
+    st: &StreamsState,
+    steps: &[Step],
+    items: &[(usize, &Arc<Entry>, Option<&Outcome>, bool)],
+    announced: &mut Announced,
+    out: &mut [Value],
+) -> RedisResult<()> {
+    let mut by_key: BTreeMap<String, Vec<usize>> = BTreeMap::new();
+    for (n, (_, e, _, _)) in items.iter().enumerate() {
+        by_key
+            .entry(st.lock.key_for(&e.stream))
+            .or_default()
+            .push(n);
+    }
+    for (lock_key, group) in by_key {
+        // 1. Still ours?
+        let mut guard = redis::cmd("EVALSHA");
+        guard
+            .arg(&scripts.guard)
+            .arg(1 + group.len())
+            .arg(&lock_key);
+        for &n in &group {
+            guard.arg(&*items[n].1.stream);
+        }
+        guard
+            .arg(&st.settings.group)
+            .arg(&st.consumer)
+            .arg(&st.lock.token);
+        for &n in &group {
+            guard.arg(&items[n].1.id);
+        }
+        let verdicts = per_item(conn.send_all(&[guard])?, group.len());
+        // 2. and 3. The writes outside the stream's slot.
+        let mut acks = Vec::new();
+        for (&n, verdict) in group.iter().zip(verdicts) {
+            let (i, e, outcome, finish) = items[n];
+            if verdict != Value::Int(1) {
+                out[i] = verdict;
+                continue;
+            }
+            if !finish {
+                let Step::Start(_, json) = &steps[i] else {
+                    unreachable!("a start")
+                };
+                let mut cmds = status_cmds(st, e, "processing", None);
+                cmds.extend(plain_cmds(st, e, json, true));
+                out[i] = match first_error(conn.send_all(&cmds)?) {
+                    Value::ServerError(err) => Value::ServerError(err),
+                    _ => Value::Int(1),
+                };
+                continue;
+            }
+            let end = ending(st, e, outcome);
+            if e.job_id.is_some() && !end.status.is_empty() {
+                let written =
+                    first_error(conn.send_all(&status_cmds(st, e, end.status, end.error))?);
+                if let Value::ServerError(err) = written {
+                    out[i] = Value::ServerError(err);
+                    continue;
+                }
+            }
+            let key = (e.stream.clone(), e.id.clone());
+            if let (Some(json), Some(_)) = (&end.event, &e.job_id) {
+                if !announced.contains(&key) {
+                    conn.send_all(&terminal_cmds(st, e, json))?;
+                    announced.insert(key);
+                }
+            }
+            acks.push((n, end.dead_letter));
+        }
+        if acks.is_empty() {
+            continue;
+        }
+        // 4. Dead letter and XACK, checked again.
+        let mut ack = redis::cmd("EVALSHA");
+        ack.arg(&scripts.ack).arg(1 + 2 * acks.len()).arg(&lock_key);
+        for (n, _) in &acks {
+            let stream = &items[*n].1.stream;
+            ack.arg(&**stream).arg(dead_letter::stream_for(stream));
+        }
+        ack.arg(&st.settings.group)
+            .arg(&st.consumer)
+            .arg(&st.lock.token)
+            .arg(st.settings.dlq_maxlen);
+        for (n, dl) in &acks {
+            let e = items[*n].1;
+            let fields = dl
+                .map(|(reason, error)| dead_letter::fields(e, reason, error, &st.consumer))
+                .unwrap_or_default();
+            ack.arg(&e.id).arg(fields.len() * 2);
+            for (k, v) in fields {
+                ack.arg(k).arg(v);
+            }
+        }
+        let replies = per_item(conn.send_all(&[ack])?, acks.len());
+        for ((n, _), reply) in acks.iter().zip(replies) {
+            out[items[*n].0] = reply;
+        }
+    }
+    // An outcome settled here or before (1, 0) owes no event any more.
+    for &(i, e, _, finish) in items {
+        if finish && matches!(out[i], Value::Int(0 | 1)) {
+            announced.remove(&(e.stream.clone(), e.id.clone()));
+        }
+    }
+    Ok(())
+}
+
+/// A script's reply, one element per item; a refusal of the whole call is
+/// that error for each.
+fn per_item(mut replies: Vec<Value>, n: usize) -> Vec<Value> {
+    match replies.pop() {
+        Some(Value::Array(items)) if items.len() == n => items,
+        Some(Value::ServerError(e)) => vec![Value::ServerError(e); n],
+        other => {
+            log::warn!("unexpected reply to a cluster settle script: {other:?}");
+            vec![Value::Nil; n]
+        }
+    }
+}
+
+/// The first refusal among replies, else the last reply.
+fn first_error(replies: Vec<Value>) -> Value {
+    let mut last = Value::Nil;
+    for r in replies {
+        if matches!(r, Value::ServerError(_)) {
+            return r;
+        }
+        last = r;
+    }
+    last
+}
+
+/// The status record of `e`'s job, as the batch script writes it.
+fn status_cmds(st: &StreamsState, e: &Entry, status: &str, error: Option<&str>) -> Vec<Cmd> {
+    let key = status_key(e.job_id.as_deref().unwrap_or_default());
+    let now = crate::clock::now_rfc3339();
+    let mut hset = redis::cmd("HSET");
+    hset.arg(&key)
+        .arg("status")
+        .arg(status)
+        .arg("worker_id")
+        .arg(&st.consumer)
+        .arg("updated_at")
+        .arg(&now);
+    let mut cmds = Vec::with_capacity(3);
+    match error {
+        Some(err) => {
+            hset.arg("error").arg(err);
+            cmds.push(hset);
+        }
+        None => {
+            cmds.push(hset);
+            cmds.push(redis::cmd("HDEL").arg(&key).arg("error").clone());
+        }
+    }
+    cmds.push(
+        redis::cmd("EXPIRE")
+            .arg(&key)
+            .arg(st.settings.status_ttl.as_secs())
+            .clone(),
+    );
+    cmds
+}
+
+/// The terminal event: the events-stream append with its final ttl, then
+/// PUBLISH.
+fn terminal_cmds(st: &StreamsState, e: &Entry, json: &str) -> Vec<Cmd> {
+    let mut cmds = Vec::with_capacity(3);
+    let maxlen = events_maxlen(st);
+    if maxlen > 0 {
+        let key = events_key(e);
+        cmds.push(
+            redis::cmd("XADD")
+                .arg(&key)
+                .arg("MAXLEN")
+                .arg("~")
+                .arg(maxlen)
+                .arg("*")
+                .arg("event")
+                .arg(json)
+                .clone(),
+        );
+        cmds.push(
+            redis::cmd("EXPIRE")
+                .arg(key)
+                .arg(st.settings.events_ttl.as_secs())
+                .clone(),
+        );
+    }
+    cmds.push(
+        redis::cmd("PUBLISH")
+            .arg(events::channel(e.job_id.as_deref().unwrap_or_default()))
+            .arg(json)
+            .clone(),
+    );
+    cmds
+}
