@@ -1,14 +1,25 @@
 //! Redis Cluster: the `redis+cluster://` / `rediss+cluster://` URL form,
 //! opening a cluster connection (the redis crate's `cluster` feature: it
-//! follows MOVED and ASK and refreshes its slot map after a failover), the
-//! hash slot of a key, and the naming rule a worker's streams must follow
-//! on a cluster: a job stream, its dead-letter stream and this worker's
-//! claim on its consumer name must share one slot, so that the scripts
-//! that guard an outcome touch one node only.
+//! follows MOVED and ASK and refreshes its slot map after a failover),
+//! sending many commands with one round trip per node, the hash slot of a
+//! key, and the naming rule a worker's streams must follow on a cluster: a
+//! job stream, its dead-letter stream and this worker's claim on its
+//! consumer name must share one slot, so that the scripts that guard an
+//! outcome touch one node only.
 
 use redis::cluster::{ClusterClientBuilder, ClusterConnection};
-use redis::{ErrorKind, RedisError, RedisResult};
+use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
+use redis::{Arg, Cmd, ConnectionLike, ErrorKind, RedisError, RedisResult, ServerError, Value};
 use std::time::Duration;
+
+/// A cluster connection and the slot map it was opened with (which
+/// master serves which slots), for grouping commands by node. A stale map
+/// shows as MOVED replies, which make the caller reconnect.
+pub struct ClusterConn {
+    pub conn: ClusterConnection,
+    /// (first slot, last slot, node address), from `CLUSTER SLOTS`.
+    slots: Vec<(u16, u16, String)>,
+}
 
 /// The URL form, for error messages.
 pub const FORM: &str = "redis+cluster://[USER:PASSWORD@]HOST:PORT,HOST:PORT,…";
@@ -79,14 +90,10 @@ pub fn seed_urls(url: &str) -> Result<Vec<String>, String> {
 /// connect and `read_timeout` to answer (it must exceed any BLOCK sent on
 /// it). Redirections and a few retries after a failover are the client's;
 /// what is still an error after them is the caller's to handle.
-pub fn connect(
-    url: &str,
-    timeout: Duration,
-    read_timeout: Duration,
-) -> RedisResult<ClusterConnection> {
+pub fn connect(url: &str, timeout: Duration, read_timeout: Duration) -> RedisResult<ClusterConn> {
     let seeds = seed_urls(url)
         .map_err(|e| RedisError::from((ErrorKind::InvalidClientConfig, "bad Cluster URL", e)))?;
-    let conn = ClusterClientBuilder::new(seeds)
+    let mut conn = ClusterClientBuilder::new(seeds)
         .connection_timeout(timeout)
         .response_timeout(read_timeout)
         .retries(3)
@@ -96,13 +103,146 @@ pub fn connect(
         .get_connection()?;
     conn.set_read_timeout(Some(read_timeout))?;
     conn.set_write_timeout(Some(timeout))?;
-    Ok(conn)
+    let reply = conn.route_command(
+        redis::cmd("CLUSTER").arg("SLOTS"),
+        RoutingInfo::SingleNode(SingleNodeRoutingInfo::Random),
+    )?;
+    Ok(ClusterConn {
+        slots: slot_ranges(reply.extract_error()?),
+        conn,
+    })
+}
+
+/// (first, last, "host:port" of the master) of a `CLUSTER SLOTS` reply.
+fn slot_ranges(reply: Value) -> Vec<(u16, u16, String)> {
+    let Value::Array(ranges) = reply else {
+        return Vec::new();
+    };
+    let int = |v: &Value| match v {
+        Value::Int(n) => u16::try_from(*n).ok(),
+        _ => None,
+    };
+    ranges
+        .iter()
+        .filter_map(|r| {
+            let Value::Array(r) = r else { return None };
+            let Some(Value::Array(master)) = r.get(2) else {
+                return None;
+            };
+            let host = match master.first()? {
+                Value::BulkString(b) => String::from_utf8_lossy(b).into_owned(),
+                Value::SimpleString(s) => s.clone(),
+                _ => return None,
+            };
+            let port = match master.get(1)? {
+                Value::Int(p) => *p,
+                _ => return None,
+            };
+            Some((int(r.first()?)?, int(r.get(1)?)?, format!("{host}:{port}")))
+        })
+        .collect()
+}
+
+impl ClusterConn {
+    /// Send `cmds` and read every reply, in order, a refused command's
+    /// error in its place: the commands of each node as one pipeline
+    /// (routed by its first command's key), node after node. A command
+    /// without a key (PUBLISH, which reaches every node) goes with the
+    /// command before it. Commands to one node keep their order; commands
+    /// to different nodes are not ordered among themselves.
+    pub fn send_all(&mut self, cmds: &[Cmd]) -> RedisResult<Vec<Value>> {
+        let mut groups: Vec<(Option<usize>, Vec<usize>)> = Vec::new();
+        for (i, cmd) in cmds.iter().enumerate() {
+            let node = key_of(cmd).map(|k| self.node_of(slot_of_bytes(k)));
+            match (node, groups.last_mut()) {
+                (None, Some((_, g))) => g.push(i),
+                (Some(n), _) => match groups.iter_mut().find(|(m, _)| *m == Some(n)) {
+                    Some((_, g)) => g.push(i),
+                    None => groups.push((Some(n), vec![i])),
+                },
+                (None, None) => groups.push((None, vec![i])),
+            }
+        }
+        let mut out = vec![Value::Nil; cmds.len()];
+        for (_, group) in groups {
+            let replies = if group.len() == 1 {
+                vec![one(&mut self.conn, &cmds[group[0]])?]
+            } else {
+                let mut packed = Vec::new();
+                for &i in &group {
+                    cmds[i].write_packed_command(&mut packed);
+                }
+                self.conn.req_packed_commands(&packed, 0, group.len())?
+            };
+            for (i, v) in group.into_iter().zip(replies) {
+                out[i] = v;
+            }
+        }
+        Ok(out)
+    }
+
+    /// Which node (index of its first range) serves `slot`.
+    fn node_of(&self, slot: u16) -> usize {
+        let addr = self
+            .slots
+            .iter()
+            .find(|(a, b, _)| (*a..=*b).contains(&slot))
+            .map(|(_, _, addr)| addr);
+        self.slots
+            .iter()
+            .position(|(_, _, n)| Some(n) == addr)
+            .unwrap_or(usize::MAX)
+    }
+}
+
+/// One command, routed and redirected by the client; a refusal as a value.
+fn one(conn: &mut ClusterConnection, cmd: &Cmd) -> RedisResult<Value> {
+    match conn.req_command(cmd) {
+        Ok(v) => Ok(v),
+        Err(e) if e.code().is_some() => match ServerError::try_from(e) {
+            Ok(se) => Ok(Value::ServerError(se)),
+            Err(e) => Err(e),
+        },
+        Err(e) => Err(e),
+    }
+}
+
+/// The key a command is routed by: the first key of EVAL/EVALSHA, none
+/// for PUBLISH, else the first argument.
+fn key_of(cmd: &Cmd) -> Option<&[u8]> {
+    let mut args = cmd.args_iter().map(|a| match a {
+        Arg::Simple(b) => b,
+        _ => &b""[..],
+    });
+    let name = args.next()?.to_ascii_uppercase();
+    match name.as_slice() {
+        b"PUBLISH" => None,
+        b"EVAL" | b"EVALSHA" => {
+            let _script = args.next()?;
+            let n = std::str::from_utf8(args.next()?)
+                .ok()?
+                .parse::<u32>()
+                .ok()?;
+            if n == 0 {
+                None
+            } else {
+                args.next()
+            }
+        }
+        _ => args.next(),
+    }
 }
 
 /// The part of `key` Redis hashes: the first non-empty `{…}`, else all.
 pub fn hash_tag(key: &str) -> &str {
-    if let Some(open) = key.find('{') {
-        if let Some(len) = key[open + 1..].find('}') {
+    let tag = tag_bytes(key.as_bytes());
+    // A tag of a str cut at ASCII braces is a str.
+    std::str::from_utf8(tag).unwrap_or(key)
+}
+
+fn tag_bytes(key: &[u8]) -> &[u8] {
+    if let Some(open) = key.iter().position(|&b| b == b'{') {
+        if let Some(len) = key[open + 1..].iter().position(|&b| b == b'}') {
             if len > 0 {
                 return &key[open + 1..open + 1 + len];
             }
@@ -113,8 +253,12 @@ pub fn hash_tag(key: &str) -> &str {
 
 /// The hash slot of `key` (CRC16/XMODEM of its hash tag, mod 16384).
 pub fn slot(key: &str) -> u16 {
+    slot_of_bytes(key.as_bytes())
+}
+
+fn slot_of_bytes(key: &[u8]) -> u16 {
     let mut crc: u16 = 0;
-    for &b in hash_tag(key).as_bytes() {
+    for &b in tag_bytes(key) {
         crc ^= u16::from(b) << 8;
         for _ in 0..8 {
             crc = if crc & 0x8000 != 0 {

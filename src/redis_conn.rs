@@ -5,17 +5,14 @@
 //! one reading of what a Redis error means for the thread that got it.
 
 use crate::{redis_cluster, redis_sentinel};
-use redis::cluster::ClusterConnection;
-use redis::{
-    Client, Cmd, Connection, ConnectionLike, ErrorKind, RedisError, RedisResult, ServerError, Value,
-};
+use redis::{Client, Cmd, Connection, ConnectionLike, ErrorKind, RedisError, RedisResult, Value};
 use std::time::Duration;
 
 /// A connection to one Redis server (also a Sentinel URL's master), or to
 /// a cluster (each command goes to the node that serves its key).
 pub enum Conn {
     Single(Connection),
-    Cluster(Box<ClusterConnection>),
+    Cluster(Box<redis_cluster::ClusterConn>),
 }
 
 /// Open a connection with a connect timeout and read/write timeouts.
@@ -47,7 +44,7 @@ impl Conn {
     pub fn set_read_timeout(&self, d: Option<Duration>) -> RedisResult<()> {
         match self {
             Conn::Single(c) => c.set_read_timeout(d),
-            Conn::Cluster(c) => c.set_read_timeout(d),
+            Conn::Cluster(c) => c.conn.set_read_timeout(d),
         }
     }
 
@@ -62,6 +59,7 @@ impl Conn {
             (Conn::Cluster(c), Some(slot)) => {
                 let route = SingleNodeRoutingInfo::SpecificNode(Route::new(slot, SlotAddr::Master));
                 let v = c
+                    .conn
                     .route_command(cmd, RoutingInfo::SingleNode(route))?
                     .extract_error()?;
                 Ok(redis::from_redis_value(v)?)
@@ -76,11 +74,13 @@ impl Conn {
 
     /// Send `cmds` together and read every reply, in order; a command Redis
     /// refused has its error in its place. On one server that is one
-    /// pipeline. On a cluster each command is sent on its own, to the node
-    /// of its key (the client's cluster pipeline refuses PUBLISH and
-    /// EVALSHA, and does not follow MOVED): a connection error then ends
-    /// the sending, and the commands before it were applied.
+    /// pipeline. On a cluster, one pipeline per node, node after node (see
+    /// `ClusterConn::send_all`): a connection error then ends the sending,
+    /// and the commands before it were applied.
     pub fn send_all(&mut self, cmds: &[Cmd]) -> RedisResult<Vec<Value>> {
+        if cmds.is_empty() {
+            return Ok(Vec::new());
+        }
         match self {
             Conn::Single(c) => {
                 let mut pipe = redis::pipe();
@@ -89,20 +89,7 @@ impl Conn {
                 }
                 pipe.ignore_errors().query(c)
             }
-            Conn::Cluster(c) => {
-                let mut out = Vec::with_capacity(cmds.len());
-                for cmd in cmds {
-                    out.push(match c.req_command(cmd) {
-                        Ok(v) => v,
-                        Err(e) if e.code().is_some() => match ServerError::try_from(e) {
-                            Ok(se) => Value::ServerError(se),
-                            Err(e) => return Err(e),
-                        },
-                        Err(e) => return Err(e),
-                    });
-                }
-                Ok(out)
-            }
+            Conn::Cluster(c) => c.send_all(cmds),
         }
     }
 }
@@ -111,7 +98,7 @@ impl ConnectionLike for Conn {
     fn req_packed_command(&mut self, cmd: &[u8]) -> RedisResult<Value> {
         match self {
             Conn::Single(c) => c.req_packed_command(cmd),
-            Conn::Cluster(c) => c.req_packed_command(cmd),
+            Conn::Cluster(c) => c.conn.req_packed_command(cmd),
         }
     }
 
@@ -123,42 +110,42 @@ impl ConnectionLike for Conn {
     ) -> RedisResult<Vec<Value>> {
         match self {
             Conn::Single(c) => c.req_packed_commands(cmd, offset, count),
-            Conn::Cluster(c) => c.req_packed_commands(cmd, offset, count),
+            Conn::Cluster(c) => c.conn.req_packed_commands(cmd, offset, count),
         }
     }
 
     fn req_command(&mut self, cmd: &Cmd) -> RedisResult<Value> {
         match self {
             Conn::Single(c) => c.req_command(cmd),
-            Conn::Cluster(c) => c.req_command(cmd),
+            Conn::Cluster(c) => c.conn.req_command(cmd),
         }
     }
 
     fn get_db(&self) -> i64 {
         match self {
             Conn::Single(c) => c.get_db(),
-            Conn::Cluster(c) => c.get_db(),
+            Conn::Cluster(c) => c.conn.get_db(),
         }
     }
 
     fn supports_pipelining(&self) -> bool {
         match self {
             Conn::Single(c) => c.supports_pipelining(),
-            Conn::Cluster(c) => c.supports_pipelining(),
+            Conn::Cluster(c) => c.conn.supports_pipelining(),
         }
     }
 
     fn check_connection(&mut self) -> bool {
         match self {
             Conn::Single(c) => c.check_connection(),
-            Conn::Cluster(c) => c.check_connection(),
+            Conn::Cluster(c) => c.conn.check_connection(),
         }
     }
 
     fn is_open(&self) -> bool {
         match self {
             Conn::Single(c) => c.is_open(),
-            Conn::Cluster(c) => c.is_open(),
+            Conn::Cluster(c) => c.conn.is_open(),
         }
     }
 }

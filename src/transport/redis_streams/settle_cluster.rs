@@ -67,7 +67,8 @@ pub fn send(
     Ok(out)
 }
 
-/// The operations of one planned script call, slot by slot.
+/// The operations of one planned script call: each step for all of them
+/// at once (one round trip per node), in the order of the module doc.
 fn call(
     conn: &mut Conn,
     scripts: &Scripts,
@@ -84,89 +85,127 @@ fn call(
             .or_default()
             .push(n);
     }
-    for (lock_key, group) in by_key {
-        // 1. Still ours?
-        let mut guard = redis::cmd("EVALSHA");
-        guard
-            .arg(&scripts.guard)
-            .arg(1 + group.len())
-            .arg(&lock_key);
-        for &n in &group {
-            guard.arg(&*items[n].1.stream);
-        }
-        guard
-            .arg(&st.settings.group)
-            .arg(&st.consumer)
-            .arg(&st.lock.token);
-        for &n in &group {
-            guard.arg(&items[n].1.id);
-        }
-        let verdicts = per_item(conn.send_all(&[guard])?, group.len());
-        // 2. and 3. The writes outside the stream's slot.
-        let mut acks = Vec::new();
-        for (&n, verdict) in group.iter().zip(verdicts) {
-            let (i, e, outcome, finish) = items[n];
-            if verdict != Value::Int(1) {
-                out[i] = verdict;
-                continue;
+    let groups: Vec<(String, Vec<usize>)> = by_key.into_iter().collect();
+    // 1. Still ours?
+    let guards: Vec<Cmd> = groups
+        .iter()
+        .map(|(lock_key, group)| {
+            let mut guard = redis::cmd("EVALSHA");
+            guard.arg(&scripts.guard).arg(1 + group.len()).arg(lock_key);
+            for &n in group {
+                guard.arg(&*items[n].1.stream);
             }
+            guard
+                .arg(&st.settings.group)
+                .arg(&st.consumer)
+                .arg(&st.lock.token);
+            for &n in group {
+                guard.arg(&items[n].1.id);
+            }
+            guard
+        })
+        .collect();
+    let mut verdicts = vec![Value::Nil; items.len()];
+    for ((_, group), reply) in groups.iter().zip(conn.send_all(&guards)?) {
+        for (&n, v) in group.iter().zip(per_item(vec![reply], group.len())) {
+            verdicts[n] = v;
+        }
+    }
+    // 2. The status records (and the `start` events).
+    let mut writes = Vec::new();
+    let mut ranges = Vec::new();
+    let mut ends = Vec::with_capacity(items.len());
+    for (n, &(i, e, outcome, finish)) in items.iter().enumerate() {
+        let end = ending(st, e, outcome);
+        let from = writes.len();
+        if verdicts[n] == Value::Int(1) {
             if !finish {
                 let Step::Start(_, json) = &steps[i] else {
                     unreachable!("a start")
                 };
-                let mut cmds = status_cmds(st, e, "processing", None);
-                cmds.extend(plain_cmds(st, e, json, true));
-                out[i] = match first_error(conn.send_all(&cmds)?) {
-                    Value::ServerError(err) => Value::ServerError(err),
-                    _ => Value::Int(1),
-                };
-                continue;
+                writes.extend(status_cmds(st, e, "processing", None));
+                writes.extend(plain_cmds(st, e, json, true));
+            } else if e.job_id.is_some() && !end.status.is_empty() {
+                writes.extend(status_cmds(st, e, end.status, end.error));
             }
-            let end = ending(st, e, outcome);
-            if e.job_id.is_some() && !end.status.is_empty() {
-                let written =
-                    first_error(conn.send_all(&status_cmds(st, e, end.status, end.error))?);
-                if let Value::ServerError(err) = written {
-                    out[i] = Value::ServerError(err);
-                    continue;
-                }
-            }
-            let key = (e.stream.clone(), e.id.clone());
-            if let (Some(json), Some(_)) = (&end.event, &e.job_id) {
-                if !announced.contains(&key) {
-                    conn.send_all(&terminal_cmds(st, e, json))?;
-                    announced.insert(key);
-                }
-            }
-            acks.push((n, end.dead_letter));
         }
-        if acks.is_empty() {
+        ranges.push(from..writes.len());
+        ends.push(end);
+    }
+    let written = conn.send_all(&writes)?;
+    let mut events = Vec::new();
+    let mut sent = Vec::new();
+    let mut acks: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
+    for (n, &(i, e, _, finish)) in items.iter().enumerate() {
+        if verdicts[n] != Value::Int(1) {
+            out[i] = std::mem::replace(&mut verdicts[n], Value::Nil);
             continue;
         }
-        // 4. Dead letter and XACK, checked again.
-        let mut ack = redis::cmd("EVALSHA");
-        ack.arg(&scripts.ack).arg(1 + 2 * acks.len()).arg(&lock_key);
-        for (n, _) in &acks {
-            let stream = &items[*n].1.stream;
-            ack.arg(&**stream).arg(dead_letter::stream_for(stream));
+        if let Value::ServerError(err) = first_error(written[ranges[n].clone()].to_vec()) {
+            out[i] = Value::ServerError(err);
+            continue;
         }
-        ack.arg(&st.settings.group)
-            .arg(&st.consumer)
-            .arg(&st.lock.token)
-            .arg(st.settings.dlq_maxlen);
-        for (n, dl) in &acks {
-            let e = items[*n].1;
-            let fields = dl
-                .map(|(reason, error)| dead_letter::fields(e, reason, error, &st.consumer))
-                .unwrap_or_default();
-            ack.arg(&e.id).arg(fields.len() * 2);
-            for (k, v) in fields {
-                ack.arg(k).arg(v);
+        if !finish {
+            out[i] = Value::Int(1);
+            continue;
+        }
+        // 3. The terminal event, once.
+        let key = (e.stream.clone(), e.id.clone());
+        if let (Some(json), Some(_)) = (&ends[n].event, &e.job_id) {
+            if announced.insert(key.clone()) {
+                events.extend(terminal_cmds(st, e, json));
+                sent.push(key);
             }
         }
-        let replies = per_item(conn.send_all(&[ack])?, acks.len());
-        for ((n, _), reply) in acks.iter().zip(replies) {
-            out[items[*n].0] = reply;
+        let lock_key = &groups
+            .iter()
+            .find(|(_, g)| g.contains(&n))
+            .expect("grouped")
+            .0;
+        acks.entry(lock_key.as_str()).or_default().push(n);
+    }
+    if let Err(e) = conn.send_all(&events) {
+        // Maybe not sent: sent again with the rest (at least once).
+        for key in sent {
+            announced.remove(&key);
+        }
+        return Err(e);
+    }
+    // 4. Dead letter and XACK, checked again.
+    let calls: Vec<Cmd> = acks
+        .iter()
+        .map(|(lock_key, group)| {
+            let mut ack = redis::cmd("EVALSHA");
+            ack.arg(&scripts.ack)
+                .arg(1 + 2 * group.len())
+                .arg(*lock_key);
+            for &n in group {
+                let stream = &items[n].1.stream;
+                ack.arg(&**stream).arg(dead_letter::stream_for(stream));
+            }
+            ack.arg(&st.settings.group)
+                .arg(&st.consumer)
+                .arg(&st.lock.token)
+                .arg(st.settings.dlq_maxlen);
+            for &n in group {
+                let e = items[n].1;
+                let fields = ends[n]
+                    .dead_letter
+                    .map(|(reason, error)| dead_letter::fields(e, reason, error, &st.consumer))
+                    .unwrap_or_default();
+                ack.arg(&e.id).arg(fields.len() * 2);
+                for (k, v) in fields {
+                    ack.arg(k).arg(v);
+                }
+            }
+            ack
+        })
+        .collect();
+    if !calls.is_empty() {
+        for ((_, group), reply) in acks.iter().zip(conn.send_all(&calls)?) {
+            for (&n, v) in group.iter().zip(per_item(vec![reply], group.len())) {
+                out[items[n].0] = v;
+            }
         }
     }
     // An outcome settled here or before (1, 0) owes no event any more.
