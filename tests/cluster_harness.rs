@@ -7,6 +7,7 @@
 
 mod support;
 
+use std::path::Path;
 use std::time::Duration;
 
 use redis::cluster::ClusterConnection;
@@ -63,6 +64,15 @@ fn slot_of_follows_crc16_and_hash_tag_rules() {
     assert_ne!(RedisCluster::slot_of("a{}b"), RedisCluster::slot_of(""));
     assert_ne!(RedisCluster::slot_of("{}{x}"), RedisCluster::slot_of("x"));
     assert!(RedisCluster::slot_of("\u{1F600}{") < SLOTS);
+}
+
+#[test]
+#[should_panic(expected = "redis-cli --cluster create needs at least 3")]
+fn fewer_than_three_masters_is_refused_before_anything_starts() {
+    RedisCluster::start(ClusterOptions {
+        masters: 2,
+        ..ClusterOptions::default()
+    });
 }
 
 #[test]
@@ -124,6 +134,22 @@ fn three_masters_serve_keys_where_slot_of_says() {
             );
         }
     }
+
+    // Dropping it kills every node (reaped: no /proc entry) and removes
+    // its files.
+    let pids: Vec<u32> = cluster
+        .ports()
+        .iter()
+        .map(|&p| cluster.pid(p).expect("a running node"))
+        .collect();
+    let dir = cluster.node_dir(masters[0]).to_path_buf();
+    assert!(dir.join("nodes.conf").is_file(), "{}", dir.display());
+    drop(cc);
+    drop(cluster);
+    for pid in pids {
+        assert!(!Path::new(&format!("/proc/{pid}")).exists(), "pid {pid}");
+    }
+    assert!(!dir.exists(), "{} left behind", dir.display());
 }
 
 #[test]
@@ -165,6 +191,7 @@ fn killed_master_fails_over_to_its_replica_with_acknowledged_writes() {
 
     let old = cluster.kill_master_of(slot);
     assert_eq!(old, master);
+    assert_eq!(cluster.pid(old), None, "killed");
     let new = cluster.wait_failover(slot, old, Duration::from_secs(60));
     assert_eq!(new, replica, "the only replica of {old} took over");
     assert_eq!(cluster.owner_of_slot(slot), new);

@@ -120,6 +120,9 @@ impl Node {
             .args(["--save", ""])
             .args(["--appendonly", "yes"])
             .args(["--appendfsync", "always"])
+            // A replica's full sync starts at once, not 5 s later (the
+            // default waits for more replicas to share one transfer).
+            .args(["--repl-diskless-sync-delay", "0"])
             .arg("--dir")
             .arg(&self.dir)
             .args(["--daemonize", "no"])
@@ -542,6 +545,18 @@ impl RedisCluster {
             .unwrap_or_else(|e| panic!("CLUSTER MYID on {port}: {e}"))
     }
 
+    /// The process id of the node on `port`, while it runs (e.g. to SIGSTOP
+    /// it for a stall).
+    pub fn pid(&self, port: u16) -> Option<u32> {
+        self.nodes
+            .iter()
+            .find(|n| n.port == port)
+            .unwrap_or_else(|| panic!("no cluster node on port {port}"))
+            .child
+            .as_ref()
+            .map(Child::id)
+    }
+
     /// The node's directory (nodes.conf, AOF, log).
     pub fn node_dir(&self, port: u16) -> &Path {
         &self
@@ -660,7 +675,16 @@ impl Migration {
     /// target` on the target, the source, then the other masters; returns
     /// once the running nodes have settled with the target serving the slot.
     pub fn finish(self) {
-        while self.move_keys(MIGRATE_PAGE) > 0 {}
+        // Bounded: a source that keeps holding keys (something writing into
+        // the slot on it) must not keep this loop going forever.
+        let deadline = Instant::now() + SETTLE_TIMEOUT;
+        while self.move_keys(MIGRATE_PAGE) > 0 {
+            if Instant::now() >= deadline {
+                self.fail(&format!(
+                    "keys still on the source after {SETTLE_TIMEOUT:?} of moving them"
+                ));
+            }
+        }
         self.setslot(self.target, "NODE", &self.target_id);
         self.setslot(self.source, "NODE", &self.target_id);
         let map = wait_for(
