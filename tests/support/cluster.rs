@@ -123,6 +123,10 @@ impl Node {
             // A replica's full sync starts at once, not 5 s later (the
             // default waits for more replicas to share one transfer).
             .args(["--repl-diskless-sync-delay", "0"])
+            // CLUSTER SLOTS lists a replica only once its replication offset
+            // is non-zero; on an idle master that is the first replication
+            // ping (every 10 s by default).
+            .args(["--repl-ping-replica-period", "1"])
             .arg("--dir")
             .arg(&self.dir)
             .args(["--daemonize", "no"])
