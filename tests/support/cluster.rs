@@ -13,6 +13,11 @@
 //! Every wait has a deadline and panics with the nodes' log tails; nothing
 //! sleeps as synchronisation. Dropping it kills every process by its pid.
 //! It never touches citadel code: tests drive it with the `redis` crate.
+//!
+//! Limits: no password or TLS (the harness's own connections and redis-cli
+//! use neither, so `extra_args` must not add `requirepass` or TLS-only
+//! ports); at least 3 masters; a replica's full sync starts at once and
+//! replicas are pinged every second (so `CLUSTER SLOTS` lists them quickly).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
