@@ -9,6 +9,7 @@
 //! so tests run in parallel.
 #![allow(dead_code)]
 
+pub mod cluster;
 pub mod dead_letters;
 pub mod docker;
 pub mod fake_auth;
