@@ -44,7 +44,7 @@ use crate::redis_conn::Conn;
 use crate::redis_conn::{self, Fault};
 use crate::worker::slots::Slot;
 use redis::{RedisResult, Value};
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -53,6 +53,10 @@ pub struct Reader {
     state: Arc<StreamsState>,
     /// On a cluster, the hash slot whose streams this reader reads.
     slot: Option<u16>,
+    /// What `/readyz` calls this reader: `redis`, or on a cluster `redis
+    /// slot N` (one each, so that one slot's outage is not hidden by
+    /// another's recovery).
+    part: &'static str,
     intake: Intake,
     conn: Option<Conn>,
     outage: Outage,
@@ -85,6 +89,7 @@ impl Reader {
         let n = streams.len();
         Reader {
             slot,
+            part: slot.map_or("redis", ready_part),
             generation: Some(generation),
             streams: streams.into(),
             state,
@@ -142,16 +147,14 @@ impl Reader {
                 }
             }
         }
-        if self.slot.is_none() {
-            alive::clear_ready("redis");
-        }
+        alive::clear_ready(self.part);
         log::debug!("reader stopped");
     }
 
     /// Tell `/readyz` whether this reader can take jobs (only changes).
     fn tell(&mut self, why_not: Option<String>) {
         if self.told != why_not {
-            alive::set_ready("redis", why_not.clone());
+            alive::set_ready(self.part, why_not.clone());
             self.told = why_not;
         }
     }
@@ -533,6 +536,16 @@ impl Reader {
     }
 }
 
+/// `/readyz`'s name for the reader of `slot`: one small string per slot
+/// ever read, kept for the process's life.
+fn ready_part(slot: u16) -> &'static str {
+    static PARTS: std::sync::Mutex<BTreeMap<u16, &'static str>> =
+        std::sync::Mutex::new(BTreeMap::new());
+    crate::sync::lock(&PARTS)
+        .entry(slot)
+        .or_insert_with(|| Box::leak(format!("redis slot {slot}").into_boxed_str()))
+}
+
 /// The streams read now, or on a cluster those of `slot`.
 fn streams_of(st: &StreamsState, slot: Option<u16>) -> Vec<Arc<str>> {
     let mut list = st.streams_now();
@@ -579,7 +592,6 @@ pub fn run_per_slot(intake: Intake) {
     for (_, r) in readers {
         let _ = r.join();
     }
-    alive::clear_ready("redis");
 }
 
 /// `XGROUP CREATE stream group 0 MKSTREAM`; an existing group is fine.

@@ -1,0 +1,652 @@
+//! Redis Cluster (`redis+cluster://`), against real clusters started by
+//! tests/support/cluster.rs on loopback: `citadel work` processes reading
+//! queues whose slots are served by different masters, a master SIGKILLed
+//! and replaced by its replica, a slot migrated (whole, and half with ASK
+//! redirects) while jobs run. A ledger outside the agent (the echo run log,
+//! status records, dead letters, events streams, pending lists) proves that
+//! no job was lost or, where no node died, run twice, and that the workers
+//! never needed a restart.
+
+mod support;
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::time::Duration;
+
+use redis::{ConnectionLike, Value};
+use support::cluster::{ClusterOptions, RedisCluster};
+use support::{citadel_cmd, fresh_temp_dir, value_to_string, wait_until, Citadel};
+
+const GROUP: &str = "workers";
+
+/// `citadel work` as `node` on the cluster `url`, reading `queues`, every
+/// echo run appended to `runs`.
+fn cluster_worker(url: &str, node: &str, queues: &[String], runs: &Path) -> Citadel {
+    let runs = runs.display().to_string();
+    let mut args = vec![
+        "work",
+        "--node-name",
+        node,
+        "--concurrency",
+        "4",
+        "--block",
+        "1s",
+        "--cancel-poll",
+        "100ms",
+        "--claim-idle",
+        "3s",
+        "--redis-timeout",
+        "1s",
+        "--heartbeat-interval",
+        "1s",
+    ];
+    for q in queues {
+        args.push("--queue");
+        args.push(q);
+    }
+    Citadel::spawn(
+        &args,
+        &[
+            ("CITADEL_REDIS_URL", url),
+            ("RUST_LOG", "debug"),
+            ("CITADEL_TEST_ECHO_RUNS", &runs),
+        ],
+    )
+}
+
+/// One queue per master: `jobs:v1:{tag}` with a tag each master serves.
+fn queue_per_master(cluster: &RedisCluster) -> Vec<String> {
+    cluster
+        .master_ports()
+        .into_iter()
+        .map(|p| format!("jobs:v1:{{{}}}", cluster.hash_tag_served_by(p)))
+        .collect()
+}
+
+fn dlq_of(queue: &str) -> String {
+    format!("dlq:v1:{}", queue.strip_prefix("jobs:v1:").unwrap())
+}
+
+fn query(conn: &mut impl ConnectionLike, args: &[&str]) -> redis::RedisResult<Value> {
+    let mut cmd = redis::cmd(args[0]);
+    for a in &args[1..] {
+        cmd.arg(*a);
+    }
+    cmd.query(conn)
+}
+
+fn xadd_echo(conn: &mut impl ConnectionLike, queue: &str, job: &str, payload: &str) {
+    query(
+        conn,
+        &[
+            "XADD", queue, "*", "jobId", job, "type", "echo", "payload", payload,
+        ],
+    )
+    .unwrap_or_else(|e| panic!("XADD {queue}: {e}"));
+}
+
+/// `n` echo jobs on `queue` named `{prefix}-{i}`, each sleeping a little.
+fn enqueue(
+    conn: &mut impl ConnectionLike,
+    queue: &str,
+    prefix: &str,
+    n: usize,
+    sleep_ms: u64,
+) -> Vec<String> {
+    (0..n)
+        .map(|i| {
+            let job = format!("{prefix}-{i}");
+            let payload = format!(r#"{{"sleep_ms":{}}}"#, sleep_ms + (i as u64 % 4) * 20);
+            xadd_echo(conn, queue, &job, &payload);
+            job
+        })
+        .collect()
+}
+
+fn hash(conn: &mut impl ConnectionLike, key: &str) -> HashMap<String, String> {
+    match query(conn, &["HGETALL", key]) {
+        Ok(Value::Array(kv)) => kv
+            .chunks(2)
+            .map(|p| (value_to_string(&p[0]), value_to_string(&p[1])))
+            .collect(),
+        Ok(Value::Map(kv)) => kv
+            .iter()
+            .map(|(k, v)| (value_to_string(k), value_to_string(v)))
+            .collect(),
+        _ => HashMap::new(),
+    }
+}
+
+/// The `field` of each entry of `stream`, oldest first.
+fn stream_field(conn: &mut impl ConnectionLike, stream: &str, field: &str) -> Vec<String> {
+    let Ok(Value::Array(entries)) = query(conn, &["XRANGE", stream, "-", "+"]) else {
+        return Vec::new();
+    };
+    entries
+        .iter()
+        .filter_map(|e| match e {
+            Value::Array(parts) => match parts.get(1) {
+                Some(Value::Array(kv)) => kv
+                    .chunks(2)
+                    .find(|p| value_to_string(&p[0]) == field)
+                    .map(|p| value_to_string(&p[1])),
+                _ => None,
+            },
+            _ => None,
+        })
+        .collect()
+}
+
+fn pending(conn: &mut impl ConnectionLike, queue: &str) -> i64 {
+    match query(conn, &["XPENDING", queue, GROUP]) {
+        Ok(Value::Array(parts)) => match parts.first() {
+            Some(Value::Int(n)) => *n,
+            _ => -1,
+        },
+        _ => -1,
+    }
+}
+
+/// How often each job ran, from the echo run log.
+fn runs_of(path: &Path) -> HashMap<String, usize> {
+    let mut runs = HashMap::new();
+    for line in std::fs::read_to_string(path).unwrap_or_default().lines() {
+        let job = line.split(' ').next().unwrap_or_default().to_string();
+        *runs.entry(job).or_insert(0) += 1;
+    }
+    runs
+}
+
+/// Until every job has a final status record; returns the statuses.
+fn wait_all_final(
+    cluster: &RedisCluster,
+    jobs: &[String],
+    timeout: Duration,
+) -> HashMap<String, String> {
+    wait_until("every job to reach a final status", timeout, || {
+        let mut c = cluster.cluster_conn();
+        let mut done = HashMap::new();
+        for job in jobs {
+            let status = hash(&mut c, &format!("job:{job}:status"))
+                .remove("status")
+                .unwrap_or_default();
+            if matches!(status.as_str(), "completed" | "failed" | "cancelled") {
+                done.insert(job.clone(), status);
+            }
+        }
+        (done.len() == jobs.len()).then_some(done)
+    })
+}
+
+/// The event types of `job`'s events stream, in order.
+fn event_types(conn: &mut impl ConnectionLike, job: &str) -> Vec<String> {
+    stream_field(conn, &format!("events:v1:{job}"), "event")
+        .iter()
+        .map(|e| {
+            let v: serde_json::Value = serde_json::from_str(e).expect("an event is JSON");
+            v["type"].as_str().unwrap_or_default().to_string()
+        })
+        .collect()
+}
+
+#[test]
+fn jobs_on_queues_in_three_slots_settle_on_their_nodes() {
+    let cluster = RedisCluster::start(ClusterOptions::default());
+    let url = cluster.url();
+    let queues = queue_per_master(&cluster);
+    let owners: Vec<u16> = queues
+        .iter()
+        .map(|q| cluster.owner_of_slot(RedisCluster::slot_of(q)))
+        .collect();
+    let mut distinct = owners.clone();
+    distinct.sort_unstable();
+    distinct.dedup();
+    assert_eq!(distinct.len(), 3, "one queue per master: {owners:?}");
+    let dir = fresh_temp_dir("cluster-settle");
+    let runs = dir.join("runs.log");
+    let workers = [
+        cluster_worker(&url, "cl-a", &queues, &runs),
+        cluster_worker(&url, "cl-b", &queues, &runs),
+    ];
+    for w in &workers {
+        w.wait_working();
+    }
+    let mut conn = cluster.cluster_conn();
+    let mut jobs = Vec::new();
+    for (i, q) in queues.iter().enumerate() {
+        jobs.extend(enqueue(&mut conn, q, &format!("q{i}"), 30, 5));
+        // One that fails for good and one malformed (payload not JSON).
+        let bad = format!("q{i}-bad");
+        xadd_echo(&mut conn, q, &bad, r#"{"fail":"permanent"}"#);
+        jobs.push(bad);
+        query(
+            &mut conn,
+            &[
+                "XADD",
+                q,
+                "*",
+                "jobId",
+                &format!("q{i}-garbage"),
+                "type",
+                "echo",
+                "payload",
+                "{not json",
+            ],
+        )
+        .expect("XADD");
+        jobs.push(format!("q{i}-garbage"));
+    }
+    let done = wait_all_final(&cluster, &jobs, Duration::from_secs(120));
+    let ran = runs_of(&runs);
+    for job in &jobs {
+        let want = if job.ends_with("-bad") || job.ends_with("-garbage") {
+            "failed"
+        } else {
+            "completed"
+        };
+        assert_eq!(done[job], want, "{job}");
+        if !job.ends_with("-garbage") {
+            assert_eq!(ran.get(job), Some(&1), "{job} must run exactly once");
+        }
+        // The events stream, in the contract's order, one terminal event.
+        let types = event_types(&mut conn, job);
+        let last = if want == "failed" { "error" } else { "end" };
+        assert_eq!(
+            types.last().map(String::as_str),
+            Some(last),
+            "{job}: {types:?}"
+        );
+        assert_eq!(
+            types
+                .iter()
+                .filter(|t| *t == "end" || *t == "error")
+                .count(),
+            1,
+            "{job}: {types:?}"
+        );
+        if !job.ends_with("-garbage") {
+            assert_eq!(&types[..2], ["claimed", "start"], "{job}: {types:?}");
+        }
+    }
+    for (i, q) in queues.iter().enumerate() {
+        // The dead letters sit in the queue's slot, whole.
+        let dlq = dlq_of(q);
+        assert_eq!(
+            RedisCluster::slot_of(&dlq),
+            RedisCluster::slot_of(q),
+            "{dlq}"
+        );
+        let mut letters = stream_field(&mut conn, &dlq, "jobId");
+        letters.sort();
+        assert_eq!(letters, [format!("q{i}-bad"), format!("q{i}-garbage")]);
+        let reasons = stream_field(&mut conn, &dlq, "original_queue");
+        assert!(reasons.iter().all(|r| r == q), "{reasons:?}");
+        wait_until(
+            "the queue's pending list to drain",
+            Duration::from_secs(30),
+            || (pending(&mut conn, q) == 0).then_some(()),
+        );
+        // The claim on each worker's name has a key in this queue's slot,
+        // on its master.
+        let tag = q.trim_start_matches("jobs:v1:");
+        let key = format!("citadel:v1:consumer:{tag}:{GROUP}:cl-a");
+        let mut node = cluster.node_conn(owners[i]);
+        let held = query(&mut node, &["GET", &key]).expect("GET on the queue's master");
+        assert_ne!(held, Value::Nil, "{key} on 127.0.0.1:{}", owners[i]);
+    }
+    // Both workers took jobs, from every queue.
+    for w in &workers {
+        let log = w.log();
+        assert!(
+            log.matches("(echo) completed").count() > 0,
+            "a worker ran nothing:\n{log}"
+        );
+    }
+    // A clean stop releases every key of the claim.
+    for mut w in workers {
+        w.sigterm();
+        assert!(
+            w.wait_exit(Duration::from_secs(20)).is_some(),
+            "no clean exit"
+        );
+    }
+    for (i, q) in queues.iter().enumerate() {
+        let tag = q.trim_start_matches("jobs:v1:");
+        let key = format!("citadel:v1:consumer:{tag}:{GROUP}:cl-a");
+        let mut node = cluster.node_conn(owners[i]);
+        assert_eq!(
+            query(&mut node, &["GET", &key]).unwrap(),
+            Value::Nil,
+            "{key}"
+        );
+    }
+}
+
+#[test]
+fn a_queue_without_a_hash_tag_is_refused_at_start_with_the_name_to_use() {
+    let out = citadel_cmd(&[
+        "work",
+        "--redis-url",
+        "redis+cluster://127.0.0.1:1,127.0.0.1:2",
+        "--queue",
+        "jobs:v1:{ok}",
+        "--queue",
+        "jobs:v1:gpu-large",
+    ])
+    .output()
+    .expect("citadel work");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("queue 'jobs:v1:gpu-large' cannot be used on a Redis Cluster"),
+        "{err}"
+    );
+    assert!(err.contains("--queue 'jobs:v1:{gpu-large}'"), "{err}");
+    for (url, what) in [
+        ("redis+cluster://", "is not HOST:PORT"),
+        ("redis+cluster://h:70000", "is not a port number"),
+        ("redis+cluster://h:7000/2", "only database 0"),
+        ("redis+cluster://u:secret@h:7000#what", "not a known option"),
+    ] {
+        let out = citadel_cmd(&["work", "--redis-url", url, "--queue", "jobs:v1:{a}"])
+            .output()
+            .expect("citadel work");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{url}: {err}");
+        assert!(err.contains("is not a Redis Cluster URL"), "{url}: {err}");
+        assert!(err.contains(what), "{url}: {err}");
+        assert!(!err.contains("secret"), "a password is never shown: {err}");
+    }
+}
+
+#[test]
+fn a_master_failover_mid_run_loses_no_job_and_needs_no_restart() {
+    let mut cluster = RedisCluster::start(ClusterOptions {
+        replicas_per_master: 1,
+        ..ClusterOptions::default()
+    });
+    let url = cluster.url();
+    let queues = queue_per_master(&cluster);
+    let victim_slot = RedisCluster::slot_of(&queues[0]);
+    let dir = fresh_temp_dir("cluster-failover");
+    let runs = dir.join("runs.log");
+    let mut workers = [
+        cluster_worker(&url, "fo-a", &queues, &runs),
+        cluster_worker(&url, "fo-b", &queues, &runs),
+    ];
+    for w in &workers {
+        w.wait_working();
+    }
+    let pids: Vec<u32> = workers.iter().map(Citadel::pid).collect();
+    let mut conn = cluster.cluster_conn();
+    let mut jobs = Vec::new();
+    for (i, q) in queues.iter().enumerate() {
+        jobs.extend(enqueue(&mut conn, q, &format!("before{i}"), 25, 80));
+    }
+    // Every entry reached the replicas before the kill.
+    for port in cluster.master_ports() {
+        let mut node = cluster.node_conn(port);
+        let n = query(&mut node, &["WAIT", "1", "15000"]).expect("WAIT");
+        assert_eq!(n, Value::Int(1), "127.0.0.1:{port}'s replica is behind");
+    }
+    wait_until("some jobs to have run", Duration::from_secs(60), || {
+        (runs_of(&runs).len() >= 10).then_some(())
+    });
+    let old = cluster.kill_master_of(victim_slot);
+    let new = cluster.wait_failover(victim_slot, old, Duration::from_secs(60));
+    assert_ne!(old, new);
+    let mut conn = cluster.cluster_conn();
+    for (i, q) in queues.iter().enumerate() {
+        jobs.extend(enqueue(&mut conn, q, &format!("after{i}"), 10, 0));
+    }
+    let done = wait_all_final(&cluster, &jobs, Duration::from_secs(180));
+    assert!(
+        done.values().all(|s| s == "completed"),
+        "echo jobs that only sleep complete: {done:?}"
+    );
+    let ran = runs_of(&runs);
+    for job in &jobs {
+        assert!(ran.contains_key(job), "{job} has an outcome but never ran");
+    }
+    for q in &queues {
+        wait_until(
+            "the pending lists to drain",
+            Duration::from_secs(60),
+            || (pending(&mut conn, q) == 0).then_some(()),
+        );
+    }
+    for (w, pid) in workers.iter_mut().zip(&pids) {
+        assert!(w.is_running(), "a worker exited:\n{}", w.log());
+        assert_eq!(w.pid(), *pid);
+    }
+    // An operator's command with the same URL works after the failover,
+    // on the failed-over slot too.
+    let out = citadel_cmd(&[
+        "submit",
+        "--queue",
+        &queues[0],
+        "--type",
+        "echo",
+        "--payload",
+        r#"{"hello":"after failover"}"#,
+        "--follow",
+    ])
+    .env("CITADEL_REDIS_URL", &url)
+    .output()
+    .expect("citadel submit");
+    assert!(
+        out.status.success(),
+        "submit --follow: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("after failover"));
+}
+
+/// Runs jobs on a queue while its slot moves to another master: every job
+/// completes exactly once (no node dies, so nothing may run twice).
+fn migrate_while_running(half: bool) {
+    let cluster = RedisCluster::start(ClusterOptions::default());
+    let url = cluster.url();
+    let masters = cluster.master_ports();
+    let tag = cluster.hash_tag_served_by(masters[0]);
+    let queue = format!("jobs:v1:{{{tag}}}");
+    let slot = RedisCluster::slot_of(&queue);
+    let dir = fresh_temp_dir("cluster-migrate");
+    let runs = dir.join("runs.log");
+    let queues = [queue.clone()];
+    let mut workers = [
+        cluster_worker(&url, "mg-a", &queues, &runs),
+        cluster_worker(&url, "mg-b", &queues, &runs),
+    ];
+    for w in &workers {
+        w.wait_working();
+    }
+    let mut conn = cluster.cluster_conn();
+    let mut jobs = enqueue(&mut conn, &queue, "before", 40, 60);
+    wait_until("some jobs to have run", Duration::from_secs(60), || {
+        (runs_of(&runs).len() >= 6).then_some(())
+    });
+    if half {
+        // Some of the slot's keys moved, some not: Redis refuses commands
+        // naming keys on both sides (TRYAGAIN) until the move ends, so the
+        // workers wait it out, say so, and lose and repeat nothing.
+        let m = cluster.begin_migrate_slot(slot, masters[1]);
+        assert_eq!(m.move_keys(1), 1);
+        assert!(m.keys_left() > 0, "some keys stay behind");
+        let mut conn = cluster.cluster_conn();
+        jobs.extend(enqueue(&mut conn, &queue, "half", 10, 0));
+        wait_until(
+            "a worker to meet the half-moved slot",
+            Duration::from_secs(60),
+            || {
+                workers
+                    .iter()
+                    .any(|w| w.log().contains("TryAgain"))
+                    .then_some(())
+            },
+        );
+        m.finish();
+    } else {
+        cluster.migrate_slot(slot, masters[1]);
+    }
+    assert_eq!(cluster.owner_of_slot(slot), masters[1]);
+    let mut conn = cluster.cluster_conn();
+    jobs.extend(enqueue(&mut conn, &queue, "after", 10, 0));
+    let done = wait_all_final(&cluster, &jobs, Duration::from_secs(180));
+    assert!(done.values().all(|s| s == "completed"), "{done:?}");
+    let ran = runs_of(&runs);
+    for job in &jobs {
+        assert_eq!(ran.get(job), Some(&1), "{job} ran {:?} times", ran.get(job));
+        let types = event_types(&mut conn, job);
+        assert_eq!(
+            types.last().map(String::as_str),
+            Some("end"),
+            "{job}: {types:?}"
+        );
+        assert_eq!(
+            types.iter().filter(|t| *t == "end").count(),
+            1,
+            "{job}: {types:?}"
+        );
+    }
+    wait_until("the pending list to drain", Duration::from_secs(60), || {
+        (pending(&mut conn, &queue) == 0).then_some(())
+    });
+    for w in workers.iter_mut() {
+        assert!(w.is_running(), "a worker exited:\n{}", w.log());
+    }
+}
+
+#[test]
+fn a_slot_migrated_mid_run_loses_and_repeats_no_job() {
+    migrate_while_running(false);
+}
+
+#[test]
+fn a_half_migrated_slot_loses_and_repeats_no_job() {
+    migrate_while_running(true);
+}
+
+#[test]
+fn submit_follow_status_dlq_and_cancel_work_on_a_cluster() {
+    let cluster = RedisCluster::start(ClusterOptions::default());
+    let url = cluster.url();
+    let queues = queue_per_master(&cluster);
+    let dir = fresh_temp_dir("cluster-admin");
+    let runs = dir.join("runs.log");
+    let worker = cluster_worker(&url, "ad-a", &queues, &runs);
+    worker.wait_working();
+    let cmd = |args: &[&str]| {
+        let out = citadel_cmd(args)
+            .env("CITADEL_REDIS_URL", &url)
+            .env("CITADEL_NODE_NAME", "ad-a")
+            .output()
+            .expect("citadel");
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    // submit --follow prints the chunks and the result.
+    let (code, out, err) = cmd(&[
+        "submit",
+        "--queue",
+        &queues[1],
+        "--type",
+        "echo",
+        "--payload",
+        r#"{"chunks":3,"tag":"followed"}"#,
+        "--follow",
+    ]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.contains("chunk 2") && out.contains("followed"), "{out}");
+    // A job cancelled while it runs (its cancel key in another slot).
+    let (code, job, err) = cmd(&[
+        "submit",
+        "--queue",
+        &queues[2],
+        "--type",
+        "echo",
+        "--payload",
+        r#"{"sleep_ms":60000}"#,
+    ]);
+    assert_eq!(code, Some(0), "{err}");
+    let job = job.trim().to_string();
+    worker.wait_for_log(
+        &format!("job {job} (echo) started"),
+        Duration::from_secs(30),
+    );
+    let mut conn = cluster.cluster_conn();
+    query(&mut conn, &["SET", &format!("job:cancelled:{job}"), "1"]).expect("SET");
+    let done = wait_all_final(
+        &cluster,
+        std::slice::from_ref(&job),
+        Duration::from_secs(30),
+    );
+    assert_eq!(done[&job], "cancelled");
+    // A dead letter, listed and replayed.
+    xadd_echo(&mut conn, &queues[0], "ad-bad", r#"{"fail":"permanent"}"#);
+    wait_all_final(&cluster, &["ad-bad".to_string()], Duration::from_secs(30));
+    let (code, out, err) = cmd(&["dlq", "list", "--queue", &queues[0]]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.contains("job=ad-bad"), "{out}");
+    let dlq = dlq_of(&queues[0]);
+    let id = stream_field(&mut conn, &dlq, "jobId");
+    assert_eq!(id, ["ad-bad"]);
+    let Ok(Value::Array(entries)) = query(&mut conn, &["XRANGE", &dlq, "-", "+"]) else {
+        panic!("XRANGE {dlq}")
+    };
+    let Value::Array(first) = &entries[0] else {
+        panic!("{entries:?}")
+    };
+    let entry_id = value_to_string(&first[0]);
+    let (code, out, err) = cmd(&["dlq", "replay", "--queue", &queues[0], &entry_id]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(out.contains(&format!("to {}", queues[0])), "{out}");
+    wait_until(
+        "the replayed job to run again",
+        Duration::from_secs(30),
+        || (runs_of(&runs).get("ad-bad") == Some(&2)).then_some(()),
+    );
+    // status --json lists every queue with its dead letters.
+    let mut args = vec!["status", "--json"];
+    for q in &queues {
+        args.extend(["--queue", q.as_str()]);
+    }
+    let (code, out, err) = cmd(&args);
+    assert_eq!(code, Some(0), "{err}");
+    let status: serde_json::Value = serde_json::from_str(&out).expect("status JSON");
+    let text = status.to_string();
+    for q in &queues {
+        assert!(text.contains(q.as_str()), "{q} missing: {text}");
+    }
+}
+
+#[test]
+fn a_dead_seed_node_is_skipped_and_no_reachable_node_is_retried() {
+    let cluster = RedisCluster::start(ClusterOptions::default());
+    let queues = queue_per_master(&cluster);
+    let dead = support::free_port();
+    // The first seed answers nothing; the second is a node.
+    let url = format!(
+        "redis+cluster://127.0.0.1:{dead},{}",
+        cluster.url().trim_start_matches("redis+cluster://")
+    );
+    let dir = fresh_temp_dir("cluster-seeds");
+    let runs = dir.join("runs.log");
+    let worker = cluster_worker(&url, "sd-a", &queues, &runs);
+    worker.wait_working();
+    let mut conn = cluster.cluster_conn();
+    let jobs = enqueue(&mut conn, &queues[0], "seed", 3, 0);
+    wait_all_final(&cluster, &jobs, Duration::from_secs(60));
+    // No node answers: the worker says so and keeps trying.
+    let nowhere = format!("redis+cluster://127.0.0.1:{dead}");
+    let mut lost = cluster_worker(&nowhere, "sd-b", &queues, &runs);
+    lost.wait_for_log("Redis unreachable", Duration::from_secs(30));
+    assert!(
+        lost.is_running(),
+        "it must retry, not exit:\n{}",
+        lost.log()
+    );
+}
