@@ -48,14 +48,14 @@ run_bench() {
         why="no benchmark of that name ran"
     fi
     if [ "$rc" -eq 0 ]; then
-        grep -E '^(idle|burn|pickup|enqueued|llm|download|gateway)' <<<"$out" || true
+        grep -E '^(idle|burn|pickup|enqueued|llm|download|gateway|cluster)' <<<"$out" || true
     else
         printf '%s\n' "$out"
         echo "bench: $1 FAILED ($why)" >&2
         FAILED+=("$1${BENCH_LLM_TOKEN_US:+ (BENCH_LLM_TOKEN_US=$BENCH_LLM_TOKEN_US)}${BENCH_LLM_COALESCE:+ (BENCH_LLM_COALESCE=$BENCH_LLM_COALESCE)}")
     fi
 }
-for b in bench_idle_rss bench_burn_down bench_pickup_latency bench_llm_stream bench_model_download bench_gateway_stream; do
+for b in bench_idle_rss bench_burn_down bench_pickup_latency bench_llm_stream bench_model_download bench_gateway_stream bench_cluster_burn_down; do
     run_bench "$b"
 done
 BENCH_LLM_TOKEN_US=10000 run_bench bench_llm_stream

@@ -939,3 +939,128 @@ fn bench_gateway_stream() {
         100.0 * cpu_w / g_secs,
     );
 }
+
+/// `per_queue` no-op echo jobs on each of `queues`, each queue's jobs
+/// pipelined to `conn` (its master, or the one server).
+fn fill(conn: &mut redis::Connection, queue: &str, per_queue: usize) {
+    for batch in 0..per_queue.div_ceil(1000) {
+        let mut pipe = redis::pipe();
+        for i in batch * 1000..((batch + 1) * 1000).min(per_queue) {
+            pipe.cmd("XADD")
+                .arg(queue)
+                .arg("*")
+                .arg("jobId")
+                .arg(format!("{queue}-{i}"))
+                .arg("type")
+                .arg("echo")
+                .arg("payload")
+                .arg(r#"{"n":1}"#)
+                .ignore();
+        }
+        pipe.exec(conn).unwrap();
+    }
+}
+
+/// Three `citadel work` processes reading `queues` on `url`, until every
+/// queue's group is done (`conn_of` opens a connection to a queue's
+/// server); jobs/s and the workers' CPU µs per job.
+fn three_workers_burn(
+    url: &str,
+    queues: &[String],
+    per_queue: usize,
+    concurrency: &str,
+    conn_of: &dyn Fn(&str) -> redis::Connection,
+) -> (f64, f64) {
+    let t0 = Instant::now();
+    let workers: Vec<Citadel> = (0..3)
+        .map(|i| {
+            let node = format!("bench-{i}");
+            let mut args = vec!["work", "--node-name", &node, "--concurrency", concurrency];
+            for q in queues {
+                args.extend(["--queue", q.as_str()]);
+            }
+            let mut env = vec![("CITADEL_REDIS_URL", url)];
+            env.extend_from_slice(QUIET);
+            Citadel::spawn(&args, &env)
+        })
+        .collect();
+    for q in queues {
+        let mut c = conn_of(q);
+        wait_until("the burn-down", Duration::from_secs(900), || {
+            group_done(&mut c, q, per_queue).then_some(())
+        });
+    }
+    let secs = t0.elapsed().as_secs_f64();
+    let total = (per_queue * queues.len()) as f64;
+    let cpu: f64 = workers.iter().map(|w| cpu_seconds(w.pid())).sum();
+    (total / secs, cpu * 1e6 / total)
+}
+
+/// Issue 16's cluster burn-down: a 3-master Redis Cluster, one queue per
+/// master, three workers reading all three queues, against the same
+/// three queues and workers on one redis-server, in the same run
+/// (`BENCH_CLUSTER_JOBS` [60 000] in all, `BENCH_CLUSTER_CONCURRENCY`
+/// [16], `BENCH_ROUNDS` [3] interleaved rounds; medians, min–max).
+#[test]
+#[ignore]
+fn bench_cluster_burn_down() {
+    use support::cluster::{ClusterOptions, RedisCluster};
+    let env = |k: &str, d: &str| std::env::var(k).unwrap_or_else(|_| d.to_owned());
+    let total: usize = env("BENCH_CLUSTER_JOBS", "60000").parse().unwrap();
+    let conc = env("BENCH_CLUSTER_CONCURRENCY", "16");
+    let rounds: usize = env("BENCH_ROUNDS", "3").parse().unwrap();
+    let per_queue = total / 3;
+    let (mut single, mut cluster) = (Vec::new(), Vec::new());
+    for round in 0..rounds {
+        let redis = fast_redis();
+        let queues: Vec<String> = ["a", "b", "c"]
+            .iter()
+            .map(|t| format!("jobs:v1:{{{t}}}"))
+            .collect();
+        for q in &queues {
+            fill(&mut redis.conn(), q, per_queue);
+        }
+        let one = three_workers_burn(&redis.url(), &queues, per_queue, &conc, &|_| redis.conn());
+        println!(
+            "cluster burn-down round {round}: one redis-server: {:.0} jobs/s, workers {:.1} µs/job",
+            one.0, one.1
+        );
+        single.push(one);
+        drop(redis);
+
+        let c = RedisCluster::start(ClusterOptions {
+            extra_args: ["--appendonly", "no", "--appendfsync", "everysec"]
+                .map(String::from)
+                .to_vec(),
+            ..ClusterOptions::default()
+        });
+        let masters = c.master_ports();
+        let queues: Vec<String> = masters
+            .iter()
+            .map(|p| format!("jobs:v1:{{{}}}", c.hash_tag_served_by(*p)))
+            .collect();
+        let owner = |q: &str| c.owner_of_slot(RedisCluster::slot_of(q));
+        for q in &queues {
+            fill(&mut c.node_conn(owner(q)), q, per_queue);
+        }
+        let three = three_workers_burn(&c.url(), &queues, per_queue, &conc, &|q| {
+            c.node_conn(owner(q))
+        });
+        println!(
+            "cluster burn-down round {round}: 3-master cluster: {:.0} jobs/s, workers {:.1} µs/job",
+            three.0, three.1
+        );
+        cluster.push(three);
+    }
+    let (sj, sjlo, sjhi) = spread(single.iter().map(|r| r.0).collect());
+    let (cj, cjlo, cjhi) = spread(cluster.iter().map(|r| r.0).collect());
+    let (su, ..) = spread(single.iter().map(|r| r.1).collect());
+    let (cu, ..) = spread(cluster.iter().map(|r| r.1).collect());
+    println!(
+        "cluster burn-down {total} jobs, 3 queues, 3 workers --concurrency {conc}: \
+         one redis-server {sj:.0} jobs/s ({sjlo:.0}–{sjhi:.0}), workers {su:.1} µs/job; \
+         3-master cluster {cj:.0} jobs/s ({cjlo:.0}–{cjhi:.0}), workers {cu:.1} µs/job; \
+         cluster/one {:.2}×",
+        cj / sj
+    );
+}

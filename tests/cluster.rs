@@ -650,3 +650,65 @@ fn a_dead_seed_node_is_skipped_and_no_reachable_node_is_retried() {
         lost.log()
     );
 }
+
+#[test]
+fn readers_of_three_slots_never_take_more_entries_than_free_handlers() {
+    let cluster = RedisCluster::start(ClusterOptions::default());
+    let url = cluster.url();
+    let queues = queue_per_master(&cluster);
+    let owners: Vec<u16> = queues
+        .iter()
+        .map(|q| cluster.owner_of_slot(RedisCluster::slot_of(q)))
+        .collect();
+    let dir = fresh_temp_dir("cluster-backpressure");
+    let runs = dir.join("runs.log");
+    let mut conn = cluster.cluster_conn();
+    let mut jobs = Vec::new();
+    for (i, q) in queues.iter().enumerate() {
+        jobs.extend(enqueue(&mut conn, q, &format!("bp{i}"), 8, 150));
+    }
+    let runs_s = runs.display().to_string();
+    let mut args = vec![
+        "work",
+        "--node-name",
+        "bp-a",
+        "--concurrency",
+        "2",
+        "--block",
+        "1s",
+    ];
+    for q in &queues {
+        args.extend(["--queue", q.as_str()]);
+    }
+    let worker = Citadel::spawn(
+        &args,
+        &[
+            ("CITADEL_REDIS_URL", &url),
+            ("RUST_LOG", "debug"),
+            ("CITADEL_TEST_ECHO_RUNS", &runs_s),
+        ],
+    );
+    worker.wait_working();
+    // This consumer's pending entries over all three masters, sampled
+    // until every job ran: never more than its two handlers.
+    let mut nodes: Vec<redis::Connection> = owners.iter().map(|p| cluster.node_conn(*p)).collect();
+    let mut most = 0;
+    wait_until("every job to run", Duration::from_secs(120), || {
+        let held: i64 = queues
+            .iter()
+            .zip(nodes.iter_mut())
+            .map(
+                |(q, c)| match query(c, &["XPENDING", q, GROUP, "-", "+", "100", "bp-a"]) {
+                    Ok(Value::Array(rows)) => rows.len() as i64,
+                    _ => 0,
+                },
+            )
+            .sum();
+        most = most.max(held);
+        (runs_of(&runs).len() == jobs.len()).then_some(())
+    });
+    assert!(most <= 2, "{most} entries held by a worker with 2 handlers");
+    assert!(most >= 1, "the sampling saw nothing held");
+    let done = wait_all_final(&cluster, &jobs, Duration::from_secs(60));
+    assert!(done.values().all(|s| s == "completed"), "{done:?}");
+}
