@@ -548,6 +548,12 @@ fn submit_follow_status_dlq_and_cancel_work_on_a_cluster() {
             String::from_utf8_lossy(&out.stderr).into_owned(),
         )
     };
+    // PUBLISH reaches every node: a subscriber on a master that serves
+    // none of the job's keys hears its events.
+    let mut sub = cluster.node_conn(cluster.master_ports()[0]);
+    sub.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut sub = sub.as_pubsub();
+    sub.psubscribe("stream:v1:*").expect("PSUBSCRIBE");
     // submit --follow prints the chunks and the result.
     let (code, out, err) = cmd(&[
         "submit",
@@ -561,6 +567,18 @@ fn submit_follow_status_dlq_and_cancel_work_on_a_cluster() {
     ]);
     assert_eq!(code, Some(0), "{err}");
     assert!(out.contains("chunk 2") && out.contains("followed"), "{out}");
+    let mut heard = Vec::new();
+    while !heard.iter().any(|t| t == "end") {
+        let msg = sub.get_message().expect("the job's events on another node");
+        let payload: String = msg.get_payload().unwrap();
+        let v: serde_json::Value = serde_json::from_str(&payload).unwrap();
+        heard.push(v["type"].as_str().unwrap_or_default().to_string());
+    }
+    assert_eq!(
+        heard,
+        ["claimed", "start", "chunk", "chunk", "chunk", "end"]
+    );
+    drop(sub);
     // A job cancelled while it runs (its cancel key in another slot).
     let (code, job, err) = cmd(&[
         "submit",
