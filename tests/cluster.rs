@@ -603,6 +603,27 @@ fn submit_follow_status_dlq_and_cancel_work_on_a_cluster() {
         Duration::from_secs(30),
     );
     assert_eq!(done[&job], "cancelled");
+    // Jobs cancelled before they start, read together: one EXISTS of
+    // cancel keys in several slots (split by slot by the client).
+    let early: Vec<String> = (0..4).map(|i| format!("ad-early-{i}")).collect();
+    for job in &early {
+        query(&mut conn, &["SET", &format!("job:cancelled:{job}"), "1"]).expect("SET");
+    }
+    for job in &early {
+        xadd_echo(&mut conn, &queues[1], job, "{}");
+    }
+    let done = wait_all_final(&cluster, &early, Duration::from_secs(30));
+    assert!(done.values().all(|s| s == "cancelled"), "{done:?}");
+    let ran = runs_of(&runs);
+    assert!(
+        early.iter().all(|j| !ran.contains_key(j)),
+        "a cancelled job started"
+    );
+    assert!(
+        !worker.log().contains("cancel check before start failed"),
+        "{}",
+        worker.log()
+    );
     // A dead letter, listed and replayed.
     xadd_echo(&mut conn, &queues[0], "ad-bad", r#"{"fail":"permanent"}"#);
     wait_all_final(&cluster, &["ad-bad".to_string()], Duration::from_secs(30));
@@ -729,4 +750,115 @@ fn readers_of_three_slots_never_take_more_entries_than_free_handlers() {
     assert!(most >= 1, "the sampling saw nothing held");
     let done = wait_all_final(&cluster, &jobs, Duration::from_secs(60));
     assert!(done.values().all(|s| s == "completed"), "{done:?}");
+}
+
+/// Chaos on a cluster: three masters with a replica each, one queue per
+/// master, three workers; `failovers` times, a SIGKILL of the master of a
+/// queue's slot (a different queue each time) while jobs run, its replica
+/// promoted, the killed node restarted (it rejoins as a replica). Every job
+/// that reached the replicas completes or is dead-lettered, the pending
+/// lists drain, and the workers are the processes started first. A job may
+/// run twice (an outcome its master took but had not replicated); never
+/// not at all. Prints one `CLUSTER_CHAOS` line.
+fn cluster_chaos(jobs: usize, failovers: usize) {
+    let started = std::time::Instant::now();
+    let mut cluster = RedisCluster::start(ClusterOptions {
+        replicas_per_master: 1,
+        ..ClusterOptions::default()
+    });
+    let url = cluster.url();
+    let queues = queue_per_master(&cluster);
+    let dir = fresh_temp_dir("cluster-chaos");
+    let runs = dir.join("runs.log");
+    let mut workers: Vec<Citadel> = (0..3)
+        .map(|i| cluster_worker(&url, &format!("chaos-{i}"), &queues, &runs))
+        .collect();
+    for w in &workers {
+        w.wait_working();
+    }
+    let pids: Vec<u32> = workers.iter().map(Citadel::pid).collect();
+    let per_round = jobs / (failovers + 1);
+    let mut all = Vec::new();
+    for round in 0..=failovers {
+        let mut conn = cluster.cluster_conn();
+        for (i, q) in queues.iter().enumerate() {
+            let n = per_round / queues.len();
+            all.extend(enqueue(&mut conn, q, &format!("c{round}-{i}"), n, 5));
+        }
+        for port in cluster.master_ports() {
+            let mut node = cluster.node_conn(port);
+            let n = query(&mut node, &["WAIT", "1", "15000"]).expect("WAIT");
+            assert_eq!(n, Value::Int(1), "127.0.0.1:{port}'s replica is behind");
+        }
+        if round == failovers {
+            break;
+        }
+        let ran_before = runs_of(&runs).len();
+        wait_until("jobs of this round to run", Duration::from_secs(60), || {
+            (runs_of(&runs).len() >= ran_before + per_round / 4).then_some(())
+        });
+        let slot = RedisCluster::slot_of(&queues[round % queues.len()]);
+        let old = cluster.kill_master_of(slot);
+        cluster.wait_failover(slot, old, Duration::from_secs(60));
+        cluster.restart_node(old);
+        cluster.wait_settled(Duration::from_secs(60));
+    }
+    let done = wait_all_final(&cluster, &all, Duration::from_secs(240));
+    let drain = std::time::Instant::now();
+    let mut conn = cluster.cluster_conn();
+    for q in &queues {
+        wait_until(
+            "the pending lists to drain",
+            Duration::from_secs(60),
+            || (pending(&mut conn, q) == 0).then_some(()),
+        );
+    }
+    let ran = runs_of(&runs);
+    let never_ran: Vec<&String> = all.iter().filter(|j| !ran.contains_key(*j)).collect();
+    let duplicates: usize = all
+        .iter()
+        .map(|j| ran.get(j).copied().unwrap_or(0).saturating_sub(1))
+        .sum();
+    let completed = done.values().filter(|s| *s == "completed").count();
+    println!(
+        "CLUSTER_CHAOS jobs={} failovers={failovers} completed={completed} other={} lost={} \
+         duplicates={duplicates} drain_ms={} seconds={}",
+        all.len(),
+        done.len() - completed,
+        all.len() - done.len(),
+        drain.elapsed().as_millis(),
+        started.elapsed().as_secs()
+    );
+    assert!(never_ran.is_empty(), "settled but never ran: {never_ran:?}");
+    assert_eq!(
+        completed,
+        all.len(),
+        "echo jobs that only sleep complete: {done:?}"
+    );
+    for (w, pid) in workers.iter_mut().zip(&pids) {
+        assert!(w.is_running(), "a worker exited:\n{}", w.log());
+        assert_eq!(w.pid(), *pid);
+    }
+}
+
+#[test]
+fn cluster_chaos_short() {
+    cluster_chaos(360, 2);
+}
+
+/// `cargo test --test cluster -- --ignored cluster_chaos_full`
+/// (`CLUSTER_CHAOS_JOBS` [4 500], `CLUSTER_CHAOS_FAILOVERS` [6]).
+#[test]
+#[ignore]
+fn cluster_chaos_full() {
+    let env = |k: &str, d: usize| {
+        std::env::var(k)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(d)
+    };
+    cluster_chaos(
+        env("CLUSTER_CHAOS_JOBS", 4500),
+        env("CLUSTER_CHAOS_FAILOVERS", 6),
+    );
 }
