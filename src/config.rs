@@ -918,10 +918,15 @@ impl Settings {
     /// The node's own stream; on a Redis Cluster its name is a hash tag
     /// (so its dead letters share its slot).
     pub fn node_stream(&self) -> String {
+        self.node_stream_of(&self.node_name)
+    }
+
+    /// The own stream of node `name` (see [`Settings::node_stream`]).
+    pub fn node_stream_of(&self, name: &str) -> String {
         if self.on_cluster() {
-            format!("jobs:v1:node:{{{}}}", self.node_name)
+            format!("jobs:v1:node:{{{name}}}")
         } else {
-            format!("jobs:v1:node:{}", self.node_name)
+            format!("jobs:v1:node:{name}")
         }
     }
 
@@ -933,15 +938,21 @@ impl Settings {
     /// On a Redis Cluster, why the queues cannot be read (each must share
     /// its slot with its dead letters); `None` elsewhere or when they can.
     pub fn cluster_queue_problem(&self) -> Option<String> {
+        self.queues
+            .iter()
+            .find_map(|q| self.cluster_stream_problem(q))
+    }
+
+    /// On a Redis Cluster, why no worker can read `stream` (see
+    /// `redis_cluster::stream_problem`); `None` elsewhere or when one can.
+    pub fn cluster_stream_problem(&self, stream: &str) -> Option<String> {
         if !self.on_cluster() {
             return None;
         }
-        self.queues.iter().find_map(|q| {
-            crate::redis_cluster::stream_problem(
-                q,
-                &crate::transport::redis_streams::dead_letter::stream_for(q),
-            )
-        })
+        crate::redis_cluster::stream_problem(
+            stream,
+            &crate::transport::redis_streams::dead_letter::stream_for(stream),
+        )
     }
 
     /// Every stream a worker reads: the queues, then the node's own stream.

@@ -342,6 +342,32 @@ fn a_queue_without_a_hash_tag_is_refused_at_start_with_the_name_to_use() {
         "{err}"
     );
     assert!(err.contains("--queue 'jobs:v1:{gpu-large}'"), "{err}");
+    // submit and the gateway refuse it too, rather than enqueue where no
+    // worker can read or wait for a worker that never comes.
+    for args in [
+        &["submit", "--type", "echo", "--payload", "{}"][..],
+        &[
+            "submit",
+            "--queue",
+            "jobs:v1:plain",
+            "--type",
+            "echo",
+            "--payload",
+            "{}",
+        ][..],
+        &["gateway", "--listen", "127.0.0.1:0"][..],
+    ] {
+        let out = citadel_cmd(args)
+            .env("CITADEL_REDIS_URL", "redis+cluster://127.0.0.1:1")
+            .output()
+            .expect("citadel");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(
+            err.contains("cannot be used on a Redis Cluster"),
+            "{args:?}: {err}"
+        );
+    }
     for (url, what) in [
         ("redis+cluster://", "is not HOST:PORT"),
         ("redis+cluster://h:70000", "is not a port number"),

@@ -25,10 +25,14 @@ pub fn run(settings: &Settings, s: &Submit) -> Result<i32, Exit> {
         )
     });
     let stream = match (&s.node, &s.tag) {
-        (Some(node), _) => format!("jobs:v1:node:{node}"),
+        (Some(node), _) => settings.node_stream_of(node),
         (None, Some(tag)) => crate::node::profile::tag_stream(tag, settings.on_cluster()),
         (None, None) => settings.queues[0].clone(),
     };
+    // On a cluster no worker could read it: say so rather than wait.
+    if let Some(why) = settings.cluster_stream_problem(&stream) {
+        return Err(Exit(2, why));
+    }
     let mut conn = connect(settings)?;
     let mut xadd = redis::cmd("XADD");
     xadd.arg(&stream)

@@ -31,6 +31,16 @@ const STACK_BYTES: usize = 1 << 20;
 pub fn run(settings: Settings) -> Result<i32, Exit> {
     let addr = settings.gateway_listen.clone();
     check_exposure(&settings)?;
+    // On a cluster, a queue no worker can read would only time out.
+    let queues = settings
+        .gateway_routes
+        .iter()
+        .filter_map(|r| r.queue.as_deref());
+    for q in queues.chain(settings.queues.first().map(String::as_str)) {
+        if let Some(why) = settings.cluster_stream_problem(q) {
+            return Err(Exit(2, why));
+        }
+    }
     let tcp = TcpListener::bind(&addr)
         .map_err(|e| Exit(2, format!("cannot listen on --listen {addr}: {e}")))?;
     let bound = tcp
