@@ -888,3 +888,126 @@ fn cluster_chaos_full() {
         env("CLUSTER_CHAOS_FAILOVERS", 6),
     );
 }
+
+/// One HTTP/1.1 request with `Connection: close`; (status, body as text,
+/// de-chunked when chunked).
+fn http(addr: &str, method: &str, path: &str, body: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).expect("connect to the gateway");
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).expect("read the answer");
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let (head, rest) = text.split_once("\r\n\r\n").expect("a head");
+    let status = head.split(' ').nth(1).unwrap_or("0").parse().unwrap_or(0);
+    if !head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        return (status, rest.to_owned());
+    }
+    let mut out = String::new();
+    let mut rest = rest;
+    while let Some((size, more)) = rest.split_once("\r\n") {
+        let n = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
+        if n == 0 || more.len() < n {
+            break;
+        }
+        out.push_str(&more[..n]);
+        rest = more[n..].trim_start_matches("\r\n");
+    }
+    (status, out)
+}
+
+#[test]
+fn the_gateway_serves_chat_completions_through_a_cluster() {
+    use support::fake_engine::{FakeEngine, Reply};
+    let cluster = RedisCluster::start(ClusterOptions::default());
+    let url = cluster.url();
+    let queues = queue_per_master(&cluster);
+    let sse = |tokens: &[&str]| {
+        let mut r = Reply::sse();
+        for (i, t) in tokens.iter().enumerate() {
+            let finish = if i + 1 == tokens.len() {
+                "\"stop\""
+            } else {
+                "null"
+            };
+            r = r.send(format!(
+                "data: {{\"choices\":[{{\"index\":0,\"delta\":{{\"content\":\"{t}\"}},\"finish_reason\":{finish}}}]}}\n\n"
+            ));
+        }
+        r.send("data: [DONE]\n\n")
+    };
+    let engine = FakeEngine::start(vec![sse(&["Hel", "lo"]), sse(&["Stre", "am", "ed"])]);
+    let dir = fresh_temp_dir("cluster-gateway");
+    let runs = dir.join("runs.log");
+    let mut args = vec!["work", "--node-name", "gw-a", "--block", "1s", "--vllm-url"];
+    let engine_url = engine.url();
+    args.push(&engine_url);
+    for q in &queues {
+        args.extend(["--queue", q.as_str()]);
+    }
+    let runs_s = runs.display().to_string();
+    let worker = Citadel::spawn(
+        &args,
+        &[
+            ("CITADEL_REDIS_URL", &url),
+            ("RUST_LOG", "debug"),
+            ("CITADEL_TEST_ECHO_RUNS", &runs_s),
+        ],
+    );
+    worker.wait_working();
+    let addr = format!("127.0.0.1:{}", support::free_port());
+    let route = format!("m=vllm@{}", queues[2]);
+    let gateway = Citadel::spawn(
+        &["gateway", "--listen", &addr, "--route", &route],
+        &[("CITADEL_REDIS_URL", &url), ("RUST_LOG", "debug")],
+    );
+    gateway.wait_for_log("gateway: listening on", Duration::from_secs(30));
+    let (status, body) = http(
+        &addr,
+        "POST",
+        "/v1/chat/completions",
+        r#"{"model":"m","messages":[{"role":"user","content":"hi"}]}"#,
+    );
+    assert_eq!(status, 200, "{body}");
+    let answer: serde_json::Value = serde_json::from_str(&body).expect("JSON");
+    assert_eq!(
+        answer["choices"][0]["message"]["content"], "Hello",
+        "{answer}"
+    );
+    let (status, body) = http(
+        &addr,
+        "POST",
+        "/v1/chat/completions",
+        r#"{"model":"m","stream":true,"messages":[{"role":"user","content":"hi"}]}"#,
+    );
+    assert_eq!(status, 200, "{body}");
+    let text: String = body
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .filter(|d| *d != "[DONE]")
+        .filter_map(|d| serde_json::from_str::<serde_json::Value>(d).ok())
+        .filter_map(|v| {
+            v["choices"][0]["delta"]["content"]
+                .as_str()
+                .map(String::from)
+        })
+        .collect();
+    assert_eq!(text, "Streamed", "{body}");
+    assert!(body.trim_end().ends_with("data: [DONE]"), "{body}");
+    // The job went through the routed queue, on its master.
+    let mut node = cluster.node_conn(cluster.owner_of_slot(RedisCluster::slot_of(&queues[2])));
+    let Ok(Value::Int(n)) = query(&mut node, &["XLEN", &queues[2]]) else {
+        panic!("XLEN {}", queues[2])
+    };
+    assert_eq!(n, 2);
+}

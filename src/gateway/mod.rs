@@ -31,12 +31,13 @@ const STACK_BYTES: usize = 1 << 20;
 pub fn run(settings: Settings) -> Result<i32, Exit> {
     let addr = settings.gateway_listen.clone();
     check_exposure(&settings)?;
-    // On a cluster, a queue no worker can read would only time out.
-    let queues = settings
-        .gateway_routes
-        .iter()
-        .filter_map(|r| r.queue.as_deref());
-    for q in queues.chain(settings.queues.first().map(String::as_str)) {
+    // On a cluster, a queue no worker can read would only time out. The
+    // first --queue is used without routes and by routes without @QUEUE.
+    let routes = &settings.gateway_routes;
+    let default_used = routes.is_empty() || routes.iter().any(|r| r.queue.is_none());
+    let default = settings.queues.first().filter(|_| default_used);
+    let routed = routes.iter().filter_map(|r| r.queue.as_ref());
+    for q in routed.chain(default) {
         if let Some(why) = settings.cluster_stream_problem(q) {
             return Err(Exit(2, why));
         }
