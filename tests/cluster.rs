@@ -1011,3 +1011,50 @@ fn the_gateway_serves_chat_completions_through_a_cluster() {
     };
     assert_eq!(n, 2);
 }
+
+#[test]
+fn a_worker_killed_mid_run_has_its_jobs_on_every_slot_reclaimed() {
+    let cluster = RedisCluster::start(ClusterOptions::default());
+    let url = cluster.url();
+    let queues = queue_per_master(&cluster);
+    let dir = fresh_temp_dir("cluster-reclaim");
+    let runs = dir.join("runs.log");
+    let mut doomed = cluster_worker(&url, "rc-a", &queues, &runs);
+    doomed.wait_working();
+    let mut conn = cluster.cluster_conn();
+    let mut jobs = Vec::new();
+    for (i, q) in queues.iter().enumerate() {
+        jobs.extend(enqueue(&mut conn, q, &format!("rc{i}"), 2, 1500));
+    }
+    // Killed while it runs jobs of every queue (4 handlers, 6 jobs).
+    wait_until(
+        "the doomed worker to run jobs",
+        Duration::from_secs(30),
+        || (runs_of(&runs).len() >= 4).then_some(()),
+    );
+    doomed.kill9();
+    let survivor = cluster_worker(&url, "rc-b", &queues, &runs);
+    let done = wait_all_final(&cluster, &jobs, Duration::from_secs(60));
+    assert!(done.values().all(|s| s == "completed"), "{done:?}");
+    let log = survivor.log();
+    assert!(log.contains("reclaimed"), "{log}");
+    for q in &queues {
+        wait_until(
+            "the pending lists to drain",
+            Duration::from_secs(30),
+            || (pending(&mut conn, q) == 0).then_some(()),
+        );
+    }
+    // Each job's last run was the survivor's, and it ran at most twice.
+    let ran = runs_of(&runs);
+    for job in &jobs {
+        let n = ran.get(job).copied().unwrap_or(0);
+        assert!((1..=2).contains(&n), "{job} ran {n} times");
+        let status = hash(&mut conn, &format!("job:{job}:status"));
+        assert_eq!(
+            status.get("worker_id").map(String::as_str),
+            Some("rc-b"),
+            "{job}"
+        );
+    }
+}
