@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use redis::{ConnectionLike, Value};
 use support::cluster::{ClusterOptions, RedisCluster};
+use support::jobs::{env_usize, runs_of};
 use support::{citadel_cmd, fresh_temp_dir, value_to_string, wait_until, Citadel};
 
 const GROUP: &str = "workers";
@@ -22,6 +23,17 @@ const GROUP: &str = "workers";
 /// `citadel work` as `node` on the cluster `url`, reading `queues`, every
 /// echo run appended to `runs`.
 fn cluster_worker(url: &str, node: &str, queues: &[String], runs: &Path) -> Citadel {
+    cluster_worker_with(url, node, queues, runs, &[])
+}
+
+/// [`cluster_worker`] with `extra` flags last (they win over the shared ones).
+fn cluster_worker_with(
+    url: &str,
+    node: &str,
+    queues: &[String],
+    runs: &Path,
+    extra: &[&str],
+) -> Citadel {
     let runs = runs.display().to_string();
     let mut args = vec![
         "work",
@@ -44,6 +56,7 @@ fn cluster_worker(url: &str, node: &str, queues: &[String], runs: &Path) -> Cita
         args.push("--queue");
         args.push(q);
     }
+    args.extend_from_slice(extra);
     Citadel::spawn(
         &args,
         &[
@@ -60,6 +73,14 @@ fn queue_per_master(cluster: &RedisCluster) -> Vec<String> {
         .master_ports()
         .into_iter()
         .map(|p| format!("jobs:v1:{{{}}}", cluster.hash_tag_served_by(p)))
+        .collect()
+}
+
+/// The port of the master serving each queue now.
+fn owners_of(cluster: &RedisCluster, queues: &[String]) -> Vec<u16> {
+    queues
+        .iter()
+        .map(|q| cluster.owner_of_slot(RedisCluster::slot_of(q)))
         .collect()
 }
 
@@ -147,16 +168,6 @@ fn pending(conn: &mut impl ConnectionLike, queue: &str) -> i64 {
     }
 }
 
-/// How often each job ran, from the echo run log.
-fn runs_of(path: &Path) -> HashMap<String, usize> {
-    let mut runs = HashMap::new();
-    for line in std::fs::read_to_string(path).unwrap_or_default().lines() {
-        let job = line.split(' ').next().unwrap_or_default().to_string();
-        *runs.entry(job).or_insert(0) += 1;
-    }
-    runs
-}
-
 /// Until every job has a final status record; returns the statuses.
 fn wait_all_final(
     cluster: &RedisCluster,
@@ -194,10 +205,7 @@ fn jobs_on_queues_in_three_slots_settle_on_their_nodes() {
     let cluster = RedisCluster::start(ClusterOptions::default());
     let url = cluster.url();
     let queues = queue_per_master(&cluster);
-    let owners: Vec<u16> = queues
-        .iter()
-        .map(|q| cluster.owner_of_slot(RedisCluster::slot_of(q)))
-        .collect();
+    let owners = owners_of(&cluster, &queues);
     let mut distinct = owners.clone();
     distinct.sort_unstable();
     distinct.dedup();
@@ -721,10 +729,7 @@ fn readers_of_three_slots_never_take_more_entries_than_free_handlers() {
     let cluster = RedisCluster::start(ClusterOptions::default());
     let url = cluster.url();
     let queues = queue_per_master(&cluster);
-    let owners: Vec<u16> = queues
-        .iter()
-        .map(|q| cluster.owner_of_slot(RedisCluster::slot_of(q)))
-        .collect();
+    let owners = owners_of(&cluster, &queues);
     let dir = fresh_temp_dir("cluster-backpressure");
     let runs = dir.join("runs.log");
     let mut conn = cluster.cluster_conn();
@@ -732,27 +737,7 @@ fn readers_of_three_slots_never_take_more_entries_than_free_handlers() {
     for (i, q) in queues.iter().enumerate() {
         jobs.extend(enqueue(&mut conn, q, &format!("bp{i}"), 8, 150));
     }
-    let runs_s = runs.display().to_string();
-    let mut args = vec![
-        "work",
-        "--node-name",
-        "bp-a",
-        "--concurrency",
-        "2",
-        "--block",
-        "1s",
-    ];
-    for q in &queues {
-        args.extend(["--queue", q.as_str()]);
-    }
-    let worker = Citadel::spawn(
-        &args,
-        &[
-            ("CITADEL_REDIS_URL", &url),
-            ("RUST_LOG", "debug"),
-            ("CITADEL_TEST_ECHO_RUNS", &runs_s),
-        ],
-    );
+    let worker = cluster_worker_with(&url, "bp-a", &queues, &runs, &["--concurrency", "2"]);
     worker.wait_working();
     // This consumer's pending entries over all three masters, sampled
     // until every job ran: never more than its two handlers.
@@ -877,15 +862,9 @@ fn cluster_chaos_short() {
 #[test]
 #[ignore]
 fn cluster_chaos_full() {
-    let env = |k: &str, d: usize| {
-        std::env::var(k)
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(d)
-    };
     cluster_chaos(
-        env("CLUSTER_CHAOS_JOBS", 4500),
-        env("CLUSTER_CHAOS_FAILOVERS", 6),
+        env_usize("CLUSTER_CHAOS_JOBS", 4500),
+        env_usize("CLUSTER_CHAOS_FAILOVERS", 6),
     );
 }
 
@@ -949,21 +928,8 @@ fn the_gateway_serves_chat_completions_through_a_cluster() {
     let engine = FakeEngine::start(vec![sse(&["Hel", "lo"]), sse(&["Stre", "am", "ed"])]);
     let dir = fresh_temp_dir("cluster-gateway");
     let runs = dir.join("runs.log");
-    let mut args = vec!["work", "--node-name", "gw-a", "--block", "1s", "--vllm-url"];
     let engine_url = engine.url();
-    args.push(&engine_url);
-    for q in &queues {
-        args.extend(["--queue", q.as_str()]);
-    }
-    let runs_s = runs.display().to_string();
-    let worker = Citadel::spawn(
-        &args,
-        &[
-            ("CITADEL_REDIS_URL", &url),
-            ("RUST_LOG", "debug"),
-            ("CITADEL_TEST_ECHO_RUNS", &runs_s),
-        ],
-    );
+    let worker = cluster_worker_with(&url, "gw-a", &queues, &runs, &["--vllm-url", &engine_url]);
     worker.wait_working();
     let addr = format!("127.0.0.1:{}", support::free_port());
     let route = format!("m=vllm@{}", queues[2]);

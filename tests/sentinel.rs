@@ -12,6 +12,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
+use support::jobs::{env_usize, runs_of};
 use support::sentinel::{data_conn, sentinel_url, Sentinel, SentinelOptions, SentinelSet};
 use support::{
     citadel_cmd, free_port, fresh_temp_dir, hgetall, pending_count, wait_until, xadd_job,
@@ -52,16 +53,6 @@ fn sentinel_worker(url: &str, node: &str, runs: &Path, env: &[(&str, &str)]) -> 
         ],
         &all,
     )
-}
-
-/// How often each job ran, from the echo run log.
-fn runs_of(path: &Path) -> HashMap<String, usize> {
-    let mut runs = HashMap::new();
-    for line in std::fs::read_to_string(path).unwrap_or_default().lines() {
-        let job = line.split(' ').next().unwrap_or_default().to_string();
-        *runs.entry(job).or_insert(0) += 1;
-    }
-    runs
 }
 
 /// Each job's outcome on this server: `completed` (status hash) or
@@ -643,15 +634,9 @@ fn sentinel_chaos_short() {
 #[test]
 #[ignore]
 fn sentinel_chaos_full() {
-    let env = |k: &str, d: usize| {
-        std::env::var(k)
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(d)
-    };
     sentinel_chaos(
-        env("SENTINEL_CHAOS_JOBS", 5000),
-        env("SENTINEL_CHAOS_FAILOVERS", 8),
+        env_usize("SENTINEL_CHAOS_JOBS", 5000),
+        env_usize("SENTINEL_CHAOS_FAILOVERS", 8),
     );
 }
 

@@ -2,7 +2,9 @@
 //! download, init, heartbeat, install): a command run to its end with a
 //! deadline and its output captured, a temp dir removed when the test
 //! passes, fake tools on PATH, a job's terminal event, and processes
-//! watched in /proc (a pid a command wrote, awaited until it is gone).
+//! watched in /proc (a pid a command wrote, awaited until it is gone), and
+//! what the failover chaos runs share (the echo run ledger, their sizes
+//! from the environment).
 
 use super::observe::{event_type, is_terminal};
 use super::{wait_until, Subscriber, POLL};
@@ -162,4 +164,23 @@ pub fn wait_pid_gone(what: &str, pid: u32, timeout: Duration) {
     wait_until(&format!("{what} (pid {pid}) to be gone"), timeout, || {
         (!pid_alive(pid)).then_some(())
     });
+}
+
+/// How often each job ran, from the echo run log
+/// (`CITADEL_TEST_ECHO_RUNS`: one `{jobId} {pid} {ms}` line per run).
+pub fn runs_of(path: &Path) -> std::collections::HashMap<String, usize> {
+    let mut runs = std::collections::HashMap::new();
+    for line in fs::read_to_string(path).unwrap_or_default().lines() {
+        let job = line.split(' ').next().unwrap_or_default().to_string();
+        *runs.entry(job).or_insert(0) += 1;
+    }
+    runs
+}
+
+/// The number in the environment variable `name`, else `default`.
+pub fn env_usize(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
 }

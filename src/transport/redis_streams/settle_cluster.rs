@@ -17,10 +17,9 @@
 //! of the one-server batch script, one per step, so the settler reads them
 //! the same way.
 
-use super::scripts::{events_key, events_maxlen, status_key, Scripts};
-use super::settler::{ending, plain_cmds, Part, Step};
+use super::scripts::{status_key, Scripts};
+use super::settler::{ending, event_cmds, plain_cmds, Part, Step};
 use super::{dead_letter, entry::Entry, StreamsState};
-use crate::events;
 use crate::redis_conn::Conn;
 use crate::worker::exec::Outcome;
 use redis::{Cmd, RedisResult, Value};
@@ -153,7 +152,9 @@ fn call(
         let key = (e.stream.clone(), e.id.clone());
         if let (Some(json), Some(_)) = (&ends[n].event, &e.job_id) {
             if announced.insert(key.clone()) {
-                events.extend(terminal_cmds(st, e, json));
+                // The events stream's final lifetime, then PUBLISH.
+                let ttl = st.settings.events_ttl.as_secs();
+                events.extend(event_cmds(st, e, json, Some(ttl)));
                 sent.push(key);
             }
         }
@@ -269,40 +270,6 @@ fn status_cmds(st: &StreamsState, e: &Entry, status: &str, error: Option<&str>) 
         redis::cmd("EXPIRE")
             .arg(&key)
             .arg(st.settings.status_ttl.as_secs())
-            .clone(),
-    );
-    cmds
-}
-
-/// The terminal event: the events-stream append with its final ttl, then
-/// PUBLISH.
-fn terminal_cmds(st: &StreamsState, e: &Entry, json: &str) -> Vec<Cmd> {
-    let mut cmds = Vec::with_capacity(3);
-    let maxlen = events_maxlen(st);
-    if maxlen > 0 {
-        let key = events_key(e);
-        cmds.push(
-            redis::cmd("XADD")
-                .arg(&key)
-                .arg("MAXLEN")
-                .arg("~")
-                .arg(maxlen)
-                .arg("*")
-                .arg("event")
-                .arg(json)
-                .clone(),
-        );
-        cmds.push(
-            redis::cmd("EXPIRE")
-                .arg(key)
-                .arg(st.settings.events_ttl.as_secs())
-                .clone(),
-        );
-    }
-    cmds.push(
-        redis::cmd("PUBLISH")
-            .arg(events::channel(e.job_id.as_deref().unwrap_or_default()))
-            .arg(json)
             .clone(),
     );
     cmds

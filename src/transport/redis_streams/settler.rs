@@ -745,6 +745,12 @@ fn per_step(replies: Vec<Value>, plan: &[Part], steps: &[Step], stream_on: bool)
 /// A plain event's commands: the events-stream append (then, when
 /// `expire`, the stream's running ttl), then PUBLISH.
 pub(super) fn plain_cmds(st: &StreamsState, e: &Entry, json: &str, expire: bool) -> Vec<Cmd> {
+    event_cmds(st, e, json, expire.then(|| running_events_ttl(st)))
+}
+
+/// An event's commands: the events-stream append (then the stream's
+/// lifetime `ttl` seconds, when given), then PUBLISH.
+pub(super) fn event_cmds(st: &StreamsState, e: &Entry, json: &str, ttl: Option<u64>) -> Vec<Cmd> {
     let mut cmds = Vec::with_capacity(3);
     let maxlen = events_maxlen(st);
     if maxlen > 0 {
@@ -760,13 +766,8 @@ pub(super) fn plain_cmds(st: &StreamsState, e: &Entry, json: &str, expire: bool)
                 .arg(json)
                 .clone(),
         );
-        if expire {
-            cmds.push(
-                redis::cmd("EXPIRE")
-                    .arg(key)
-                    .arg(running_events_ttl(st))
-                    .clone(),
-            );
+        if let Some(ttl) = ttl {
+            cmds.push(redis::cmd("EXPIRE").arg(key).arg(ttl).clone());
         }
     }
     cmds.push(
