@@ -146,10 +146,12 @@ fn slot_ranges(reply: Value) -> Vec<(u16, u16, String)> {
 impl ClusterConn {
     /// Send `cmds` and read every reply, in order, a refused command's
     /// error in its place: the commands of each node as one pipeline
-    /// (routed by its first command's key), node after node. A command
-    /// without a key (PUBLISH, which reaches every node) goes with the
-    /// command before it. Commands to one node keep their order; commands
-    /// to different nodes are not ordered among themselves.
+    /// (routed by its first command's key), node after node, in the order
+    /// each node first appears. A command without a key (PUBLISH, which
+    /// reaches every node) joins the last group so far, so it is sent after
+    /// every command before it. Commands to one node keep their order;
+    /// commands with keys on different nodes are not ordered among
+    /// themselves.
     pub fn send_all(&mut self, cmds: &[Cmd]) -> RedisResult<Vec<Value>> {
         let mut groups: Vec<(Option<usize>, Vec<usize>)> = Vec::new();
         for (i, cmd) in cmds.iter().enumerate() {
