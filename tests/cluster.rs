@@ -223,6 +223,13 @@ fn jobs_on_queues_in_three_slots_settle_on_their_nodes() {
     let mut jobs = Vec::new();
     for (i, q) in queues.iter().enumerate() {
         jobs.extend(enqueue(&mut conn, q, &format!("q{i}"), 30, 5));
+        // Jobs that stream: their chunks, settled among the others' events
+        // in pipelines per node, keep their order.
+        for k in 0..4 {
+            let job = format!("q{i}-chunks-{k}");
+            xadd_echo(&mut conn, q, &job, r#"{"chunks":25}"#);
+            jobs.push(job);
+        }
         // One that fails for good and one malformed (payload not JSON).
         let bad = format!("q{i}-bad");
         xadd_echo(&mut conn, q, &bad, r#"{"fail":"permanent"}"#);
@@ -275,6 +282,23 @@ fn jobs_on_queues_in_three_slots_settle_on_their_nodes() {
         if !job.ends_with("-garbage") {
             assert_eq!(&types[..2], ["claimed", "start"], "{job}: {types:?}");
         }
+    }
+    for job in jobs.iter().filter(|j| j.contains("-chunks-")) {
+        let events = stream_field(&mut conn, &format!("events:v1:{job}"), "event");
+        let chunks: Vec<(u64, String)> = events
+            .iter()
+            .map(|e| serde_json::from_str::<serde_json::Value>(e).unwrap())
+            .filter(|v| v["type"] == "chunk")
+            .map(|v| {
+                let d = &v["data"];
+                (
+                    d["index"].as_u64().unwrap(),
+                    d["content"].as_str().unwrap().to_owned(),
+                )
+            })
+            .collect();
+        let want: Vec<(u64, String)> = (0..25).map(|n| (n, format!("chunk {n}\n"))).collect();
+        assert_eq!(chunks, want, "{job}");
     }
     for (i, q) in queues.iter().enumerate() {
         // The dead letters sit in the queue's slot, whole.
