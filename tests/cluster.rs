@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use redis::{ConnectionLike, Value};
 use support::cluster::{ClusterOptions, RedisCluster};
-use support::jobs::{env_usize, runs_of};
+use support::jobs::{env_usize, runs_of, FAILOVER_WORKER_FLAGS};
 use support::{citadel_cmd, fresh_temp_dir, value_to_string, wait_until, Citadel};
 
 const GROUP: &str = "workers";
@@ -35,23 +35,8 @@ fn cluster_worker_with(
     extra: &[&str],
 ) -> Citadel {
     let runs = runs.display().to_string();
-    let mut args = vec![
-        "work",
-        "--node-name",
-        node,
-        "--concurrency",
-        "4",
-        "--block",
-        "1s",
-        "--cancel-poll",
-        "100ms",
-        "--claim-idle",
-        "3s",
-        "--redis-timeout",
-        "1s",
-        "--heartbeat-interval",
-        "1s",
-    ];
+    let mut args = vec!["work", "--node-name", node];
+    args.extend_from_slice(FAILOVER_WORKER_FLAGS);
     for q in queues {
         args.push("--queue");
         args.push(q);
@@ -1035,16 +1020,23 @@ fn a_worker_killed_mid_run_has_its_jobs_on_every_slot_reclaimed() {
             || (pending(&mut conn, q) == 0).then_some(()),
         );
     }
-    // Each job's last run was the survivor's, and it ran at most twice.
+    // A job the killed worker had started and not finished ran again on
+    // the survivor (one that finished before the kill has rc-a's status);
+    // none ran more than twice, and some were taken from the killed one.
     let ran = runs_of(&runs);
+    let mut taken = 0;
     for job in &jobs {
         let n = ran.get(job).copied().unwrap_or(0);
         assert!((1..=2).contains(&n), "{job} ran {n} times");
         let status = hash(&mut conn, &format!("job:{job}:status"));
-        assert_eq!(
-            status.get("worker_id").map(String::as_str),
-            Some("rc-b"),
-            "{job}"
-        );
+        match status.get("worker_id").map(String::as_str) {
+            Some("rc-b") if n == 2 => taken += 1,
+            Some("rc-b") | Some("rc-a") => {}
+            other => panic!("{job}: worker {other:?}"),
+        }
     }
+    assert!(
+        taken >= 1,
+        "no job of the killed worker was run again: {ran:?}"
+    );
 }

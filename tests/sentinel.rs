@@ -12,7 +12,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use support::jobs::{env_usize, runs_of};
+use support::jobs::{env_usize, runs_of, FAILOVER_WORKER_FLAGS};
 use support::sentinel::{data_conn, sentinel_url, Sentinel, SentinelOptions, SentinelSet};
 use support::{
     citadel_cmd, free_port, fresh_temp_dir, hgetall, pending_count, wait_until, xadd_job,
@@ -33,26 +33,9 @@ fn sentinel_worker(url: &str, node: &str, runs: &Path, env: &[(&str, &str)]) -> 
         ("CITADEL_TEST_ECHO_RUNS", &runs),
     ];
     all.extend_from_slice(env);
-    Citadel::spawn(
-        &[
-            "work",
-            "--node-name",
-            node,
-            "--concurrency",
-            "4",
-            "--block",
-            "1s",
-            "--cancel-poll",
-            "100ms",
-            "--claim-idle",
-            "3s",
-            "--redis-timeout",
-            "1s",
-            "--heartbeat-interval",
-            "1s",
-        ],
-        &all,
-    )
+    let mut args = vec!["work", "--node-name", node];
+    args.extend_from_slice(FAILOVER_WORKER_FLAGS);
+    Citadel::spawn(&args, &all)
 }
 
 /// Each job's outcome on this server: `completed` (status hash) or

@@ -184,3 +184,20 @@ pub fn env_usize(name: &str, default: usize) -> usize {
         .and_then(|v| v.parse().ok())
         .unwrap_or(default)
 }
+
+/// The flags of the workers of the failover runs (Sentinel, Cluster):
+/// short blocks, claim-idle and timeouts, so a failover is over in seconds.
+pub const FAILOVER_WORKER_FLAGS: &[&str] = &[
+    "--concurrency",
+    "4",
+    "--block",
+    "1s",
+    "--cancel-poll",
+    "100ms",
+    "--claim-idle",
+    "3s",
+    "--redis-timeout",
+    "1s",
+    "--heartbeat-interval",
+    "1s",
+];
