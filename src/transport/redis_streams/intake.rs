@@ -203,7 +203,11 @@ fn cancelled_before_start(conn: &mut Conn, batch: &[(Entry, Verdict)]) -> Vec<bo
 pub fn exists_each(conn: &mut Conn, keys: &[&str]) -> RedisResult<Vec<bool>> {
     let cmds: Vec<redis::Cmd> = keys
         .iter()
-        .map(|k| redis::cmd("EXISTS").arg(*k).clone())
+        .map(|k| {
+            let mut exists = redis::cmd("EXISTS");
+            exists.arg(*k);
+            exists
+        })
         .collect();
     Ok(conn
         .send_all(&cmds)?

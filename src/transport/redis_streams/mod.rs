@@ -59,9 +59,6 @@ pub struct StreamsState {
     /// Each reader's CLIENT ID (with the slot of its streams, on a
     /// cluster), so a shutdown can unblock its XREADGROUP.
     reader_clients: Mutex<Vec<(Option<u16>, u64)>>,
-    /// `redis+cluster://`: one reader per hash slot of the streams, and
-    /// outcomes settled slot by slot (see `settler::send_cluster`).
-    pub cluster: bool,
     /// This process's claim on its consumer name, and whether the reader must
     /// (re)take it before reading.
     lock: consumer_lock::ConsumerLock,
@@ -130,7 +127,7 @@ impl RedisStreams {
         tasks: Sender<Task>,
         slots: Arc<Slots>,
     ) -> Self {
-        let cluster = crate::redis_cluster::is_cluster_url(&settings.redis_url);
+        let cluster = settings.on_cluster();
         let shared = Arc::new(StreamsState {
             consumer: settings.consumer().to_owned(),
             base_streams: settings.streams().into_iter().map(Arc::from).collect(),
@@ -143,7 +140,6 @@ impl RedisStreams {
             stop_settling: AtomicBool::new(false),
             hard_stop: Mutex::new(None),
             reader_clients: Mutex::new(Vec::new()),
-            cluster,
             lock: consumer_lock::ConsumerLock::new(
                 &settings.group,
                 settings.consumer(),
@@ -201,7 +197,8 @@ impl RedisStreams {
             exec,
             tasks,
         };
-        self.reader = Some(if intake.state.cluster {
+        // On a cluster: one reader per hash slot (see `reader`).
+        self.reader = Some(if intake.state.settings.on_cluster() {
             spawn("readers", move || reader::run_per_slot(intake))
         } else {
             spawn("reader", move || reader::Reader::new(intake, None).run())

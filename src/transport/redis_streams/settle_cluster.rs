@@ -46,7 +46,7 @@ pub fn send(
                 let Step::Publish(e, json, _) = &steps[*i] else {
                     unreachable!("only plain events are sent plain")
                 };
-                out[*i] = first_error(conn.send_all(&plain_cmds(st, e, json, *expire))?);
+                out[*i] = first_error(&conn.send_all(&plain_cmds(st, e, json, *expire))?);
             }
             Part::Call(ops) => {
                 let items: Vec<(usize, &Arc<Entry>, Option<&Outcome>, bool)> = ops
@@ -77,14 +77,16 @@ fn call(
     announced: &mut Announced,
     out: &mut [Value],
 ) -> RedisResult<()> {
-    let mut by_key: BTreeMap<String, Vec<usize>> = BTreeMap::new();
-    for (n, (_, e, _, _)) in items.iter().enumerate() {
-        by_key
-            .entry(st.lock.key_for(&e.stream))
-            .or_default()
-            .push(n);
+    // Each item's claim key: the key of its stream's slot.
+    let keys: Vec<String> = items
+        .iter()
+        .map(|(_, e, ..)| st.lock.key_for(&e.stream))
+        .collect();
+    let mut by_key: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
+    for (n, key) in keys.iter().enumerate() {
+        by_key.entry(key).or_default().push(n);
     }
-    let groups: Vec<(String, Vec<usize>)> = by_key.into_iter().collect();
+    let groups: Vec<(&str, Vec<usize>)> = by_key.into_iter().collect();
     // 1. Still ours?
     let guards: Vec<Cmd> = groups
         .iter()
@@ -140,7 +142,7 @@ fn call(
             out[i] = std::mem::replace(&mut verdicts[n], Value::Nil);
             continue;
         }
-        if let Value::ServerError(err) = first_error(written[ranges[n].clone()].to_vec()) {
+        if let Value::ServerError(err) = first_error(&written[ranges[n].clone()]) {
             out[i] = Value::ServerError(err);
             continue;
         }
@@ -158,12 +160,7 @@ fn call(
                 sent.push(key);
             }
         }
-        let lock_key = &groups
-            .iter()
-            .find(|(_, g)| g.contains(&n))
-            .expect("grouped")
-            .0;
-        acks.entry(lock_key.as_str()).or_default().push(n);
+        acks.entry(&keys[n]).or_default().push(n);
     }
     if let Err(e) = conn.send_all(&events) {
         // Maybe not sent: sent again with the rest (at least once).
@@ -232,15 +229,13 @@ fn per_item(mut replies: Vec<Value>, n: usize) -> Vec<Value> {
 }
 
 /// The first refusal among replies, else the last reply.
-fn first_error(replies: Vec<Value>) -> Value {
-    let mut last = Value::Nil;
-    for r in replies {
-        if matches!(r, Value::ServerError(_)) {
-            return r;
-        }
-        last = r;
-    }
-    last
+fn first_error(replies: &[Value]) -> Value {
+    replies
+        .iter()
+        .find(|r| matches!(r, Value::ServerError(_)))
+        .or(replies.last())
+        .cloned()
+        .unwrap_or(Value::Nil)
 }
 
 /// The status record of `e`'s job, as the batch script writes it.
@@ -263,14 +258,13 @@ fn status_cmds(st: &StreamsState, e: &Entry, status: &str, error: Option<&str>) 
         }
         None => {
             cmds.push(hset);
-            cmds.push(redis::cmd("HDEL").arg(&key).arg("error").clone());
+            let mut hdel = redis::cmd("HDEL");
+            hdel.arg(&key).arg("error");
+            cmds.push(hdel);
         }
     }
-    cmds.push(
-        redis::cmd("EXPIRE")
-            .arg(&key)
-            .arg(st.settings.status_ttl.as_secs())
-            .clone(),
-    );
+    let mut expire = redis::cmd("EXPIRE");
+    expire.arg(&key).arg(st.settings.status_ttl.as_secs());
+    cmds.push(expire);
     cmds
 }

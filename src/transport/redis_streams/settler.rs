@@ -755,27 +755,26 @@ pub(super) fn event_cmds(st: &StreamsState, e: &Entry, json: &str, ttl: Option<u
     let maxlen = events_maxlen(st);
     if maxlen > 0 {
         let key = events_key(e);
-        cmds.push(
-            redis::cmd("XADD")
-                .arg(&key)
-                .arg("MAXLEN")
-                .arg("~")
-                .arg(maxlen)
-                .arg("*")
-                .arg("event")
-                .arg(json)
-                .clone(),
-        );
+        let mut xadd = redis::cmd("XADD");
+        xadd.arg(&key)
+            .arg("MAXLEN")
+            .arg("~")
+            .arg(maxlen)
+            .arg("*")
+            .arg("event")
+            .arg(json);
+        cmds.push(xadd);
         if let Some(ttl) = ttl {
-            cmds.push(redis::cmd("EXPIRE").arg(key).arg(ttl).clone());
+            let mut expire = redis::cmd("EXPIRE");
+            expire.arg(key).arg(ttl);
+            cmds.push(expire);
         }
     }
-    cmds.push(
-        redis::cmd("PUBLISH")
-            .arg(events::channel(e.job_id.as_deref().unwrap_or_default()))
-            .arg(json)
-            .clone(),
-    );
+    let mut publish = redis::cmd("PUBLISH");
+    publish
+        .arg(events::channel(e.job_id.as_deref().unwrap_or_default()))
+        .arg(json);
+    cmds.push(publish);
     cmds
 }
 
