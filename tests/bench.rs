@@ -213,22 +213,7 @@ fn citadel_burn(total: usize, concurrency: &str) -> Burn {
     let redis = fast_redis();
     let mut c = redis.conn();
     let stream = "jobs:v1:bench";
-    for batch in 0..total.div_ceil(1000) {
-        let mut pipe = redis::pipe();
-        for i in batch * 1000..((batch + 1) * 1000).min(total) {
-            pipe.cmd("XADD")
-                .arg(stream)
-                .arg("*")
-                .arg("jobId")
-                .arg(format!("b-{i}"))
-                .arg("type")
-                .arg("echo")
-                .arg("payload")
-                .arg(r#"{"n":1}"#)
-                .ignore();
-        }
-        pipe.exec(&mut c).unwrap();
-    }
+    fill(&mut c, stream, "b", total);
     let before = redis_usage(&mut c);
     let t0 = Instant::now();
     let w = Citadel::work(
@@ -940,17 +925,17 @@ fn bench_gateway_stream() {
     );
 }
 
-/// `per_queue` no-op echo jobs on each of `queues`, each queue's jobs
-/// pipelined to `conn` (its master, or the one server).
-fn fill(conn: &mut redis::Connection, queue: &str, per_queue: usize) {
-    for batch in 0..per_queue.div_ceil(1000) {
+/// `n` no-op echo jobs `{prefix}-{i}` on `queue`, pipelined to `conn` (the
+/// queue's master, or the one server) a thousand at a time.
+fn fill(conn: &mut redis::Connection, queue: &str, prefix: &str, n: usize) {
+    for batch in 0..n.div_ceil(1000) {
         let mut pipe = redis::pipe();
-        for i in batch * 1000..((batch + 1) * 1000).min(per_queue) {
+        for i in batch * 1000..((batch + 1) * 1000).min(n) {
             pipe.cmd("XADD")
                 .arg(queue)
                 .arg("*")
                 .arg("jobId")
-                .arg(format!("{queue}-{i}"))
+                .arg(format!("{prefix}-{i}"))
                 .arg("type")
                 .arg("echo")
                 .arg("payload")
@@ -1018,7 +1003,7 @@ fn bench_cluster_burn_down() {
             .map(|t| format!("jobs:v1:{{{t}}}"))
             .collect();
         for q in &queues {
-            fill(&mut redis.conn(), q, per_queue);
+            fill(&mut redis.conn(), q, q, per_queue);
         }
         let one = three_workers_burn(&redis.url(), &queues, per_queue, &conc, &|_| redis.conn());
         println!(
@@ -1041,7 +1026,7 @@ fn bench_cluster_burn_down() {
             .collect();
         let owner = |q: &str| c.owner_of_slot(RedisCluster::slot_of(q));
         for q in &queues {
-            fill(&mut c.node_conn(owner(q)), q, per_queue);
+            fill(&mut c.node_conn(owner(q)), q, q, per_queue);
         }
         let three = three_workers_burn(&c.url(), &queues, per_queue, &conc, &|q| {
             c.node_conn(owner(q))

@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use redis::{ConnectionLike, Value};
 use support::cluster::{ClusterOptions, RedisCluster};
-use support::jobs::{env_usize, runs_of, FAILOVER_WORKER_FLAGS};
+use support::jobs::{env_usize, runs_of, submit_follows_after_failover, FAILOVER_WORKER_FLAGS};
 use support::{citadel_cmd, fresh_temp_dir, value_to_string, wait_until, Citadel};
 
 const GROUP: &str = "workers";
@@ -464,25 +464,7 @@ fn a_master_failover_mid_run_loses_no_job_and_needs_no_restart() {
     }
     // An operator's command with the same URL works after the failover,
     // on the failed-over slot too.
-    let out = citadel_cmd(&[
-        "submit",
-        "--queue",
-        &queues[0],
-        "--type",
-        "echo",
-        "--payload",
-        r#"{"hello":"after failover"}"#,
-        "--follow",
-    ])
-    .env("CITADEL_REDIS_URL", &url)
-    .output()
-    .expect("citadel submit");
-    assert!(
-        out.status.success(),
-        "submit --follow: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(String::from_utf8_lossy(&out.stdout).contains("after failover"));
+    submit_follows_after_failover(&url, Some(&queues[0]));
 }
 
 /// Runs jobs on a queue while its slot moves to another master: every job

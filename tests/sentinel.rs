@@ -12,7 +12,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use support::jobs::{env_usize, runs_of, FAILOVER_WORKER_FLAGS};
+use support::jobs::{env_usize, runs_of, submit_follows_after_failover, FAILOVER_WORKER_FLAGS};
 use support::sentinel::{data_conn, sentinel_url, Sentinel, SentinelOptions, SentinelSet};
 use support::{
     citadel_cmd, free_port, fresh_temp_dir, hgetall, pending_count, wait_until, xadd_job,
@@ -174,25 +174,9 @@ fn a_sentinel_failover_loses_no_job_and_needs_no_restart() {
         sub.wait_for(job, "end", Duration::from_secs(10));
     }
     // An operator's command with the same URL reaches the new master.
-    let out = citadel_cmd(&[
-        "submit",
-        "--type",
-        "echo",
-        "--payload",
-        r#"{"hello":"after failover"}"#,
-        "--follow",
-    ])
-    .env("CITADEL_REDIS_URL", &url)
-    .output()
-    .expect("citadel submit");
-    assert!(
-        out.status.success(),
-        "submit --follow: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(String::from_utf8_lossy(&out.stdout).contains("after failover"));
+    let stderr = submit_follows_after_failover(&url, None);
     // An operator's command does not log where the master is.
-    assert_eq!(String::from_utf8_lossy(&out.stderr), "");
+    assert_eq!(stderr, "");
     // status and dlq read the new master too.
     let out = citadel_cmd(&["status", "--json"])
         .env("CITADEL_REDIS_URL", &url)

@@ -201,3 +201,28 @@ pub const FAILOVER_WORKER_FLAGS: &[&str] = &[
     "--heartbeat-interval",
     "1s",
 ];
+
+/// `citadel submit --follow` of an echo job on `url` (to `queue`, else the
+/// default queue), after a failover: it must succeed and print the job's
+/// result. Returns its stderr.
+pub fn submit_follows_after_failover(url: &str, queue: Option<&str>) -> String {
+    let mut args = vec!["submit"];
+    if let Some(q) = queue {
+        args.extend(["--queue", q]);
+    }
+    args.extend([
+        "--type",
+        "echo",
+        "--payload",
+        r#"{"hello":"after failover"}"#,
+        "--follow",
+    ]);
+    let out = super::citadel_cmd(&args)
+        .env("CITADEL_REDIS_URL", url)
+        .output()
+        .expect("citadel submit");
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "submit --follow: {stderr}");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("after failover"));
+    stderr
+}
