@@ -15,7 +15,9 @@ use std::time::Duration;
 
 use redis::{ConnectionLike, Value};
 use support::cluster::{ClusterOptions, RedisCluster};
-use support::jobs::{env_usize, runs_of, submit_follows_after_failover, FAILOVER_WORKER_FLAGS};
+use support::jobs::{
+    env_usize, run_to_end, runs_of, submit_follows_after_failover, FAILOVER_WORKER_FLAGS,
+};
 use support::{citadel_cmd, fresh_temp_dir, value_to_string, wait_until, Citadel};
 
 const GROUP: &str = "workers";
@@ -341,19 +343,22 @@ fn jobs_on_queues_in_three_slots_settle_on_their_nodes() {
 
 #[test]
 fn a_queue_without_a_hash_tag_is_refused_at_start_with_the_name_to_use() {
-    let out = citadel_cmd(&[
-        "work",
-        "--redis-url",
-        "redis+cluster://127.0.0.1:1,127.0.0.1:2",
-        "--queue",
-        "jobs:v1:{ok}",
-        "--queue",
-        "jobs:v1:gpu-large",
-    ])
-    .output()
-    .expect("citadel work");
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "{err}");
+    // Bounded: without the check a worker would retry the dead seeds forever.
+    let limit = Duration::from_secs(30);
+    let out = run_to_end(
+        &mut citadel_cmd(&[
+            "work",
+            "--redis-url",
+            "redis+cluster://127.0.0.1:1,127.0.0.1:2",
+            "--queue",
+            "jobs:v1:{ok}",
+            "--queue",
+            "jobs:v1:gpu-large",
+        ]),
+        limit,
+    );
+    let err = &out.stderr;
+    assert_eq!(out.code, Some(2), "{err}");
     assert!(
         err.contains("queue 'jobs:v1:gpu-large' cannot be used on a Redis Cluster"),
         "{err}"
@@ -374,12 +379,12 @@ fn a_queue_without_a_hash_tag_is_refused_at_start_with_the_name_to_use() {
         ][..],
         &["gateway", "--listen", "127.0.0.1:0"][..],
     ] {
-        let out = citadel_cmd(args)
-            .env("CITADEL_REDIS_URL", "redis+cluster://127.0.0.1:1")
-            .output()
-            .expect("citadel");
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        let out = run_to_end(
+            citadel_cmd(args).env("CITADEL_REDIS_URL", "redis+cluster://127.0.0.1:1"),
+            limit,
+        );
+        let err = &out.stderr;
+        assert_eq!(out.code, Some(2), "{args:?}: {err}");
         assert!(
             err.contains("cannot be used on a Redis Cluster"),
             "{args:?}: {err}"
@@ -391,11 +396,12 @@ fn a_queue_without_a_hash_tag_is_refused_at_start_with_the_name_to_use() {
         ("redis+cluster://h:7000/2", "only database 0"),
         ("redis+cluster://u:secret@h:7000#what", "not a known option"),
     ] {
-        let out = citadel_cmd(&["work", "--redis-url", url, "--queue", "jobs:v1:{a}"])
-            .output()
-            .expect("citadel work");
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(2), "{url}: {err}");
+        let out = run_to_end(
+            &mut citadel_cmd(&["work", "--redis-url", url, "--queue", "jobs:v1:{a}"]),
+            limit,
+        );
+        let err = &out.stderr;
+        assert_eq!(out.code, Some(2), "{url}: {err}");
         assert!(err.contains("is not a Redis Cluster URL"), "{url}: {err}");
         assert!(err.contains(what), "{url}: {err}");
         assert!(!err.contains("secret"), "a password is never shown: {err}");
