@@ -61,11 +61,51 @@ pub fn event(
         Value::Object(m) => m,
         _ => Map::new(),
     };
+    written(kind, job_id, ray_id, node, |out| {
+        for (k, v) in data.iter().filter(|(k, _)| *k != "meta") {
+            text(out, k);
+            out.push(b':');
+            let _ = serde_json::to_writer(&mut *out, v);
+            out.push(b',');
+        }
+    })
+}
+
+/// A `chunk` event: the same text as `event("chunk", …, chunk(content,
+/// index), …)`, written without building its data as a `Value` (this is
+/// the event of every token).
+pub fn chunk_event(
+    job_id: &str,
+    ray_id: Option<&str>,
+    content: &str,
+    index: u64,
+    node: &NodeFacts,
+) -> String {
+    written("chunk", job_id, ray_id, node, |out| {
+        out.extend_from_slice(br#""content":"#);
+        text(out, content);
+        out.extend_from_slice(br#","index":"#);
+        out.extend_from_slice(index.to_string().as_bytes());
+        out.push(b',');
+    })
+}
+
+/// `s` as a JSON string.
+fn text(out: &mut Vec<u8>, s: &str) {
+    // Writing a &str into a Vec cannot fail.
+    let _ = serde_json::to_writer(&mut *out, s);
+}
+
+/// The event around its data's fields, which `fields` writes, each
+/// followed by a comma (`meta` comes last).
+fn written(
+    kind: &str,
+    job_id: &str,
+    ray_id: Option<&str>,
+    node: &NodeFacts,
+    fields: impl FnOnce(&mut Vec<u8>),
+) -> String {
     let mut out: Vec<u8> = Vec::with_capacity(160 + node.meta.len());
-    let text = |out: &mut Vec<u8>, s: &str| {
-        // Writing a &str into a Vec cannot fail.
-        let _ = serde_json::to_writer(&mut *out, s);
-    };
     out.extend_from_slice(br#"{"version":"1.0","type":"#);
     text(&mut out, kind);
     out.extend_from_slice(br#","jobId":"#);
@@ -77,12 +117,7 @@ pub fn event(
     out.extend_from_slice(br#","timestamp":"#);
     text(&mut out, &clock::now_rfc3339());
     out.extend_from_slice(br#","data":{"#);
-    for (k, v) in data.iter().filter(|(k, _)| *k != "meta") {
-        text(&mut out, k);
-        out.push(b':');
-        let _ = serde_json::to_writer(&mut out, v);
-        out.push(b',');
-    }
+    fields(&mut out);
     out.extend_from_slice(br#""meta":"#);
     out.extend_from_slice(node.meta.as_bytes());
     out.extend_from_slice(b"}}");
@@ -98,6 +133,8 @@ pub fn start(message: &str) -> Value {
     json!({ "message": message })
 }
 
+/// A chunk's data as a `Value` (the events write it with [`chunk_event`]).
+#[cfg(test)]
 pub fn chunk(content: &str, index: u64) -> Value {
     json!({ "content": content, "index": index })
 }
@@ -135,6 +172,23 @@ mod tests {
         );
         let ts = v["timestamp"].as_str().unwrap();
         assert!(ts.ends_with('Z') && ts.len() == 24, "{ts}");
+    }
+
+    #[test]
+    fn a_chunk_event_is_the_chunk_data_event() {
+        let node = NodeFacts::new("gpu-01", "g", &["a".into()]);
+        // Byte for byte, but for the time.
+        let no_time = |mut s: String| {
+            let at = s.find(r#""timestamp":""#).unwrap() + 13;
+            s.replace_range(at..at + 24, "T");
+            s
+        };
+        for (content, index, ray) in [("Hel\"\n\u{1}é", 0, Some("r")), ("", 1 << 40, None)] {
+            assert_eq!(
+                no_time(chunk_event("j", ray, content, index, &node)),
+                no_time(event("chunk", "j", ray, chunk(content, index), &node))
+            );
+        }
     }
 
     #[test]

@@ -9,6 +9,7 @@
 //! request.rs; the HTTP call, timeouts, cancellation and retry decisions in
 //! client.rs; the wire formats in stream.rs, sse.rs and ndjson.rs.
 
+mod chunk;
 mod client;
 mod ndjson;
 #[cfg(test)]

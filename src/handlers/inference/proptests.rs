@@ -122,3 +122,90 @@ proptest! {
         prop_assert_eq!(items.last(), Some(&StreamItem::Done));
     }
 }
+
+/// A value a chunk's field may hold: mostly absent, else the right type,
+/// a wrong one, or null.
+fn field_value() -> impl Strategy<Value = Option<serde_json::Value>> {
+    use serde_json::json;
+    prop_oneof![
+        8 => Just(None),
+        1 => Just(Some(json!(null))),
+        1 => Just(Some(json!(""))),
+        3 => any::<String>().prop_map(|s| Some(json!(s))),
+        1 => Just(Some(json!("stop"))),
+        1 => Just(Some(json!("error"))),
+        1 => Just(Some(json!(7))),
+        1 => Just(Some(json!(true))),
+        1 => Just(Some(json!(false))),
+        1 => Just(Some(json!([1]))),
+        1 => Just(Some(json!({"message": "m", "prompt_tokens": 2}))),
+    ]
+}
+
+/// Mostly `right`, else a `field_value`.
+fn or_wrong(right: BoxedStrategy<serde_json::Value>) -> BoxedStrategy<Option<serde_json::Value>> {
+    prop_oneof![3 => right.prop_map(Some), 2 => field_value()].boxed()
+}
+
+/// An object of the fields given (absent ones left out).
+fn object_of(
+    fields: Vec<(&'static str, BoxedStrategy<Option<serde_json::Value>>)>,
+) -> BoxedStrategy<serde_json::Value> {
+    let (keys, values): (Vec<_>, Vec<_>) = fields.into_iter().unzip();
+    values
+        .prop_map(move |vals| {
+            let map = keys
+                .iter()
+                .zip(vals)
+                .filter_map(|(k, v)| Some((k.to_string(), v?)))
+                .collect();
+            serde_json::Value::Object(map)
+        })
+        .boxed()
+}
+
+/// Chunks shaped like the engines' (and wrongly shaped ones), as JSON text.
+fn chunk_text() -> impl Strategy<Value = String> {
+    let text = || or_wrong(any::<String>().prop_map(serde_json::Value::String).boxed());
+    let wrong = || prop_oneof![4 => Just(None), 1 => field_value()].boxed();
+    let message = || or_wrong(object_of(vec![("content", text()), ("role", wrong())]));
+    let choice = object_of(vec![
+        ("delta", prop_oneof![message(), Just(None)].boxed()),
+        ("message", prop_oneof![field_value(), message()].boxed()),
+        ("text", text()),
+        ("finish_reason", wrong()),
+        ("index", wrong()),
+    ]);
+    let choices = prop::collection::vec(choice, 0..3)
+        .prop_map(serde_json::Value::Array)
+        .boxed();
+    let openai = object_of(vec![
+        ("choices", or_wrong(choices)),
+        ("usage", wrong()),
+        ("error", wrong()),
+        ("object", wrong()),
+        ("id", wrong()),
+    ]);
+    let llama = object_of(vec![
+        ("content", text()),
+        ("stop", wrong()),
+        ("error", wrong()),
+        ("object", wrong()),
+        ("id_slot", wrong()),
+    ]);
+    prop_oneof![openai, llama].prop_map(|v| v.to_string())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(4096))]
+    #[test]
+    fn the_fast_chunk_path_says_what_the_value_path_says(
+        data in chunk_text(),
+        dialect in 0..DIALECTS.len(),
+    ) {
+        let dialect = DIALECTS[dialect];
+        if let Some(fast) = super::chunk::plain_items(dialect, &data) {
+            prop_assert_eq!(fast, super::sse::value_items(dialect, &data), "{}", data);
+        }
+    }
+}

@@ -106,8 +106,13 @@ impl SseDecoder {
             }
             self.after_cr = rest[end] == b'\r';
             rest = &rest[end + 1..];
-            let line = std::mem::take(&mut self.line);
+            let mut line = std::mem::take(&mut self.line);
             self.on_line(&line, &mut out);
+            // The next line reuses its room.
+            line.clear();
+            if self.line.is_empty() {
+                self.line = line;
+            }
         }
         out
     }
@@ -198,6 +203,15 @@ fn decode_data(dialect: SseDialect, data: &str) -> Vec<StreamItem> {
     if data == "[DONE]" {
         return vec![StreamItem::Done];
     }
+    match super::chunk::plain_items(dialect, data) {
+        Some(items) => items,
+        None => value_items(dialect, data),
+    }
+}
+
+/// The items of one event's (trimmed, non-`[DONE]`) data, read through a
+/// `Value`: every shape, where `chunk::plain_items` reads only the common one.
+pub(super) fn value_items(dialect: SseDialect, data: &str) -> Vec<StreamItem> {
     let chunk = match parse_json(data) {
         Ok(chunk) => chunk,
         Err(error) => return vec![error],

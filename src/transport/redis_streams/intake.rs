@@ -27,6 +27,10 @@ pub struct Intake {
     pub tasks: Sender<Task>,
 }
 
+/// A job about to run: its entry, the slot it took, and its `claimed` and
+/// `start` events.
+struct Run(Job, Arc<Entry>, Slot, [Msg; 2]);
+
 enum Verdict {
     Run(Job),
     Reject(&'static str, String),
@@ -88,6 +92,8 @@ impl Intake {
         }
         let cancelled = cancelled_before_start(conn, &batch);
         let mut taken = Taken::default();
+        // The jobs about to run, each with its `claimed` and `start` events.
+        let mut runs: Vec<Run> = Vec::new();
         for ((e, verdict), cancelled) in batch.into_iter().zip(cancelled) {
             let e = Arc::new(e);
             let slot = match verdict {
@@ -129,29 +135,60 @@ impl Intake {
                     st.queue.push(Msg::Finish(e, outcome));
                 }
                 Verdict::Run(job) => {
-                    // Formatted now (its timestamp is the take), sent with
-                    // `start` by the job's thread: one settle round trip
-                    // for both on the way to a job's first event.
-                    let claimed = event_json(&e, "claimed", events::claimed(), &st.profile.facts());
-                    let task = Task {
-                        job,
-                        token: e.token.clone(),
-                        report: Box::new(RedisReport {
-                            state: st.clone(),
-                            entry: e.clone(),
-                            index: 0,
-                            claimed: Some(claimed),
-                        }),
-                        slot: slot.expect("a runnable entry took a slot"),
-                        enqueued_ms: e.id.split('-').next().and_then(|ms| ms.parse().ok()),
-                    };
-                    if self.tasks.send(task).is_err() {
-                        log::error!("handler pool is gone; entry {} stays pending", e.id);
-                    }
+                    // A slot is free: a handler thread takes the job as
+                    // soon as it is sent, so it starts now.
+                    let node = st.profile.facts();
+                    let claimed = event_json(&e, "claimed", events::claimed(), &node);
+                    let kind = e.kind.as_deref().unwrap_or("job");
+                    let text = format!("{kind} job started on {}", node.node_name);
+                    let start = event_json(&e, "start", events::start(&text), &node);
+                    let first = [
+                        Msg::Claimed(e.clone(), claimed),
+                        Msg::Started(e.clone(), start),
+                    ];
+                    let slot = slot.expect("a runnable entry took a slot");
+                    runs.push(Run(job, e, slot, first));
                 }
             }
         }
+        self.hand_on(runs);
         taken
+    }
+
+    /// Send each job to the handler threads, its first events queued before
+    /// it runs (so before any of its chunks). A job that a read brought
+    /// alone (a quiet queue: what counts is how soon a backend sees `start`)
+    /// has them queued here, so they go to Redis without a hop through the
+    /// job's thread. Jobs that came several to a read (a busy queue: what
+    /// counts is throughput) each have theirs queued by the job's thread as
+    /// it starts, so that a quick job's `start` and outcome reach the settle
+    /// thread together and go to Redis in one operation.
+    fn hand_on(&self, runs: Vec<Run>) {
+        let alone = runs.len() == 1;
+        for Run(job, e, slot, first) in runs {
+            let first = if alone {
+                self.state.queue.push_all(first);
+                Vec::new()
+            } else {
+                first.into()
+            };
+            let id = job.id.clone();
+            let task = Task {
+                job,
+                token: e.token.clone(),
+                enqueued_ms: e.id.split('-').next().and_then(|ms| ms.parse().ok()),
+                report: Box::new(RedisReport {
+                    state: self.state.clone(),
+                    entry: e,
+                    index: 0,
+                    first,
+                }),
+                slot,
+            };
+            if self.tasks.send(task).is_err() {
+                log::error!("handler pool is gone; job {id} stays pending");
+            }
+        }
     }
 }
 
@@ -224,23 +261,17 @@ struct RedisReport {
     state: Arc<StreamsState>,
     entry: Arc<Entry>,
     index: u64,
-    /// The `claimed` event, formatted when the entry was taken, queued
-    /// together with `start`.
-    claimed: Option<String>,
+    /// The `claimed` and `start` events, formatted when the entry was
+    /// taken, when they are this thread's to queue (see `hand_on`).
+    first: Vec<Msg>,
 }
 
 impl Report for RedisReport {
     fn started(&mut self) {
-        let e = &self.entry;
-        let kind = e.kind.as_deref().unwrap_or("job");
-        let node = self.state.profile.facts();
-        let text = format!("{kind} job started on {}", node.node_name);
-        let start = event_json(e, "start", events::start(&text), &node);
-        let claimed = self.claimed.take().map(|c| Msg::Claimed(e.clone(), c));
-        let started = Msg::Started(e.clone(), start);
-        self.state
-            .queue
-            .push_all(claimed.into_iter().chain([started]));
+        let first = std::mem::take(&mut self.first);
+        if !first.is_empty() {
+            self.state.queue.push_all(first);
+        }
     }
 
     fn chunk(&mut self, text: &str) {
@@ -251,9 +282,11 @@ impl Report for RedisReport {
             // texts of one job that wait together.
             Msg::Text(e.clone(), text.to_owned())
         } else {
-            let data = events::chunk(text, self.index);
+            let job_id = e.job_id.as_deref().unwrap_or_default();
+            let node = st.profile.facts();
+            let json = events::chunk_event(job_id, e.ray_id.as_deref(), text, self.index, &node);
             self.index += 1;
-            Msg::Chunk(e.clone(), event_json(e, "chunk", data, &st.profile.facts()))
+            Msg::Chunk(e.clone(), json)
         };
         let blocked = || st.settle_blocked.load(Ordering::SeqCst) || e.is_lost();
         if !st.queue.push_bounded_unless(msg, blocked) {

@@ -31,11 +31,12 @@ use std::time::{Duration, Instant};
 
 /// What job threads and the reader tell the settle thread, in order.
 pub enum Msg {
-    /// The `claimed` event, formatted by the reader when it took the entry
-    /// and queued by the job's thread together with `start`.
+    /// The `claimed` event, formatted by the reader when it took the entry,
+    /// queued together with `start` (by the reader or the job's thread).
     Claimed(Arc<Entry>, String),
-    /// The `start` event, formatted by the job's thread as it started. Events
-    /// are formatted where they happen, so their timestamps follow their order.
+    /// The `start` event, formatted by the reader as it handed the job to a
+    /// free handler thread. Events are formatted where they happen, so their
+    /// timestamps follow their order.
     Started(Arc<Entry>, String),
     /// A chunk event, already formatted by the job's thread.
     Chunk(Arc<Entry>, String),
@@ -637,7 +638,8 @@ fn coalesce(
         .map(|step| match step {
             Step::Text(e, text) => {
                 let index = e.next_chunk.fetch_add(1, Ordering::Relaxed);
-                let json = event_json(&e, "chunk", events::chunk(&text, index), &node);
+                let job_id = e.job_id.as_deref().unwrap_or_default();
+                let json = events::chunk_event(job_id, e.ray_id.as_deref(), &text, index, &node);
                 Step::Publish(e, json, true)
             }
             other => other,
