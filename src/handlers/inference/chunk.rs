@@ -1,14 +1,14 @@
 //! The fast path of the stream decoders: the common token chunk of each
-//! dialect read into a typed, borrowing view (no `Value` tree: the text is
-//! borrowed from the event unless it has escapes), for the one case that
-//! is every token but the last: some text, no error, no finish, no usage.
-//! Anything else — a finish reason, usage, an error, a field of a type the
-//! view does not expect — answers `None`, and the caller decodes the chunk
-//! through the `Value` path as before. The items are those of the `Value`
-//! path (a property test in proptests.rs checks it), except for a token
-//! chunk whose unread fields no `Value` can hold (a number beyond f64, a
-//! lone surrogate escape): the `Value` path calls it invalid JSON, this one
-//! reads its text.
+//! SSE dialect and of Ollama's NDJSON read into a typed, borrowing view (no
+//! `Value` tree: the text is borrowed from the event unless it has
+//! escapes), for the one case that is every token but the last: some text,
+//! no error, no finish, no usage. Anything else — a finish reason, usage,
+//! an error, a field of a type the view does not expect — answers `None`,
+//! and the caller decodes the chunk through the `Value` path as before. The
+//! items are those of the `Value` path (a property test in proptests.rs
+//! checks it), except for a token chunk whose unread fields no `Value` can
+//! hold (a number beyond f64, a lone surrogate escape): the `Value` path
+//! calls it invalid JSON, this one reads its text.
 
 use super::sse::SseDialect;
 use super::stream::StreamItem;
@@ -44,6 +44,32 @@ struct Choice<'a> {
 struct Message<'a> {
     #[serde(borrow, default)]
     content: Option<Cow<'a, str>>,
+}
+
+/// Ollama's NDJSON line (`/api/generate`: `response`; `/api/chat`:
+/// `message.content`). `response` tells absent (then `message` counts)
+/// from null (then nothing does).
+#[derive(Deserialize)]
+struct OllamaLine<'a> {
+    #[serde(default, deserialize_with = "present")]
+    response: Option<Option<Cow<'a, str>>>,
+    #[serde(borrow, default)]
+    message: Option<Message<'a>>,
+    #[serde(default)]
+    done: Option<bool>,
+    #[serde(default)]
+    error: Option<IgnoredAny>,
+    #[serde(borrow, default)]
+    object: Option<Cow<'a, str>>,
+}
+
+/// A field that is there, even as null.
+fn present<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    T::deserialize(d).map(Some)
 }
 
 #[derive(Deserialize)]
@@ -93,12 +119,28 @@ pub fn plain_items(dialect: SseDialect, data: &str) -> Option<Vec<StreamItem>> {
             c.content
         }
     };
-    Some(
-        text.filter(|t| !t.is_empty())
-            .map(|t| StreamItem::Text(t.into_owned()))
-            .into_iter()
-            .collect(),
-    )
+    Some(text_items(text))
+}
+
+/// The items of the NDJSON `line` (Ollama) when it is a plain token line
+/// (text or nothing, not done, no error); `None` when it is anything else.
+pub fn plain_ndjson_items(line: &str) -> Option<Vec<StreamItem>> {
+    let c: OllamaLine = serde_json::from_str(line).ok()?;
+    if c.done == Some(true) || c.error.is_some() || c.object.as_deref() == Some("error") {
+        return None;
+    }
+    let text = match c.response {
+        Some(response) => response,
+        None => c.message.and_then(|m| m.content),
+    };
+    Some(text_items(text))
+}
+
+fn text_items(text: Option<Cow<'_, str>>) -> Vec<StreamItem> {
+    text.filter(|t| !t.is_empty())
+        .map(|t| StreamItem::Text(t.into_owned()))
+        .into_iter()
+        .collect()
 }
 
 #[cfg(test)]
@@ -124,6 +166,16 @@ mod tests {
         );
         let empty = r#"{"choices":[{"delta":{"content":""}}]}"#;
         assert_eq!(plain_items(SseDialect::OpenAiChat, empty), Some(vec![]));
+        let generate = r#"{"model":"m","response":"The","done":false}"#;
+        let chat = r#"{"message":{"role":"assistant","content":"Hi","thinking":"t"},"done":false}"#;
+        let null = r#"{"response":null,"message":{"content":"not this"}}"#;
+        for (line, want) in [
+            (generate, vec![StreamItem::Text("The".into())]),
+            (chat, vec![StreamItem::Text("Hi".into())]),
+            (null, vec![]),
+        ] {
+            assert_eq!(plain_ndjson_items(line), Some(want), "{line}");
+        }
     }
 
     #[test]
@@ -166,6 +218,14 @@ mod tests {
             (SseDialect::LlamaCppNative, r#"{"error":"x"}"#),
         ] {
             assert_eq!(plain_items(dialect, data), None, "{data}");
+        }
+        for line in [
+            r#"{"response":"","done":true,"done_reason":"stop","eval_count":4}"#,
+            r#"{"error":"boom"}"#,
+            r#"{"response":7}"#,
+            r#"{"message":"text"}"#,
+        ] {
+            assert_eq!(plain_ndjson_items(line), None, "{line}");
         }
     }
 }

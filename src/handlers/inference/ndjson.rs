@@ -107,6 +107,15 @@ fn decode_line(line: &[u8]) -> Vec<StreamItem> {
     if line.is_empty() {
         return Vec::new();
     }
+    match super::chunk::plain_ndjson_items(line) {
+        Some(items) => items,
+        None => value_items(line),
+    }
+}
+
+/// The items of one (trimmed, non-empty) line, read through a `Value`:
+/// every shape, where `chunk::plain_ndjson_items` reads only the common one.
+pub(super) fn value_items(line: &str) -> Vec<StreamItem> {
     let chunk = match parse_json(line) {
         Ok(chunk) => chunk,
         Err(error) => return vec![error],

@@ -193,7 +193,14 @@ fn chunk_text() -> impl Strategy<Value = String> {
         ("object", wrong()),
         ("id_slot", wrong()),
     ]);
-    prop_oneof![openai, llama].prop_map(|v| v.to_string())
+    let ollama = object_of(vec![
+        ("response", text()),
+        ("message", prop_oneof![field_value(), message()].boxed()),
+        ("done", wrong()),
+        ("error", wrong()),
+        ("object", wrong()),
+    ]);
+    prop_oneof![openai, llama, ollama].prop_map(|v| v.to_string())
 }
 
 proptest! {
@@ -206,6 +213,9 @@ proptest! {
         let dialect = DIALECTS[dialect];
         if let Some(fast) = super::chunk::plain_items(dialect, &data) {
             prop_assert_eq!(fast, super::sse::value_items(dialect, &data), "{}", data);
+        }
+        if let Some(fast) = super::chunk::plain_ndjson_items(&data) {
+            prop_assert_eq!(fast, super::ndjson::value_items(&data), "{}", data);
         }
     }
 }
