@@ -218,6 +218,8 @@ pub struct Answer<'a> {
     /// `chatcmpl-{jobId}` / `cmpl-{jobId}`.
     pub id: String,
     pub created: u64,
+    /// A text chunk's JSON before and after its text (see `text_chunk_json`).
+    text_frame: (String, String),
 }
 
 impl<'a> Answer<'a> {
@@ -226,11 +228,23 @@ impl<'a> Answer<'a> {
             Endpoint::Chat => "chatcmpl",
             Endpoint::Completions => "cmpl",
         };
-        Answer {
+        let mut a = Answer {
             ask,
             id: format!("{prefix}-{job_id}"),
             created,
-        }
+            text_frame: Default::default(),
+        };
+        // The text is the only string of this key: any other `"text":""`
+        // would be inside a string, its quotes escaped.
+        let whole = a.text_chunk("").to_string();
+        let key = match ask.endpoint {
+            Endpoint::Chat => r#""content":"""#,
+            Endpoint::Completions => r#""text":"""#,
+        };
+        let at = whole.find(key).map_or(whole.len(), |i| i + key.len() - 2);
+        let after = whole.get(at + 2..).unwrap_or_default().to_owned();
+        a.text_frame = (whole[..at].to_owned(), after);
+        a
     }
 
     fn object(&self, choices: Value) -> Value {
@@ -268,6 +282,19 @@ impl<'a> Answer<'a> {
             Endpoint::Completions => json!([{"index": 0, "text": text,
                                              "logprobs": null, "finish_reason": null}]),
         })
+    }
+
+    /// `text_chunk(text)` as JSON text, the same bytes, written around the
+    /// text without building a `Value` (this is the chunk of every token).
+    pub fn text_chunk_json(&self, text: &str) -> String {
+        let (before, after) = &self.text_frame;
+        let mut out = Vec::with_capacity(before.len() + text.len() + after.len() + 8);
+        out.extend_from_slice(before.as_bytes());
+        // Writing a &str into a Vec cannot fail.
+        let _ = serde_json::to_writer(&mut out, text);
+        out.extend_from_slice(after.as_bytes());
+        // JSON text serde_json wrote, between pieces of JSON text.
+        String::from_utf8(out).unwrap_or_default()
     }
 
     /// The last chunk with choices: no text, the finish reason.
@@ -584,6 +611,31 @@ mod tests {
         assert_eq!(a.whole("t", "stop", &u)["object"], "text_completion");
         assert_eq!(usage(&json!({}), 4)["completion_tokens"], 4);
         assert_eq!(finish_reason(&json!({"finish_reason": "weird"})), "stop");
+    }
+
+    #[test]
+    fn a_text_chunk_written_around_its_text_is_the_value_one() {
+        let bodies = [
+            json!({"model": "m", "messages": [{"role": "user", "content": "x"}]}),
+            json!({"model": r#"a"content":"" \u0000 é"#, "messages": [{"role": "user", "content": "x"}],
+                   "stream": true, "stream_options": {"include_usage": true}}),
+        ];
+        for body in bodies {
+            let chat_ask = chat(body.clone()).unwrap();
+            let mut prompt = body.clone();
+            prompt["prompt"] = json!("p");
+            let text_ask = parse(Endpoint::Completions, prompt.to_string().as_bytes()).unwrap();
+            for ask in [&chat_ask, &text_ask] {
+                let a = Answer::new(ask, "j\"1", 7);
+                for text in ["", "Hel", "\"\\\n\u{1}\u{7f}", "日本 🌌", r#""text":"""#] {
+                    assert_eq!(
+                        a.text_chunk_json(text),
+                        a.text_chunk(text).to_string(),
+                        "{text}"
+                    );
+                }
+            }
+        }
     }
 
     #[test]

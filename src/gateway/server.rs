@@ -642,7 +642,7 @@ fn stream(mut job: Job, rq: Request, ask: &Ask) {
             "chunk" => {
                 chunks += 1;
                 let text = r.event["data"]["content"].as_str().unwrap_or_default();
-                send(&mut w, &a.text_chunk(text))
+                w.data(&a.text_chunk_json(text))
             }
             "end" => {
                 let result = &r.event["data"]["result"];

@@ -20,22 +20,23 @@ pub fn head(extra: &[(&str, &str)]) -> Vec<u8> {
     h.into_bytes()
 }
 
-/// `data: {payload}` and a blank line.
-pub fn event(payload: &str) -> Vec<u8> {
-    let mut e = Vec::with_capacity(payload.len() + 8);
-    e.extend_from_slice(b"data: ");
-    e.extend_from_slice(payload.as_bytes());
-    e.extend_from_slice(b"\n\n");
-    e
+/// `data: {payload}` and a blank line, as the pieces of one HTTP chunk.
+pub fn event(payload: &str) -> [&[u8]; 3] {
+    [b"data: ", payload.as_bytes(), b"\n\n"]
 }
 
 /// The comment sent while no token comes, so proxies and clients see life.
 pub const KEEPALIVE: &[u8] = b": keep-alive\n\n";
 
-/// `bytes` as one HTTP chunk.
-pub fn frame(bytes: &[u8]) -> Vec<u8> {
-    let mut f = format!("{:x}\r\n", bytes.len()).into_bytes();
-    f.extend_from_slice(bytes);
+/// `parts`, one after the other, as one HTTP chunk.
+pub fn frame(parts: &[&[u8]]) -> Vec<u8> {
+    let len: usize = parts.iter().map(|p| p.len()).sum();
+    let mut f = Vec::with_capacity(len + 20);
+    // Writing into a Vec cannot fail.
+    let _ = write!(f, "{len:x}\r\n");
+    for p in parts {
+        f.extend_from_slice(p);
+    }
     f.extend_from_slice(b"\r\n");
     f
 }
@@ -61,11 +62,11 @@ impl<W: Write> SseWriter<W> {
     }
 
     pub fn keepalive(&mut self) -> io::Result<()> {
-        self.raw(KEEPALIVE)
+        self.raw(&[KEEPALIVE])
     }
 
-    fn raw(&mut self, bytes: &[u8]) -> io::Result<()> {
-        self.out.write_all(&frame(bytes))?;
+    fn raw(&mut self, parts: &[&[u8]]) -> io::Result<()> {
+        self.out.write_all(&frame(parts))?;
         self.out.flush()
     }
 
@@ -97,6 +98,9 @@ mod tests {
             body,
             "f\r\ndata: {\"a\":1}\n\n\r\ne\r\n: keep-alive\n\n\r\ne\r\ndata: [DONE]\n\n\r\n"
         );
-        assert_eq!(frame(b""), b"0\r\n\r\n");
+        assert_eq!(frame(&[]), b"0\r\n\r\n");
+        let long = frame(&[&[b'x'; 300], b"y"]);
+        assert!(long.starts_with(b"12d\r\nxx") && long.ends_with(b"xy\r\n"));
+        assert_eq!(long.len(), 5 + 301 + 2);
     }
 }
