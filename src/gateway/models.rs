@@ -17,11 +17,11 @@ use std::time::Duration;
 /// How many of the newest heartbeats are read (all nodes beat into one stream).
 const BEATS_READ: usize = 2000;
 
-/// The OpenAI list for `settings`; `read` runs Redis commands (the
+/// The OpenAI list for `settings`; `read` runs a Redis command (on the
 /// gateway's connection).
 pub fn list(
     settings: &Settings,
-    read: impl FnOnce(&[redis::Cmd]) -> redis::RedisResult<(Vec<u64>, Redis)>,
+    mut read: impl FnMut(redis::Cmd) -> redis::RedisResult<Redis>,
 ) -> redis::RedisResult<Value> {
     if !settings.gateway_routes.is_empty() {
         let data: Vec<Value> = settings
@@ -31,17 +31,22 @@ pub fn list(
             .collect();
         return Ok(json!({"object": "list", "data": data}));
     }
-    let beats = redis::cmd("XREVRANGE")
-        .arg(STREAM)
-        .arg("+")
-        .arg("-")
-        .arg("COUNT")
-        .arg(BEATS_READ)
-        .clone();
-    let (time, beats) = read(&[redis::cmd("TIME"), beats])?;
+    // Redis's clock, not ours: the beats' ids are its time.
+    let time: Vec<u64> = redis::from_redis_value(read(redis::cmd("TIME"))?)?;
     let now_ms =
         time.first().copied().unwrap_or(0) * 1000 + time.get(1).copied().unwrap_or(0) / 1000;
     let fresh = settings.heartbeat_interval.max(Duration::from_secs(30)) * 3;
+    // Only the fresh beats are read (a beat is a node's whole report).
+    let oldest = now_ms.saturating_sub(fresh.as_millis() as u64);
+    let beats = read(
+        redis::cmd("XREVRANGE")
+            .arg(STREAM)
+            .arg("+")
+            .arg(oldest)
+            .arg("COUNT")
+            .arg(BEATS_READ)
+            .clone(),
+    )?;
     let data = from_beats(&beats, now_ms, fresh, &settings.default_backend);
     Ok(json!({"object": "list", "data": data}))
 }

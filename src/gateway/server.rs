@@ -156,14 +156,7 @@ pub fn answer(gw: &Gateway, mut rq: Request) {
     }
     let Some(endpoint) = endpoint else {
         let s = &gw.settings;
-        return match super::models::list(s, |cmds| {
-            with_redis(s, |c| {
-                let mut replies = c.send_all(cmds)?.into_iter();
-                let mut next = || replies.next().unwrap_or(redis::Value::Nil).extract_error();
-                let time = redis::from_redis_value(next()?)?;
-                Ok((time, next()?))
-            })
-        }) {
+        return match super::models::list(s, |cmd| with_redis(s, |c| cmd.query(c))) {
             Ok(list) => respond_json(rq, 200, &list, &[]),
             Err(e) => respond_error(
                 rq,
