@@ -47,6 +47,8 @@ pub struct Outage {
     what: &'static str,
     peer: &'static str,
     since: Option<Instant>,
+    /// What was wrong when the outage began, and what is wrong now.
+    began: &'static str,
     state: &'static str,
     backoff: Backoff,
 }
@@ -57,6 +59,7 @@ impl Outage {
             what,
             peer,
             since: None,
+            began: "",
             state: "",
             backoff: Backoff::new(Duration::from_millis(50), cap),
         }
@@ -72,7 +75,10 @@ impl Outage {
     /// …"); returns how long to wait before trying again.
     pub fn failed_as(&mut self, state: &'static str, err: &dyn std::fmt::Display) -> Duration {
         if self.since.is_none() || self.state != state {
-            self.since.get_or_insert_with(Instant::now);
+            if self.since.is_none() {
+                self.since = Some(Instant::now());
+                self.began = state;
+            }
             self.state = state;
             log::warn!(
                 "{}: {} {state} ({err}); retrying with backoff",
@@ -91,23 +97,30 @@ impl Outage {
 
     pub fn recovered(&mut self) {
         if let Some(since) = self.since.take() {
-            let secs = since.elapsed().as_secs_f64();
-            if self.state == "unreachable" {
-                log::info!(
-                    "{}: {} connection restored after {secs:.1}s",
-                    self.what,
-                    self.peer
-                );
-            } else {
-                log::info!(
-                    "{}: {} works again after {secs:.1}s (it {} before)",
-                    self.what,
-                    self.peer,
-                    self.state
-                );
-            }
+            log::info!("{}", self.recovery_line(since.elapsed()));
         }
         self.backoff.reset();
+    }
+
+    /// What the end of the outage is logged as, `lasted` after it began. An
+    /// outage that began with the peer unreachable ends with its connection
+    /// restored, whatever it said on the way back (a restarted Redis is
+    /// `LOADING` for a while): the line an operator looks for.
+    fn recovery_line(&self, lasted: Duration) -> String {
+        let (what, peer, secs) = (self.what, self.peer, lasted.as_secs_f64());
+        match (self.began, self.state) {
+            ("unreachable", "unreachable") => {
+                format!("{what}: {peer} connection restored after {secs:.1}s")
+            }
+            ("unreachable", last) => {
+                format!(
+                    "{what}: {peer} connection restored after {secs:.1}s (it {last} at the end)"
+                )
+            }
+            (began, _) => {
+                format!("{what}: {peer} works again after {secs:.1}s (it {began} before)")
+            }
+        }
     }
 }
 
@@ -143,6 +156,30 @@ fn seed() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_outage_that_began_unreachable_ends_with_the_connection_restored() {
+        let mut o = Outage::new("reader", "Redis", Duration::from_secs(1));
+        o.failed(&"refused");
+        o.failed_as("is up but not serving", &"LOADING");
+        assert_eq!(
+            o.recovery_line(Duration::from_millis(2100)),
+            "reader: Redis connection restored after 2.1s (it is up but not serving at the end)"
+        );
+        let mut o = Outage::new("settle", "Redis", Duration::from_secs(1));
+        o.failed(&"refused");
+        assert_eq!(
+            o.recovery_line(Duration::from_secs(1)),
+            "settle: Redis connection restored after 1.0s"
+        );
+        let mut o = Outage::new("settle", "Redis", Duration::from_secs(1));
+        o.failed_as("is out of memory", &"OOM");
+        o.failed(&"refused");
+        assert_eq!(
+            o.recovery_line(Duration::from_secs(3)),
+            "settle: Redis works again after 3.0s (it is out of memory before)"
+        );
+    }
 
     #[test]
     fn jitter_stays_under_the_growing_ceiling() {
