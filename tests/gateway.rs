@@ -1132,3 +1132,80 @@ fn submit_follow_against_workers_without_the_stream_ends_by_the_status() {
     assert!(String::from_utf8_lossy(&out.stderr)
         .contains("failed (its events stream has no terminal event)"));
 }
+
+/// An HTTP/1.0 client (nginx's default `proxy_http_version`) knows no
+/// chunked transfer: its stream comes as a plain body that ends with the
+/// connection, the same events; a whole answer is unchanged.
+#[test]
+fn an_http_1_0_client_gets_its_stream_as_a_body_ended_by_the_close() {
+    let st = stack(
+        FakeEngine::start(vec![vllm_stream(&["Hel", "lo"]), vllm_stream(&["Hi"])]),
+        // An idle connection would be cut off after a minute, not sooner.
+        &["--gateway-client-timeout", "60s"],
+        true,
+    );
+    // Asked to keep the connection alive, it still ends the stream's body
+    // by closing it (read_to_end ends at the close, not at the timeout).
+    let http10 = |body: &Json| {
+        let body = body.to_string();
+        let raw = format!(
+            "POST /v1/chat/completions HTTP/1.0\r\nHost: gw\r\nConnection: keep-alive\r\n\
+             Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        let mut s = TcpStream::connect(&st.addr).unwrap();
+        s.set_read_timeout(Some(WAIT)).unwrap();
+        s.write_all(raw.as_bytes()).unwrap();
+        let mut all = Vec::new();
+        if body.contains(r#""stream":true"#) {
+            s.read_to_end(&mut all)
+                .expect("the stream ends with the connection");
+        } else {
+            // A whole answer has its length: read just that.
+            let mut buf = [0u8; 4096];
+            while !parse_whole(&all) {
+                let n = s.read(&mut buf).expect("the whole answer");
+                assert!(n > 0, "closed before the whole answer");
+                all.extend_from_slice(&buf[..n]);
+            }
+        }
+        parse_response(&all)
+    };
+    let r = http10(&chat(true));
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(r.head.starts_with("HTTP/1.0 200 OK\r\n"), "{}", r.head);
+    assert_eq!(r.header("transfer-encoding"), None, "{}", r.head);
+    assert_eq!(r.header("connection").as_deref(), Some("close"));
+    let events = sse_events(&r.text());
+    let texts: Vec<String> = events
+        .iter()
+        .filter_map(|e| serde_json::from_str::<Json>(e).ok())
+        .filter_map(|e| {
+            e["choices"][0]["delta"]["content"]
+                .as_str()
+                .map(str::to_owned)
+        })
+        .collect();
+    assert_eq!(texts, ["", "Hel", "lo"], "{events:?}");
+    assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
+    let r = http10(&chat(false));
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["choices"][0]["message"]["content"], "Hi");
+}
+
+/// Whether `all` holds a whole response with a `Content-Length`.
+fn parse_whole(all: &[u8]) -> bool {
+    let text = String::from_utf8_lossy(all);
+    let Some((head, body)) = text.split_once("\r\n\r\n") else {
+        return false;
+    };
+    let len = head
+        .lines()
+        .find_map(|l| {
+            l.to_ascii_lowercase()
+                .strip_prefix("content-length:")
+                .map(|v| v.trim().to_owned())
+        })
+        .and_then(|v| v.parse::<usize>().ok());
+    len.is_some_and(|n| body.len() >= n)
+}

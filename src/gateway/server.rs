@@ -5,7 +5,7 @@
 
 use super::front::{self, Conn};
 use super::openai::{self, Answer, ApiError, Ask, Endpoint};
-use super::sse::SseWriter;
+use super::sse::{Framing, SseWriter};
 use crate::config::Settings;
 use crate::follow::{Follower, Read, Seam};
 use crate::{backoff, clock, redis_conn};
@@ -584,14 +584,27 @@ fn stream(mut job: Job, rq: Request, ask: &Ask) {
         }
     };
     let job_id = job.id.clone();
+    let framing = if *rq.http_version() < tiny_http::HTTPVersion(1, 1) {
+        Framing::Close
+    } else {
+        Framing::Chunked
+    };
     // tiny_http's writer is held to the end even when the stream goes
     // straight to the client's socket (see Conn::direct).
     let tiny = rq.into_writer();
-    let out: Box<dyn std::io::Write> = match job.conn.and_then(Conn::direct) {
+    let direct = job.conn.and_then(Conn::direct);
+    // An HTTP/1.0 body ends with the connection: it is closed when this
+    // returns, even where the client asked to keep it alive.
+    let _close = direct
+        .as_ref()
+        .filter(|_| framing == Framing::Close)
+        .and_then(|tcp| tcp.try_clone().ok())
+        .map(CloseOnDrop);
+    let out: Box<dyn std::io::Write> = match direct {
         Some(tcp) => Box::new(tcp),
         None => tiny,
     };
-    let mut w = match SseWriter::start(out, &[("X-Citadel-Job-Id", &job_id)]) {
+    let mut w = match SseWriter::start(out, &[("X-Citadel-Job-Id", &job_id)], framing) {
         Ok(w) => w,
         Err(_) => return job.cancel("the client went away"),
     };
@@ -661,6 +674,15 @@ fn stream(mut job: Job, rq: Request, ask: &Ask) {
             return job.cancel("the client went away");
         }
         last_write = Instant::now();
+    }
+}
+
+/// Closes a client's connection when dropped.
+struct CloseOnDrop(std::net::TcpStream);
+
+impl Drop for CloseOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.shutdown(std::net::Shutdown::Both);
     }
 }
 

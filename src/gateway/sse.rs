@@ -1,17 +1,33 @@
-//! Server-sent events over HTTP/1.1 chunked transfer, written by hand on
-//! the raw response writer: each event is one HTTP chunk, flushed at once
-//! (tiny_http's own chunked encoder buffers, which would hold tokens back).
-//! The framing is pure ([`head`], [`frame`], [`event`]) so that it is tested
-//! byte by byte; [`SseWriter`] only writes it.
+//! Server-sent events written by hand on the raw response writer, each
+//! event flushed at once (tiny_http's own chunked encoder buffers, which
+//! would hold tokens back): to an HTTP/1.1 client over chunked transfer,
+//! one HTTP chunk per event; to an HTTP/1.0 client (which knows no chunks:
+//! nginx's default `proxy_http_version`, say) as a body that the end of
+//! the connection ends. The framing is pure ([`head`], [`frame`],
+//! [`event`]) so that it is tested byte by byte; [`SseWriter`] only writes
+//! it.
 
 use std::io::{self, Write};
 
+/// How the body of a stream is delimited.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Framing {
+    /// HTTP/1.1: chunked transfer, the connection may carry more requests.
+    Chunked,
+    /// HTTP/1.0: the body ends where the connection does.
+    Close,
+}
+
 /// The status line and headers of an event stream. `extra`: more
 /// `Name: value` headers (already checked to be header-safe).
-pub fn head(extra: &[(&str, &str)]) -> Vec<u8> {
-    let mut h = String::from(
-        "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\n\
-         X-Accel-Buffering: no\r\nTransfer-Encoding: chunked\r\n",
+pub fn head(extra: &[(&str, &str)], framing: Framing) -> Vec<u8> {
+    let (status, delimit) = match framing {
+        Framing::Chunked => ("HTTP/1.1 200 OK", "Transfer-Encoding: chunked"),
+        Framing::Close => ("HTTP/1.0 200 OK", "Connection: close"),
+    };
+    let mut h = format!(
+        "{status}\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\n\
+         X-Accel-Buffering: no\r\n{delimit}\r\n",
     );
     for (name, value) in extra {
         h.push_str(&format!("{name}: {value}\r\n"));
@@ -46,14 +62,15 @@ pub const LAST_CHUNK: &[u8] = b"0\r\n\r\n";
 
 pub struct SseWriter<W: Write> {
     out: W,
+    framing: Framing,
 }
 
 impl<W: Write> SseWriter<W> {
     /// Write the head; the stream has started.
-    pub fn start(mut out: W, extra: &[(&str, &str)]) -> io::Result<SseWriter<W>> {
-        out.write_all(&head(extra))?;
+    pub fn start(mut out: W, extra: &[(&str, &str)], framing: Framing) -> io::Result<SseWriter<W>> {
+        out.write_all(&head(extra, framing))?;
         out.flush()?;
-        Ok(SseWriter { out })
+        Ok(SseWriter { out, framing })
     }
 
     /// One `data:` event, on the wire when this returns.
@@ -66,14 +83,19 @@ impl<W: Write> SseWriter<W> {
     }
 
     fn raw(&mut self, parts: &[&[u8]]) -> io::Result<()> {
-        self.out.write_all(&frame(parts))?;
+        match self.framing {
+            Framing::Chunked => self.out.write_all(&frame(parts))?,
+            Framing::Close => self.out.write_all(&parts.concat())?,
+        }
         self.out.flush()
     }
 
-    /// The last chunk: the response is complete (the connection may carry
-    /// the next request).
+    /// The end of the body: the last chunk (the connection may carry the
+    /// next request), or nothing (the caller closes the connection).
     pub fn finish(mut self) -> io::Result<()> {
-        self.out.write_all(LAST_CHUNK)?;
+        if self.framing == Framing::Chunked {
+            self.out.write_all(LAST_CHUNK)?;
+        }
         self.out.flush()
     }
 }
@@ -84,7 +106,8 @@ mod tests {
 
     #[test]
     fn events_are_chunks_on_the_wire() {
-        let mut w = SseWriter::start(Vec::new(), &[("X-Citadel-Job-Id", "j1")]).unwrap();
+        let mut w =
+            SseWriter::start(Vec::new(), &[("X-Citadel-Job-Id", "j1")], Framing::Chunked).unwrap();
         w.data(r#"{"a":1}"#).unwrap();
         w.keepalive().unwrap();
         w.data("[DONE]").unwrap();
@@ -99,6 +122,17 @@ mod tests {
             "f\r\ndata: {\"a\":1}\n\n\r\ne\r\n: keep-alive\n\n\r\ne\r\ndata: [DONE]\n\n\r\n"
         );
         assert_eq!(frame(&[]), b"0\r\n\r\n");
+        let mut w = SseWriter::start(Vec::new(), &[], Framing::Close).unwrap();
+        w.data("x").unwrap();
+        w.keepalive().unwrap();
+        let out = w.out.clone();
+        w.finish().unwrap();
+        let text = String::from_utf8(out).unwrap();
+        let (head, body) = text.split_once("\r\n\r\n").unwrap();
+        assert!(head.starts_with("HTTP/1.0 200 OK\r\n"), "{head}");
+        assert!(head.ends_with("\r\nConnection: close"), "{head}");
+        assert!(!head.contains("chunked"), "{head}");
+        assert_eq!(body, "data: x\n\n: keep-alive\n\n");
         let long = frame(&[&[b'x'; 300], b"y"]);
         assert!(long.starts_with(b"12d\r\nxx") && long.ends_with(b"xy\r\n"));
         assert_eq!(long.len(), 5 + 301 + 2);
