@@ -159,12 +159,88 @@ impl Follower {
         let mut out = Vec::with_capacity(entries.len());
         for (id, text) in entries {
             self.last_id = id.clone();
-            match text.as_deref().map(serde_json::from_str::<Value>) {
-                Some(Ok(event)) if event.is_object() => out.push(Read { id, event }),
-                _ => log::warn!("{}: entry {id} holds no event JSON; skipped", self.key),
+            match text.as_deref().and_then(event_of) {
+                Some(event) => out.push(Read { id, event }),
+                None => log::warn!("{}: entry {id} holds no event JSON; skipped", self.key),
             }
         }
         Ok(out)
+    }
+}
+
+/// An event's JSON as a follower needs it: `type` and `data` without
+/// `data.meta` (the rest is never looked at, and this is read for every
+/// token). `None` when it is not an event object.
+fn event_of(text: &str) -> Option<Value> {
+    #[derive(serde::Deserialize)]
+    struct Wire {
+        #[serde(rename = "type", default)]
+        kind: Value,
+        #[serde(default)]
+        data: DataSansMeta,
+    }
+    // A struct would also be read from an array.
+    if !text.trim_start().starts_with('{') {
+        return None;
+    }
+    let Wire { kind, data } = serde_json::from_str(text).ok()?;
+    let mut event = serde_json::Map::new();
+    event.insert("type".into(), kind);
+    event.insert("data".into(), data.0);
+    Some(Value::Object(event))
+}
+
+/// An event's `data` with its `meta` skipped unread; data that is not an
+/// object is kept as it is.
+#[derive(Default)]
+struct DataSansMeta(Value);
+
+impl<'de> serde::Deserialize<'de> for DataSansMeta {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visit;
+        impl<'de> serde::de::Visitor<'de> for Visit {
+            type Value = Value;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("an event's data")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<Value, A::Error> {
+                let mut out = serde_json::Map::new();
+                while let Some(key) = m.next_key::<String>()? {
+                    if key == "meta" {
+                        m.next_value::<serde::de::IgnoredAny>()?;
+                    } else {
+                        out.insert(key, m.next_value()?);
+                    }
+                }
+                Ok(Value::Object(out))
+            }
+            fn visit_unit<E>(self) -> Result<Value, E> {
+                Ok(Value::Null)
+            }
+            fn visit_bool<E>(self, b: bool) -> Result<Value, E> {
+                Ok(Value::Bool(b))
+            }
+            fn visit_i64<E>(self, n: i64) -> Result<Value, E> {
+                Ok(n.into())
+            }
+            fn visit_u64<E>(self, n: u64) -> Result<Value, E> {
+                Ok(n.into())
+            }
+            fn visit_f64<E>(self, n: f64) -> Result<Value, E> {
+                Ok(n.into())
+            }
+            fn visit_str<E>(self, s: &str) -> Result<Value, E> {
+                Ok(s.into())
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut s: A) -> Result<Value, A::Error> {
+                let mut out = Vec::new();
+                while let Some(v) = s.next_element()? {
+                    out.push(v);
+                }
+                Ok(Value::Array(out))
+            }
+        }
+        d.deserialize_any(Visit).map(DataSansMeta)
     }
 }
 
@@ -223,6 +299,31 @@ mod tests {
 
     fn bulk(s: &str) -> Redis {
         Redis::BulkString(s.as_bytes().to_vec())
+    }
+
+    #[test]
+    fn an_event_is_read_as_its_type_and_data_without_meta() {
+        use serde_json::json;
+        let node = crate::events::NodeFacts::new("n", "n", &["t".into()]);
+        let text = crate::events::chunk_event("j", Some("r"), "Hé\"", 3, &node);
+        assert_eq!(
+            event_of(&text),
+            Some(json!({"type": "chunk", "data": {"content": "Hé\"", "index": 3}}))
+        );
+        let end = r#"{"type":"end","data":{"result":{"meta":1,"x":[1]},"meta":{"a":1}}}"#;
+        assert_eq!(
+            event_of(end),
+            Some(json!({"type": "end", "data": {"result": {"meta": 1, "x": [1]}}}))
+        );
+        // Odd but JSON objects pass; anything else is no event.
+        assert_eq!(
+            event_of(r#"{"data":[1,"a",null,true,-2,1.5]}"#),
+            Some(json!({"type": null, "data": [1, "a", null, true, -2, 1.5]}))
+        );
+        assert_eq!(event_of("{}"), Some(json!({"type": null, "data": null})));
+        for bad in ["", "[1]", "\"x\"", "{\"type\":", "{\"data\":{\"meta\":}}"] {
+            assert_eq!(event_of(bad), None, "{bad}");
+        }
     }
 
     #[test]
