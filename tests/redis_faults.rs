@@ -374,13 +374,12 @@ fn a_settle_reply_lost_after_redis_ran_it_writes_each_outcome_once() {
         &[],
     );
     w.wait_working();
-    let jobs = enqueue_mixed(&mut c, "stall", 10, 1000);
-    for job in &jobs {
-        sub.wait_for(job, "start", Duration::from_secs(30));
-    }
     // The first batch with a failed job's outcome reaches Redis; its reply
     // is kept back for 2 s, well past the worker's 300 ms read timeout.
+    // Set before the jobs exist, so that no lag of this test can let that
+    // batch pass before it (the pattern is in outcomes only).
     proxy.hold_replies_after("\"type\":\"error\"", Duration::from_secs(2));
+    let jobs = enqueue_mixed(&mut c, "stall", 10, 1000);
     assert_each_ended_once(&redis, &sub, &jobs);
     assert!(proxy.was_triggered());
     // The batch was sent again and found nothing left to do.

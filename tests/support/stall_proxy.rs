@@ -8,7 +8,7 @@
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -24,11 +24,17 @@ pub struct StallProxy {
 #[derive(Default)]
 struct Hold {
     on: AtomicBool,
+    /// The pattern, the hold, and the bytes (per connection) seen since
+    /// the trigger was set: bytes that passed before never trigger it.
     trigger: Mutex<Option<(Vec<u8>, Duration)>>,
+    /// Bumped each time a trigger is set.
+    armed: AtomicUsize,
     until: Mutex<Option<Instant>>,
 }
 
 impl Hold {
+    /// `bytes`: what this connection sent since the trigger was set (at
+    /// most the last read and `CARRY` bytes before it).
     fn saw(&self, bytes: &[u8]) {
         let mut trigger = self.trigger.lock().unwrap();
         if let Some((pattern, d)) = trigger.as_ref() {
@@ -91,6 +97,7 @@ impl StallProxy {
     /// reply back for `d` from then on (the command itself still runs).
     pub fn hold_replies_after(&self, pattern: &str, d: Duration) {
         *self.hold.trigger.lock().unwrap() = Some((pattern.as_bytes().to_vec(), d));
+        self.hold.armed.fetch_add(1, Ordering::SeqCst);
     }
 
     /// Whether that has happened.
@@ -111,12 +118,12 @@ fn pipe_both(client: TcpStream, server: TcpStream, hold: Arc<Hold>, stop: Arc<At
     let (done, seen) = (closed.clone(), hold.clone());
     // Client → server: always passed on at once.
     thread::spawn(move || {
-        copy(c2, s2, &|b| seen.saw(b), &|| false, &done);
+        copy(c2, s2, &seen, true, &|| false, &done);
     });
     // Server → client: kept back while held.
     thread::spawn(move || {
         let held = || hold.holding() && !stop.load(Ordering::SeqCst);
-        copy(server, client, &|_| {}, &held, &closed);
+        copy(server, client, &hold, false, &held, &closed);
     });
 }
 
@@ -124,10 +131,13 @@ fn pipe_both(client: TcpStream, server: TcpStream, hold: Arc<Hold>, stop: Arc<At
 /// than any trigger pattern).
 const CARRY: usize = 256;
 
+/// Copies `from` to `to`, waiting while `held()`; with `watch`, what
+/// passes is shown to `hold`'s trigger.
 fn copy(
     mut from: TcpStream,
     mut to: TcpStream,
-    saw: &dyn Fn(&[u8]),
+    hold: &Hold,
+    watch: bool,
     held: &dyn Fn() -> bool,
     closed: &AtomicBool,
 ) {
@@ -135,6 +145,7 @@ fn copy(
     // The end of the bytes before, so that a trigger pattern split across
     // two reads is still seen.
     let mut seen: Vec<u8> = Vec::new();
+    let mut armed = hold.armed.load(Ordering::SeqCst);
     let _ = from.set_read_timeout(Some(Duration::from_millis(50)));
     while !closed.load(Ordering::SeqCst) {
         let n = match from.read(&mut buf) {
@@ -150,10 +161,18 @@ fn copy(
             }
             Err(_) => break,
         };
-        seen.extend_from_slice(&buf[..n]);
-        saw(&seen);
-        let keep = seen.len().saturating_sub(CARRY);
-        seen.drain(..keep);
+        if watch {
+            let now = hold.armed.load(Ordering::SeqCst);
+            if now != armed {
+                // Set since the last read: what passed before is not looked at.
+                armed = now;
+                seen.clear();
+            }
+            seen.extend_from_slice(&buf[..n]);
+            hold.saw(&seen);
+            let keep = seen.len().saturating_sub(CARRY);
+            seen.drain(..keep);
+        }
         while held() && !closed.load(Ordering::SeqCst) {
             thread::sleep(Duration::from_millis(5));
         }
