@@ -604,7 +604,10 @@ fn auto_mode_falls_back_to_nexus_while_a_redis_outcome_waits() {
 }
 
 /// SIGTERM while Redis hangs (takes commands, answers nothing): the worker
-/// still exits within the shutdown grace plus 2 s.
+/// still exits within the shutdown grace plus 2 s. Redis starts hanging
+/// with the job's settle batch (its `end` event), not at a moment this
+/// test picks: held from any earlier point, the reply of the job's `start`
+/// could be the one held, and the batch would never be sent.
 #[test]
 fn sigterm_while_redis_hangs_exits_within_the_grace() {
     let redis = RedisServer::start();
@@ -627,10 +630,12 @@ fn sigterm_while_redis_hangs_exits_within_the_grace() {
         ],
         &[],
     );
+    proxy.hold_replies_after("\"type\":\"end\"", Duration::from_secs(60));
     xadd_job(&mut c, QUEUE, "hang-1", "echo", r#"{"sleep_ms":300}"#);
-    wait_status(&mut c, "hang-1", "processing", Duration::from_secs(10));
-    proxy.hold_replies(true);
     w.wait_for_log("job hang-1 (echo) completed", Duration::from_secs(10));
+    wait_until("the settle batch to hang", Duration::from_secs(10), || {
+        proxy.was_triggered().then_some(())
+    });
     let t0 = std::time::Instant::now();
     w.sigterm();
     let exited = w.wait_exit(Duration::from_secs(10));
@@ -645,7 +650,6 @@ fn sigterm_while_redis_hangs_exits_within_the_grace() {
         "exited {took:?} after SIGTERM: {}",
         w.log()
     );
-    proxy.hold_replies(false);
     // Redis ran the settle batch it was sent (only its reply was held): the
     // job is settled once, by the script, not lost.
     assert_eq!(status(&mut c, "hang-1")["status"], "completed");
