@@ -19,8 +19,8 @@ pub struct StallProxy {
     stop: Arc<AtomicBool>,
 }
 
-/// When replies are kept back: while `on`, or until `until` once a command
-/// containing `trigger` passed.
+/// When replies are kept back: all of them while `on`; those of the
+/// connection that sent a command containing `trigger`, until `until`.
 #[derive(Default)]
 struct Hold {
     on: AtomicBool,
@@ -30,31 +30,36 @@ struct Hold {
     /// Bumped each time a trigger is set.
     armed: AtomicUsize,
     until: Mutex<Option<Instant>>,
+    /// The connection that sent the trigger.
+    which: Mutex<Option<u64>>,
 }
 
 impl Hold {
     /// `bytes`: what this connection sent since the trigger was set (at
     /// most the last read and `CARRY` bytes before it).
-    fn saw(&self, bytes: &[u8]) {
+    fn saw(&self, bytes: &[u8], conn: u64) {
         let mut trigger = self.trigger.lock().unwrap();
         if let Some((pattern, d)) = trigger.as_ref() {
             if bytes
                 .windows(pattern.len())
                 .any(|w| w == pattern.as_slice())
             {
+                *self.which.lock().unwrap() = Some(conn);
                 *self.until.lock().unwrap() = Some(Instant::now() + *d);
                 *trigger = None;
             }
         }
     }
 
-    fn holding(&self) -> bool {
+    /// Whether replies to connection `conn` are kept back now.
+    fn holding(&self, conn: u64) -> bool {
         self.on.load(Ordering::SeqCst)
-            || self
-                .until
-                .lock()
-                .unwrap()
-                .is_some_and(|t| Instant::now() < t)
+            || (*self.which.lock().unwrap() == Some(conn)
+                && self
+                    .until
+                    .lock()
+                    .unwrap()
+                    .is_some_and(|t| Instant::now() < t))
     }
 }
 
@@ -69,13 +74,15 @@ impl StallProxy {
         let stop = Arc::new(AtomicBool::new(false));
         let (h, s) = (hold.clone(), stop.clone());
         thread::spawn(move || {
+            let mut next = 0u64;
             while !s.load(Ordering::SeqCst) {
                 match listener.accept() {
                     Ok((client, _)) => {
                         let Ok(server) = TcpStream::connect(("127.0.0.1", target_port)) else {
                             continue;
                         };
-                        pipe_both(client, server, h.clone(), s.clone());
+                        next += 1;
+                        pipe_both(client, server, next, h.clone(), s.clone());
                     }
                     Err(_) => thread::sleep(Duration::from_millis(5)),
                 }
@@ -94,7 +101,8 @@ impl StallProxy {
     }
 
     /// The first time a client sends bytes containing `pattern`, keep every
-    /// reply back for `d` from then on (the command itself still runs).
+    /// reply to that connection back for `d` from then on (the command
+    /// itself still runs; other connections go on).
     pub fn hold_replies_after(&self, pattern: &str, d: Duration) {
         *self.hold.trigger.lock().unwrap() = Some((pattern.as_bytes().to_vec(), d));
         self.hold.armed.fetch_add(1, Ordering::SeqCst);
@@ -112,18 +120,25 @@ impl Drop for StallProxy {
     }
 }
 
-fn pipe_both(client: TcpStream, server: TcpStream, hold: Arc<Hold>, stop: Arc<AtomicBool>) {
+/// Connection number `conn`, both ways.
+fn pipe_both(
+    client: TcpStream,
+    server: TcpStream,
+    conn: u64,
+    hold: Arc<Hold>,
+    stop: Arc<AtomicBool>,
+) {
     let closed = Arc::new(AtomicBool::new(false));
     let (c2, s2) = (client.try_clone().unwrap(), server.try_clone().unwrap());
     let (done, seen) = (closed.clone(), hold.clone());
     // Client → server: always passed on at once.
     thread::spawn(move || {
-        copy(c2, s2, &seen, true, &|| false, &done);
+        copy(c2, s2, &seen, Some(conn), &|| false, &done);
     });
     // Server → client: kept back while held.
     thread::spawn(move || {
-        let held = || hold.holding() && !stop.load(Ordering::SeqCst);
-        copy(server, client, &hold, false, &held, &closed);
+        let held = || hold.holding(conn) && !stop.load(Ordering::SeqCst);
+        copy(server, client, &hold, None, &held, &closed);
     });
 }
 
@@ -131,13 +146,13 @@ fn pipe_both(client: TcpStream, server: TcpStream, hold: Arc<Hold>, stop: Arc<At
 /// than any trigger pattern).
 const CARRY: usize = 256;
 
-/// Copies `from` to `to`, waiting while `held()`; with `watch`, what
-/// passes is shown to `hold`'s trigger.
+/// Copies `from` to `to`, waiting while `held()`; with `watch` (the
+/// connection's number), what passes is shown to `hold`'s trigger.
 fn copy(
     mut from: TcpStream,
     mut to: TcpStream,
     hold: &Hold,
-    watch: bool,
+    watch: Option<u64>,
     held: &dyn Fn() -> bool,
     closed: &AtomicBool,
 ) {
@@ -161,7 +176,7 @@ fn copy(
             }
             Err(_) => break,
         };
-        if watch {
+        if let Some(conn) = watch {
             let now = hold.armed.load(Ordering::SeqCst);
             if now != armed {
                 // Set since the last read: what passed before is not looked at.
@@ -169,7 +184,7 @@ fn copy(
                 seen.clear();
             }
             seen.extend_from_slice(&buf[..n]);
-            hold.saw(&seen);
+            hold.saw(&seen, conn);
             let keep = seen.len().saturating_sub(CARRY);
             seen.drain(..keep);
         }
