@@ -177,22 +177,35 @@ fn event_of(text: &str) -> Option<Value> {
         #[serde(rename = "type", default)]
         kind: Value,
         #[serde(default)]
-        data: DataSansMeta,
+        data: Option<DataSansMeta>,
     }
-    // A struct would also be read from an array.
-    if !text.trim_start().starts_with('{') {
-        return None;
-    }
-    let Wire { kind, data } = serde_json::from_str(text).ok()?;
+    // A struct would also be read from an array: objects only.
+    let typed = text.trim_start().starts_with('{');
+    let typed = typed
+        .then(|| serde_json::from_str::<Wire>(text).ok())
+        .flatten();
+    let (kind, data) = match typed {
+        Some(Wire { kind, data }) => (kind, data.map_or(Value::Null, |d| d.0)),
+        // Any other shape (data that is not an object, say): through a Value.
+        _ => {
+            let mut event: Value = serde_json::from_str(text).ok()?;
+            if !event.is_object() {
+                return None;
+            }
+            let mut data = event["data"].take();
+            if let Some(d) = data.as_object_mut() {
+                d.remove("meta");
+            }
+            (event["type"].take(), data)
+        }
+    };
     let mut event = serde_json::Map::new();
     event.insert("type".into(), kind);
-    event.insert("data".into(), data.0);
+    event.insert("data".into(), data);
     Some(Value::Object(event))
 }
 
-/// An event's `data` with its `meta` skipped unread; data that is not an
-/// object is kept as it is.
-#[derive(Default)]
+/// An event's `data` object, its `meta` skipped unread.
 struct DataSansMeta(Value);
 
 impl<'de> serde::Deserialize<'de> for DataSansMeta {
@@ -201,7 +214,7 @@ impl<'de> serde::Deserialize<'de> for DataSansMeta {
         impl<'de> serde::de::Visitor<'de> for Visit {
             type Value = Value;
             fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-                f.write_str("an event's data")
+                f.write_str("an event's data object")
             }
             fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<Value, A::Error> {
                 let mut out = serde_json::Map::new();
@@ -214,33 +227,8 @@ impl<'de> serde::Deserialize<'de> for DataSansMeta {
                 }
                 Ok(Value::Object(out))
             }
-            fn visit_unit<E>(self) -> Result<Value, E> {
-                Ok(Value::Null)
-            }
-            fn visit_bool<E>(self, b: bool) -> Result<Value, E> {
-                Ok(Value::Bool(b))
-            }
-            fn visit_i64<E>(self, n: i64) -> Result<Value, E> {
-                Ok(n.into())
-            }
-            fn visit_u64<E>(self, n: u64) -> Result<Value, E> {
-                Ok(n.into())
-            }
-            fn visit_f64<E>(self, n: f64) -> Result<Value, E> {
-                Ok(n.into())
-            }
-            fn visit_str<E>(self, s: &str) -> Result<Value, E> {
-                Ok(s.into())
-            }
-            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut s: A) -> Result<Value, A::Error> {
-                let mut out = Vec::new();
-                while let Some(v) = s.next_element()? {
-                    out.push(v);
-                }
-                Ok(Value::Array(out))
-            }
         }
-        d.deserialize_any(Visit).map(DataSansMeta)
+        d.deserialize_map(Visit).map(DataSansMeta)
     }
 }
 
@@ -321,6 +309,13 @@ mod tests {
             Some(json!({"type": null, "data": [1, "a", null, true, -2, 1.5]}))
         );
         assert_eq!(event_of("{}"), Some(json!({"type": null, "data": null})));
+        // A repeated key (the typed view refuses it) goes through a Value,
+        // to the same shape: the last one wins, meta is dropped.
+        let twice = r#"{"type":"a","type":"chunk","data":{"content":"c","meta":{}}}"#;
+        assert_eq!(
+            event_of(twice),
+            Some(json!({"type": "chunk", "data": {"content": "c"}}))
+        );
         for bad in ["", "[1]", "\"x\"", "{\"type\":", "{\"data\":{\"meta\":}}"] {
             assert_eq!(event_of(bad), None, "{bad}");
         }

@@ -90,7 +90,7 @@ pub fn plain_items(dialect: SseDialect, data: &str) -> Option<Vec<StreamItem>> {
     let text = match dialect {
         SseDialect::OpenAiChat | SseDialect::OpenAiCompletions => {
             let c: OpenAiChunk = serde_json::from_str(data).ok()?;
-            if c.usage.is_some() || c.error.is_some() || c.object.as_deref() == Some("error") {
+            if c.usage.is_some() || says_error(&c.error, &c.object) {
                 return None;
             }
             match c.choices.as_deref() {
@@ -113,7 +113,7 @@ pub fn plain_items(dialect: SseDialect, data: &str) -> Option<Vec<StreamItem>> {
         }
         SseDialect::LlamaCppNative => {
             let c: LlamaChunk = serde_json::from_str(data).ok()?;
-            if c.stop == Some(true) || c.error.is_some() || c.object.as_deref() == Some("error") {
+            if c.stop == Some(true) || says_error(&c.error, &c.object) {
                 return None;
             }
             c.content
@@ -126,7 +126,7 @@ pub fn plain_items(dialect: SseDialect, data: &str) -> Option<Vec<StreamItem>> {
 /// (text or nothing, not done, no error); `None` when it is anything else.
 pub fn plain_ndjson_items(line: &str) -> Option<Vec<StreamItem>> {
     let c: OllamaLine = serde_json::from_str(line).ok()?;
-    if c.done == Some(true) || c.error.is_some() || c.object.as_deref() == Some("error") {
+    if c.done == Some(true) || says_error(&c.error, &c.object) {
         return None;
     }
     let text = match c.response {
@@ -134,6 +134,12 @@ pub fn plain_ndjson_items(line: &str) -> Option<Vec<StreamItem>> {
         None => c.message.and_then(|m| m.content),
     };
     Some(text_items(text))
+}
+
+/// Whether a chunk reports an error, as `stream::error_message` reads it:
+/// an `error` that is not null, or `"object": "error"`.
+fn says_error(error: &Option<IgnoredAny>, object: &Option<Cow<'_, str>>) -> bool {
+    error.is_some() || object.as_deref() == Some("error")
 }
 
 fn text_items(text: Option<Cow<'_, str>>) -> Vec<StreamItem> {

@@ -110,9 +110,7 @@ impl SseDecoder {
             self.on_line(&line, &mut out);
             // The next line reuses its room.
             line.clear();
-            if self.line.is_empty() {
-                self.line = line;
-            }
+            self.line = line;
         }
         out
     }

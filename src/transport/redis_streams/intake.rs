@@ -6,7 +6,7 @@
 //! reads from Redis except the cancel keys of the jobs about to start.
 
 use super::entry::{Entry, RawEntry};
-use super::settler::{cancel_key, event_json, Msg};
+use super::settler::{cancel_key, chunk_json, event_json, Msg};
 use super::StreamsState;
 use crate::events;
 use crate::job::Job;
@@ -168,9 +168,9 @@ impl Intake {
         for Run(job, e, slot, first) in runs {
             let first = if alone {
                 self.state.queue.push_all(first);
-                Vec::new()
+                None
             } else {
-                first.into()
+                Some(first)
             };
             let id = job.id.clone();
             let task = Task {
@@ -263,13 +263,12 @@ struct RedisReport {
     index: u64,
     /// The `claimed` and `start` events, formatted when the entry was
     /// taken, when they are this thread's to queue (see `hand_on`).
-    first: Vec<Msg>,
+    first: Option<[Msg; 2]>,
 }
 
 impl Report for RedisReport {
     fn started(&mut self) {
-        let first = std::mem::take(&mut self.first);
-        if !first.is_empty() {
+        if let Some(first) = self.first.take() {
             self.state.queue.push_all(first);
         }
     }
@@ -282,9 +281,7 @@ impl Report for RedisReport {
             // texts of one job that wait together.
             Msg::Text(e.clone(), text.to_owned())
         } else {
-            let job_id = e.job_id.as_deref().unwrap_or_default();
-            let node = st.profile.facts();
-            let json = events::chunk_event(job_id, e.ray_id.as_deref(), text, self.index, &node);
+            let json = chunk_json(e, text, self.index, &st.profile.facts());
             self.index += 1;
             Msg::Chunk(e.clone(), json)
         };

@@ -638,8 +638,7 @@ fn coalesce(
         .map(|step| match step {
             Step::Text(e, text) => {
                 let index = e.next_chunk.fetch_add(1, Ordering::Relaxed);
-                let job_id = e.job_id.as_deref().unwrap_or_default();
-                let json = events::chunk_event(job_id, e.ray_id.as_deref(), &text, index, &node);
+                let json = chunk_json(&e, &text, index, &node);
                 Step::Publish(e, json, true)
             }
             other => other,
@@ -831,4 +830,10 @@ pub fn cancel_key(job_id: &str) -> String {
 pub fn event_json(e: &Entry, kind: &str, data: serde_json::Value, node: &NodeFacts) -> String {
     let job_id = e.job_id.as_deref().unwrap_or_default();
     events::event(kind, job_id, e.ray_id.as_deref(), data, node)
+}
+
+/// `e`'s chunk event number `index` (see [`events::chunk_event`]).
+pub fn chunk_json(e: &Entry, content: &str, index: u64, node: &NodeFacts) -> String {
+    let job_id = e.job_id.as_deref().unwrap_or_default();
+    events::chunk_event(job_id, e.ray_id.as_deref(), content, index, node)
 }
