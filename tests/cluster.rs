@@ -155,6 +155,17 @@ fn pending(conn: &mut impl ConnectionLike, queue: &str) -> i64 {
     }
 }
 
+/// Until no entry of `queues` is pending, each within `timeout` (a Redis
+/// error, as during a failover, is waited out, where support::observe::
+/// wait_drained fails the test).
+fn wait_queues_drained(conn: &mut impl ConnectionLike, queues: &[String], timeout: Duration) {
+    for q in queues {
+        wait_until("the pending lists to drain", timeout, || {
+            (pending(conn, q) == 0).then_some(())
+        });
+    }
+}
+
 /// Until every job has a final status record; returns the statuses.
 fn wait_all_final(
     cluster: &RedisCluster,
@@ -457,13 +468,7 @@ fn a_master_failover_mid_run_loses_no_job_and_needs_no_restart() {
     for job in &jobs {
         assert!(ran.contains_key(job), "{job} has an outcome but never ran");
     }
-    for q in &queues {
-        wait_until(
-            "the pending lists to drain",
-            Duration::from_secs(60),
-            || (pending(&mut conn, q) == 0).then_some(()),
-        );
-    }
+    wait_queues_drained(&mut conn, &queues, Duration::from_secs(60));
     for (w, pid) in workers.iter_mut().zip(&pids) {
         assert!(w.is_running(), "a worker exited:\n{}", w.log());
         assert_eq!(w.pid(), *pid);
@@ -830,13 +835,7 @@ fn cluster_chaos(jobs: usize, failovers: usize) {
     let done = wait_all_final(&cluster, &all, Duration::from_secs(240));
     let drain = std::time::Instant::now();
     let mut conn = cluster.cluster_conn();
-    for q in &queues {
-        wait_until(
-            "the pending lists to drain",
-            Duration::from_secs(60),
-            || (pending(&mut conn, q) == 0).then_some(()),
-        );
-    }
+    wait_queues_drained(&mut conn, &queues, Duration::from_secs(60));
     let ran = runs_of(&runs);
     let never_ran: Vec<&String> = all.iter().filter(|j| !ran.contains_key(*j)).collect();
     let duplicates: usize = all
@@ -1017,13 +1016,7 @@ fn a_worker_killed_mid_run_has_its_jobs_on_every_slot_reclaimed() {
     assert!(done.values().all(|s| s == "completed"), "{done:?}");
     let log = survivor.log();
     assert!(log.contains("reclaimed"), "{log}");
-    for q in &queues {
-        wait_until(
-            "the pending lists to drain",
-            Duration::from_secs(30),
-            || (pending(&mut conn, q) == 0).then_some(()),
-        );
-    }
+    wait_queues_drained(&mut conn, &queues, Duration::from_secs(30));
     // A job the killed worker had started and not finished ran again on
     // the survivor (one that finished before the kill has rc-a's status);
     // none ran more than twice, and some were taken from the killed one.

@@ -228,6 +228,20 @@ fn sse_events(body: &str) -> Vec<String> {
         .collect()
 }
 
+/// The `delta.content` of each chat chunk among `events` (the role chunk's
+/// "" included).
+fn delta_contents(events: &[String]) -> Vec<String> {
+    events
+        .iter()
+        .filter_map(|e| serde_json::from_str::<Json>(e).ok())
+        .filter_map(|v| {
+            v["choices"][0]["delta"]["content"]
+                .as_str()
+                .map(str::to_owned)
+        })
+        .collect()
+}
+
 #[test]
 fn streamed_chat_is_role_chunks_finish_usage_then_done_as_exact_sse() {
     let st = stack(
@@ -1022,14 +1036,8 @@ fn a_redelivered_job_does_not_repeat_the_chunks_already_sent() {
     heir.wait_working();
     let _ = s.read_to_end(&mut got);
     let r = parse_response(&got);
-    let texts: Vec<String> = sse_events(&r.text())
-        .iter()
-        .filter_map(|e| serde_json::from_str::<Json>(e).ok())
-        .filter_map(|v| {
-            v["choices"][0]["delta"]["content"]
-                .as_str()
-                .map(str::to_owned)
-        })
+    let texts: Vec<String> = delta_contents(&sse_events(&r.text()))
+        .into_iter()
         .filter(|t| !t.is_empty())
         .collect();
     assert_eq!(texts, ["t0 ", "t1 ", "t2 ", "t3 ", "t4"], "{}", r.text());
@@ -1177,16 +1185,7 @@ fn an_http_1_0_client_gets_its_stream_as_a_body_ended_by_the_close() {
     assert_eq!(r.header("transfer-encoding"), None, "{}", r.head);
     assert_eq!(r.header("connection").as_deref(), Some("close"));
     let events = sse_events(&r.text());
-    let texts: Vec<String> = events
-        .iter()
-        .filter_map(|e| serde_json::from_str::<Json>(e).ok())
-        .filter_map(|e| {
-            e["choices"][0]["delta"]["content"]
-                .as_str()
-                .map(str::to_owned)
-        })
-        .collect();
-    assert_eq!(texts, ["", "Hel", "lo"], "{events:?}");
+    assert_eq!(delta_contents(&events), ["", "Hel", "lo"], "{events:?}");
     assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
     let r = http10(&chat(false));
     assert_eq!(r.status, 200, "{}", r.text());

@@ -20,18 +20,17 @@ pub struct StallProxy {
 }
 
 /// When replies are kept back: all of them while `on`; those of the
-/// connection that sent a command containing `trigger`, until `until`.
+/// connection that sent a command containing `trigger`, for a while after.
 #[derive(Default)]
 struct Hold {
     on: AtomicBool,
-    /// The pattern, the hold, and the bytes (per connection) seen since
-    /// the trigger was set: bytes that passed before never trigger it.
+    /// The pattern and how long a connection that sends it is held.
     trigger: Mutex<Option<(Vec<u8>, Duration)>>,
-    /// Bumped each time a trigger is set.
+    /// Bumped each time a trigger is set: bytes that passed before it never
+    /// trigger it.
     armed: AtomicUsize,
-    until: Mutex<Option<Instant>>,
-    /// The connection that sent the trigger.
-    which: Mutex<Option<u64>>,
+    /// The connection that sent the trigger, and until when it is held.
+    held: Mutex<Option<(u64, Instant)>>,
 }
 
 impl Hold {
@@ -44,8 +43,7 @@ impl Hold {
                 .windows(pattern.len())
                 .any(|w| w == pattern.as_slice())
             {
-                *self.which.lock().unwrap() = Some(conn);
-                *self.until.lock().unwrap() = Some(Instant::now() + *d);
+                *self.held.lock().unwrap() = Some((conn, Instant::now() + *d));
                 *trigger = None;
             }
         }
@@ -54,12 +52,11 @@ impl Hold {
     /// Whether replies to connection `conn` are kept back now.
     fn holding(&self, conn: u64) -> bool {
         self.on.load(Ordering::SeqCst)
-            || (*self.which.lock().unwrap() == Some(conn)
-                && self
-                    .until
-                    .lock()
-                    .unwrap()
-                    .is_some_and(|t| Instant::now() < t))
+            || self
+                .held
+                .lock()
+                .unwrap()
+                .is_some_and(|(c, until)| c == conn && Instant::now() < until)
     }
 }
 
@@ -110,7 +107,7 @@ impl StallProxy {
 
     /// Whether that has happened.
     pub fn was_triggered(&self) -> bool {
-        self.hold.until.lock().unwrap().is_some()
+        self.hold.held.lock().unwrap().is_some()
     }
 }
 
