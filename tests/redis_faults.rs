@@ -242,6 +242,9 @@ fn a_worker_stalled_past_claim_idle_says_so_and_yields_the_job() {
     wait_status(&mut c, "j-stall", "completed", Duration::from_secs(30));
     assert_eq!(status(&mut c, "j-stall")["worker_id"], "node-live");
     wait_drained(&mut c, QUEUE, GROUP, Duration::from_secs(20));
+    // Published by the settle that drained it; read here once the
+    // subscriber got everything published before now.
+    sync_subscriber(&redis, &sub);
     assert_eq!(events_of(&sub, "j-stall", "end").len(), 1);
     assert!(
         b.log().contains("job j-stall (echo) completed"),
