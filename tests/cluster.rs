@@ -727,28 +727,35 @@ fn a_dead_seed_node_is_skipped_and_no_reachable_node_is_retried() {
 }
 
 #[test]
-fn readers_of_three_slots_never_take_more_entries_than_free_handlers() {
+fn readers_of_six_slots_never_take_more_entries_than_free_handlers() {
     let cluster = RedisCluster::start(ClusterOptions::default());
     let url = cluster.url();
-    let queues = queue_per_master(&cluster);
+    // Two queues per master, each in its own slot: six readers share two
+    // handlers, so they often want the same room at the same moment.
+    let queues: Vec<String> = cluster
+        .master_ports()
+        .into_iter()
+        .flat_map(|p| cluster.hash_tags_served_by(p, 2))
+        .map(|tag| format!("jobs:v1:{{{tag}}}"))
+        .collect();
     let owners = owners_of(&cluster, &queues);
     let dir = fresh_temp_dir("cluster-backpressure");
     let runs = dir.join("runs.log");
     let mut conn = cluster.cluster_conn();
     let mut jobs = Vec::new();
     for (i, q) in queues.iter().enumerate() {
-        jobs.extend(enqueue(&mut conn, q, &format!("bp{i}"), 8, 150));
+        jobs.extend(enqueue(&mut conn, q, &format!("bp{i}"), 12, 20));
     }
     let worker = cluster_worker_with(&url, "bp-a", &queues, &runs, &["--concurrency", "2"]);
     worker.wait_working();
-    // This consumer's pending entries over all three masters, sampled
-    // until every job ran: never more than its two handlers. The masters
-    // are asked one after the other, so a sample counts only when a second
-    // one right after it found the same entries: an entry acknowledged on
-    // one master while another was being asked would otherwise be counted
-    // with the one read after it.
+    // This consumer's pending entries over all six queues, sampled until
+    // every job ran: never more than its two handlers. The queues are
+    // asked one after the other, so a sample counts only when a second one
+    // right after it found the same entries: an entry acknowledged on one
+    // queue while another was being asked would otherwise be counted with
+    // the one read after it.
     let mut nodes: Vec<redis::Connection> = owners.iter().map(|p| cluster.node_conn(*p)).collect();
-    // Each master's pending ids (a row's first field; its idle time moves).
+    // Each queue's pending ids (a row's first field; its idle time moves).
     let mut sample = || -> Vec<Vec<Value>> {
         queues
             .iter()

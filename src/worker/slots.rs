@@ -5,9 +5,10 @@
 //! returns. A slot is a value that frees itself on drop, so no code path can
 //! forget to release one or release one twice.
 //!
-//! A transport that also owes its far end a bound (the Redis consumer holds
-//! no more pending entries than it has handlers) passes that bound as the
-//! `limit` of [`Slots::take`]; whoever lowers the bound calls [`Slots::wake`].
+//! The same type counts any other capacity that must be taken before a job
+//! is: the Redis transport keeps one for the places in its consumer's
+//! pending list, which an entry holds until Redis took its outcome (longer
+//! than its handler).
 
 use crate::sync::lock;
 use std::sync::{Arc, Condvar, Mutex};
@@ -19,17 +20,16 @@ pub struct Slots {
     changed: Condvar,
 }
 
-/// One handler thread's worth of capacity; given back when dropped.
+/// One handler thread's worth of capacity; given back when dropped. `None`
+/// only once [`Slots::give_back`] gave it back.
 #[must_use]
-pub struct Slot(Arc<Slots>);
+pub struct Slot(Option<Arc<Slots>>);
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        let s = &self.0;
-        let mut free = lock(&s.free);
-        *free = (*free + 1).min(s.capacity);
-        drop(free);
-        s.changed.notify_all();
+        if let Some(s) = self.0.take() {
+            s.put(1);
+        }
     }
 }
 
@@ -50,19 +50,41 @@ impl Slots {
         self.capacity - *lock(&self.free)
     }
 
-    /// Take every free slot, but no more than `limit()` (asked again on every
-    /// wake-up), waiting up to `timeout` for at least one. Empty when none
-    /// came free in time.
-    pub fn take(self: &Arc<Self>, timeout: Duration, limit: impl Fn() -> usize) -> Vec<Slot> {
+    /// Take every free slot, but no more than `most`, waiting up to
+    /// `timeout` for at least one. Empty when none came free in time.
+    pub fn take(self: &Arc<Self>, timeout: Duration, most: usize) -> Vec<Slot> {
+        if most == 0 {
+            return Vec::new();
+        }
         let free = lock(&self.free);
         let (mut free, _) = self
             .changed
-            .wait_timeout_while(free, timeout, |f| (*f).min(limit()) == 0)
+            .wait_timeout_while(free, timeout, |f| *f == 0)
             .unwrap_or_else(|e| e.into_inner());
-        let n = (*free).min(limit());
+        let n = (*free).min(most);
         *free -= n;
         drop(free);
-        (0..n).map(|_| Slot(self.clone())).collect()
+        (0..n).map(|_| Slot(Some(self.clone()))).collect()
+    }
+
+    /// Give back several slots of this set with one wake-up, so that a
+    /// waiter takes them all at once rather than the first one alone.
+    pub fn give_back(&self, slots: impl IntoIterator<Item = Slot>) {
+        let n = slots
+            .into_iter()
+            .filter_map(|mut s| s.0.take())
+            .inspect(|owner| debug_assert!(std::ptr::eq(&**owner, self)))
+            .count();
+        if n > 0 {
+            self.put(n);
+        }
+    }
+
+    fn put(&self, n: usize) {
+        let mut free = lock(&self.free);
+        *free = (*free + n).min(self.capacity);
+        drop(free);
+        self.changed.notify_all();
     }
 
     /// Wait until every slot is free (every handler idle); false if
@@ -83,7 +105,7 @@ impl Slots {
         true
     }
 
-    /// Wake every waiter: a stop condition or a `limit` changed.
+    /// Wake every waiter: a stop condition changed.
     pub fn wake(&self) {
         // Taking the lock orders this after a waiter's check of its
         // condition, so the notification cannot fall between check and wait.
@@ -97,7 +119,7 @@ mod tests {
     use super::*;
     use std::sync::atomic::{AtomicUsize, Ordering};
 
-    const ANY: fn() -> usize = || usize::MAX;
+    const ANY: usize = usize::MAX;
 
     #[test]
     fn take_gets_all_free_and_dropping_gives_back() {
@@ -117,39 +139,43 @@ mod tests {
     }
 
     #[test]
-    fn take_respects_the_limit() {
+    fn take_respects_most() {
         let s = Slots::new(4);
-        assert_eq!(s.take(Duration::ZERO, || 1).len(), 1);
-        assert!(s.take(Duration::from_millis(1), || 0).is_empty());
+        assert_eq!(s.take(Duration::ZERO, 1).len(), 1);
+        assert!(s.take(Duration::from_millis(1), 0).is_empty());
         assert_eq!(s.in_use(), 0, "slots of a dropped take came back");
     }
 
-    /// The waiter must be waiting before the wake-up, or this would pass
-    /// without testing the wake: the waiter announces each check of its
-    /// limit, and the releasing thread acts only after the first one.
     #[test]
-    fn a_waiter_wakes_when_a_slot_comes_back_or_its_limit_rises() {
-        let s = Slots::new(1);
+    fn give_back_returns_each_slot_once() {
+        let s = Slots::new(3);
+        let all = s.take(Duration::ZERO, ANY);
+        s.give_back(all);
+        assert_eq!(s.in_use(), 0);
+        assert_eq!(s.take(Duration::ZERO, ANY).len(), 3, "none counted twice");
+    }
+
+    /// A waiter gets slots given back while it waits: without the wake-up
+    /// it would return empty after its minute. (Should the slots come back
+    /// before it began to wait, it takes them at once: the test then checks
+    /// only that both came back together.)
+    #[test]
+    fn a_waiter_wakes_when_slots_come_back() {
+        let s = Slots::new(2);
         let held = s.take(Duration::ZERO, ANY);
-        let checks = Arc::new(AtomicUsize::new(0));
-        let limit = Arc::new(AtomicUsize::new(0));
-        let (s2, c2, l2) = (s.clone(), checks.clone(), limit.clone());
+        let waiting = Arc::new(AtomicUsize::new(0));
+        let (s2, w2) = (s.clone(), waiting.clone());
         let t = std::thread::spawn(move || {
-            s2.take(Duration::from_secs(60), || {
-                c2.fetch_add(1, Ordering::SeqCst);
-                l2.load(Ordering::SeqCst)
-            })
-            .len()
+            w2.store(1, Ordering::SeqCst);
+            s2.take(Duration::from_secs(60), ANY).len()
         });
         let deadline = Instant::now() + Duration::from_secs(30);
-        while checks.load(Ordering::SeqCst) == 0 {
-            assert!(Instant::now() < deadline, "waiter never checked");
+        while waiting.load(Ordering::SeqCst) == 0 {
+            assert!(Instant::now() < deadline, "waiter never started");
             std::thread::yield_now();
         }
-        drop(held); // a slot is free, but the limit is still 0
-        limit.store(1, Ordering::SeqCst);
-        s.wake();
-        assert_eq!(t.join().unwrap(), 1);
+        s.give_back(held);
+        assert_eq!(t.join().unwrap(), 2, "both slots came back at once");
     }
 
     #[test]

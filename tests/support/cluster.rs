@@ -410,11 +410,25 @@ impl RedisCluster {
     /// A hash tag (put it between `{}` in key names) whose slot the master
     /// on `port` serves now.
     pub fn hash_tag_served_by(&self, port: u16) -> String {
+        self.hash_tags_served_by(port, 1).remove(0)
+    }
+
+    /// `n` hash tags of different slots, all served by the master on `port`.
+    pub fn hash_tags_served_by(&self, port: u16, n: usize) -> Vec<String> {
         let map = self.agreed_map();
-        (0..100_000)
+        let mut seen = std::collections::HashSet::new();
+        let tags: Vec<String> = (0..100_000)
             .map(|i| format!("t{i}"))
-            .find(|tag| owner_in(&map, RedisCluster::slot_of(tag)) == Ok(port))
-            .unwrap_or_else(|| panic!("no hash tag found for 127.0.0.1:{port} in {map:?}"))
+            .filter(|tag| owner_in(&map, RedisCluster::slot_of(tag)) == Ok(port))
+            .filter(|tag| seen.insert(RedisCluster::slot_of(tag)))
+            .take(n)
+            .collect();
+        assert_eq!(
+            tags.len(),
+            n,
+            "not {n} hash tags for 127.0.0.1:{port} in {map:?}"
+        );
+        tags
     }
 
     /// A plain connection to the node on `port` (5 s connect/read/write

@@ -287,7 +287,7 @@ fn poll(s: &Arc<NexusState>, tasks: &Sender<Task>) {
                 since.elapsed().as_secs_f64()
             );
         }
-        let mut free = s.slots.take(Duration::from_millis(250), || usize::MAX);
+        let mut free = s.slots.take(Duration::from_millis(250), usize::MAX);
         let mut wait: Option<(Duration, bool)> = None;
         while !free.is_empty() && reading(s) == Reading::Polling && has_room(s) {
             let answer = s.client.next_job();

@@ -1,63 +1,88 @@
 //! The entries this consumer holds, from the moment they are read until
-//! Redis has taken their outcome (or they are given up). Their number is the
-//! consumer's pending list as this process knows it: the reader takes no
-//! more entries while it equals the handler count, and [`InFlight::remove`]
-//! wakes it. Handler slots are not kept here: a finished job's handler is
-//! free while its outcome still waits for Redis.
+//! Redis has taken their outcome (or they are given up), and the bound on
+//! them: the consumer's pending list as this process knows it never holds
+//! more entries than there are handlers. Each entry holds one of as many
+//! places as handlers; the reader takes a place with each handler slot
+//! ([`Room`]) before it reads, and [`InFlight::remove`] gives the place
+//! back. A finished job's handler is free while its outcome still waits
+//! for Redis; its place is not. Counting places, not entries, keeps the
+//! bound when several readers (one per cluster slot) read at once: a place
+//! a reader holds while it waits for Redis counts for the others.
 
 use super::entry::Entry;
 use crate::sync::lock;
-use crate::worker::slots::Slots;
+use crate::worker::slots::{Slot, Slots};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 type Key = (Arc<str>, String);
 
 pub struct InFlight {
-    slots: Arc<Slots>,
-    map: Mutex<HashMap<Key, Arc<Entry>>>,
+    places: Arc<Slots>,
+    map: Mutex<HashMap<Key, (Arc<Entry>, Slot)>>,
+}
+
+/// Room for one entry: a place in the pending list and a handler slot.
+pub struct Room {
+    pub place: Slot,
+    pub handler: Slot,
 }
 
 impl InFlight {
-    pub fn new(slots: Arc<Slots>) -> Self {
+    pub fn new(handlers: usize) -> Self {
         InFlight {
-            slots,
+            places: Slots::new(handlers),
             map: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Room for as many entries as there are both free places and free
+    /// handler slots, waiting up to `timeout` for each; empty if none.
+    pub fn room(&self, handlers: &Arc<Slots>, timeout: Duration) -> Vec<Room> {
+        let places = self.places.take(timeout, usize::MAX);
+        let slots = handlers.take(timeout, places.len());
+        places
+            .into_iter()
+            .zip(slots)
+            .map(|(place, handler)| Room { place, handler })
+            .collect()
+    }
+
+    /// Wake a reader waiting for room: it is told to stop.
+    pub fn wake(&self) {
+        self.places.wake();
     }
 
     pub fn len(&self) -> usize {
         lock(&self.map).len()
     }
 
-    pub fn insert(&self, e: Arc<Entry>) {
-        lock(&self.map).insert((e.stream.clone(), e.id.clone()), e);
+    /// Hold `e` in the place it took.
+    pub fn insert(&self, e: Arc<Entry>, place: Slot) {
+        let old = lock(&self.map).insert((e.stream.clone(), e.id.clone()), (e, place));
+        drop(old);
     }
 
     /// Forget an entry: its outcome landed, or it is not ours to settle.
+    /// Its place is free again (the reader may take another entry now).
     pub fn remove(&self, stream: &Arc<str>, id: &str) {
-        if lock(&self.map)
-            .remove(&(stream.clone(), id.to_owned()))
-            .is_some()
-        {
-            // The reader may take another entry now.
-            self.slots.wake();
-        }
+        let gone = lock(&self.map).remove(&(stream.clone(), id.to_owned()));
+        drop(gone);
     }
 
-    /// Forget the entries of a settled batch at once, waking the reader
-    /// once: it then reads for all the slots they free in one call, not
-    /// one entry per wake-up.
+    /// Forget the entries of a settled batch at once, their places given
+    /// back together: a waiting reader then reads for all of them in one
+    /// call, not one entry per wake-up.
     pub fn remove_all<'a>(&self, done: impl IntoIterator<Item = &'a Entry>) {
         let mut map = lock(&self.map);
-        let mut any = false;
-        for e in done {
-            any |= map.remove(&(e.stream.clone(), e.id.clone())).is_some();
-        }
+        let places: Vec<Slot> = done
+            .into_iter()
+            .filter_map(|e| map.remove(&(e.stream.clone(), e.id.clone())))
+            .map(|(_, place)| place)
+            .collect();
         drop(map);
-        if any {
-            self.slots.wake();
-        }
+        self.places.give_back(places);
     }
 
     pub fn contains(&self, stream: &Arc<str>, id: &str) -> bool {
@@ -67,10 +92,73 @@ impl InFlight {
     pub fn get(&self, stream: &Arc<str>, id: &str) -> Option<Arc<Entry>> {
         lock(&self.map)
             .get(&(stream.clone(), id.to_owned()))
-            .cloned()
+            .map(|(e, _)| e.clone())
     }
 
     pub fn snapshot(&self) -> Vec<Arc<Entry>> {
-        lock(&self.map).values().cloned().collect()
+        lock(&self.map).values().map(|(e, _)| e.clone()).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::transport::redis_streams::entry::RawEntry;
+
+    fn entry(id: &str) -> Arc<Entry> {
+        let raw = RawEntry {
+            id: id.into(),
+            fields: None,
+        };
+        Arc::new(Entry::new("jobs:v1:q".into(), raw, 1))
+    }
+
+    /// Two handlers. One entry's job finished (its handler free) but its
+    /// outcome has not landed; a reader holds the other room while it waits
+    /// for Redis. Another reader must find no room: both places are taken,
+    /// though a handler slot is free.
+    #[test]
+    fn room_held_by_a_reader_and_an_unsettled_entry_count_for_every_reader() {
+        let handlers = Slots::new(2);
+        let inflight = InFlight::new(2);
+        let mut first = inflight.room(&handlers, Duration::ZERO);
+        assert_eq!(first.len(), 2);
+        let done = entry("1-0");
+        let Room { place, handler } = first.pop().unwrap();
+        inflight.insert(done.clone(), place);
+        drop(handler); // the job returned; its outcome waits for Redis
+        assert_eq!(handlers.in_use(), 1, "the reader still holds one");
+        assert!(
+            inflight
+                .room(&handlers, Duration::from_millis(1))
+                .is_empty(),
+            "a third entry would be pending for two handlers"
+        );
+        inflight.remove_all([&*done]);
+        let again = inflight.room(&handlers, Duration::ZERO);
+        assert_eq!(again.len(), 1, "the settled entry's place came back");
+        drop((first, again));
+        assert_eq!(inflight.room(&handlers, Duration::ZERO).len(), 2);
+    }
+
+    #[test]
+    fn removing_an_entry_twice_gives_its_place_back_once() {
+        let handlers = Slots::new(2);
+        let inflight = InFlight::new(2);
+        let e = entry("1-0");
+        let mut rooms = inflight.room(&handlers, Duration::ZERO);
+        let Room { place, handler } = rooms.pop().unwrap();
+        inflight.insert(e.clone(), place);
+        drop(handler);
+        inflight.remove(&e.stream, &e.id);
+        inflight.remove(&e.stream, &e.id);
+        inflight.remove_all([&*e]);
+        assert_eq!(inflight.len(), 0);
+        assert_eq!(
+            inflight.room(&handlers, Duration::ZERO).len(),
+            1,
+            "the other room is still held"
+        );
+        drop(rooms);
     }
 }

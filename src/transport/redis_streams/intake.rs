@@ -6,6 +6,7 @@
 //! reads from Redis except the cancel keys of the jobs about to start.
 
 use super::entry::{Entry, RawEntry};
+use super::inflight::Room;
 use super::settler::{cancel_key, chunk_json, event_json, Msg};
 use super::StreamsState;
 use crate::events;
@@ -42,9 +43,9 @@ enum Verdict {
 pub struct Taken {
     /// Entries now held (running or on their way to be settled).
     pub held: usize,
-    /// Runnable entries left pending for lack of a free slot (a blocking
-    /// read over several streams can return one per stream): this
-    /// consumer's own pending entries, taken back when a slot frees.
+    /// Entries left pending for lack of room (a blocking read over several
+    /// streams can return one per stream): this consumer's own pending
+    /// entries, taken back when room frees.
     pub left_pending: usize,
     /// The job type of each entry held (`unknown` when it has none).
     pub kinds: Vec<String>,
@@ -53,14 +54,15 @@ pub struct Taken {
 impl Intake {
     /// Hand on `raws` of `stream`, each with Redis's delivery count. None
     /// of them may be in flight here already (the reader filters them out
-    /// before asking for delivery counts). Runnable ones take a slot from
-    /// `slots`.
+    /// before asking for delivery counts). Each one held takes its room
+    /// from `room`: its place in the pending list, and for a job that runs
+    /// its handler slot.
     pub fn take(
         &self,
         conn: &mut Conn,
         stream: &Arc<str>,
         raws: Vec<(RawEntry, u64)>,
-        slots: &mut Vec<Slot>,
+        room: &mut Vec<Room>,
     ) -> Taken {
         let st = &self.state;
         if st.stopping() {
@@ -96,17 +98,11 @@ impl Intake {
         let mut runs: Vec<Run> = Vec::new();
         for ((e, verdict), cancelled) in batch.into_iter().zip(cancelled) {
             let e = Arc::new(e);
-            let slot = match verdict {
-                Verdict::Run(_) if !cancelled => match slots.pop() {
-                    Some(slot) => Some(slot),
-                    None => {
-                        taken.left_pending += 1;
-                        continue;
-                    }
-                },
-                _ => None,
+            let Some(Room { place, handler }) = room.pop() else {
+                taken.left_pending += 1;
+                continue;
             };
-            st.inflight.insert(e.clone());
+            st.inflight.insert(e.clone(), place);
             taken.held += 1;
             taken
                 .kinds
@@ -146,8 +142,7 @@ impl Intake {
                         Msg::Claimed(e.clone(), claimed),
                         Msg::Started(e.clone(), start),
                     ];
-                    let slot = slot.expect("a runnable entry took a slot");
-                    runs.push(Run(job, e, slot, first));
+                    runs.push(Run(job, e, handler, first));
                 }
             }
         }

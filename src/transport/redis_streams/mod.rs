@@ -133,7 +133,7 @@ impl RedisStreams {
             base_streams: settings.streams().into_iter().map(Arc::from).collect(),
             profile: exec.profile.clone(),
             counters: exec.counters.clone(),
-            inflight: InFlight::new(slots.clone()),
+            inflight: InFlight::new(slots.capacity()),
             queue: SettleQueue::new(slots.capacity() * 64),
             slots,
             stop_reading: StopFlag::default(),
@@ -215,6 +215,7 @@ impl Transport for RedisStreams {
         let again = self.shared.stop_reading.is_set();
         self.shared.stop_reading.set();
         self.shared.slots.wake();
+        self.shared.inflight.wake();
         if let Some(reader) = self.reader.take() {
             if !again {
                 unblock_reader(&self.shared, &reader);

@@ -1,7 +1,8 @@
 //! The reader thread: what to read, and when. The only code that takes
-//! entries from Redis. It takes no more entries than there are free handler
-//! slots, nor more than leave the consumer's pending list within the handler
-//! count; it reads nothing while outcomes wait for Redis (settle blocked).
+//! entries from Redis. It takes no more entries than it has room for: free
+//! handler slots, and free places in the consumer's pending list (as many as
+//! handlers, see `inflight`); it reads nothing while outcomes wait for Redis
+//! (settle blocked).
 //! In order of priority each step:
 //! 1. takes the consumer name (refusing to start, exit 2, when a live
 //!    process holds it);
@@ -28,13 +29,14 @@
 //! On a Redis Cluster there is one reader per hash slot of the streams
 //! (`run_per_slot`): each reads only its slot's streams, on the node that
 //! serves it, so every blocking XREADGROUP names keys of one slot. They
-//! share the handler slots: each takes free ones before it reads, and
-//! keeps no more than one per stream while it blocks, so a read on one
-//! slot never holds capacity that another slot's jobs could use.
+//! share the room: each takes what is free before it reads, and keeps no
+//! more than one per stream while it blocks, so a read on one slot never
+//! holds capacity that another slot's jobs could use.
 //!
 //! What becomes of an entry read is `intake`'s business.
 
 use super::entry::{self, RawEntry};
+use super::inflight::Room;
 use super::intake::Intake;
 use super::scripts::TAKE_BACK_OWN;
 use super::StreamsState;
@@ -42,7 +44,6 @@ use crate::backoff::Outage;
 use crate::observe::{alive, metrics::METRICS};
 use crate::redis_conn::Conn;
 use crate::redis_conn::{self, Fault};
-use crate::worker::slots::Slot;
 use redis::{RedisResult, Value};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::Ordering;
@@ -109,7 +110,6 @@ impl Reader {
 
     pub fn run(mut self) {
         let slots = self.state.slots.clone();
-        let capacity = slots.capacity();
         // Its longest legitimate turn: a connect, a BLOCK read, taking the
         // consumer name (up to claim-idle), the outage backoff (30s).
         let bound = {
@@ -128,10 +128,7 @@ impl Reader {
                 self.state.sleep(Duration::from_millis(50));
                 continue;
             }
-            let inflight = &self.state.inflight;
-            let mut free = slots.take(Duration::from_millis(250), || {
-                capacity.saturating_sub(inflight.len())
-            });
+            let mut free = self.state.inflight.room(&slots, Duration::from_millis(250));
             if free.is_empty() || self.state.stopping() {
                 continue;
             }
@@ -185,7 +182,7 @@ impl Reader {
         }
     }
 
-    fn step(&mut self, free: &mut Vec<Slot>) -> RedisResult<()> {
+    fn step(&mut self, free: &mut Vec<Room>) -> RedisResult<()> {
         if self.conn.is_none() {
             self.refresh_streams(None)?;
             self.conn = Some(self.open()?);
@@ -342,8 +339,8 @@ impl Reader {
     /// This consumer's own pending entries that do not run here: what an
     /// earlier run of it left unfinished, or what a read cut off by an
     /// outage delivered. Goes on, stream by stream, until every one was
-    /// taken back (more free slots may be needed than there are now).
-    fn take_back_own(&mut self, conn: &mut Conn, free: &mut Vec<Slot>) -> RedisResult<()> {
+    /// taken back (more room may be needed than there is now).
+    fn take_back_own(&mut self, conn: &mut Conn, free: &mut Vec<Room>) -> RedisResult<()> {
         let mut cursors = self.own.take().unwrap_or_default();
         for i in 0..cursors.len() {
             if free.is_empty() {
@@ -376,7 +373,7 @@ impl Reader {
         conn: &mut Conn,
         i: usize,
         start: &str,
-        free: &mut Vec<Slot>,
+        free: &mut Vec<Room>,
     ) -> RedisResult<Option<String>> {
         let st = self.state.clone();
         let stream = &self.streams[i].clone();
@@ -389,7 +386,7 @@ impl Reader {
         let mine = &candidates[..candidates.len().min(free.len())];
         let after = |id: &str| Some(format!("({id}"));
         let next = match (mine.last(), rows.last()) {
-            // More to take back than slots: resume after the last taken.
+            // More to take back than room: resume after the last taken.
             (Some((id, _)), _) if mine.len() < candidates.len() => after(id),
             // A full page: there may be more rows after it.
             (_, Some((id, _))) if rows.len() >= page => after(id),
@@ -429,8 +426,8 @@ impl Reader {
         Ok(next)
     }
 
-    /// XAUTOCLAIM entries idle longer than claim-idle, up to the free slots.
-    fn reclaim(&mut self, conn: &mut Conn, free: &mut Vec<Slot>) -> RedisResult<()> {
+    /// XAUTOCLAIM entries idle longer than claim-idle, up to the free room.
+    fn reclaim(&mut self, conn: &mut Conn, free: &mut Vec<Room>) -> RedisResult<()> {
         let st = self.state.clone();
         let streams = self.streams.clone();
         for (i, stream) in streams.iter().enumerate() {
@@ -488,12 +485,13 @@ impl Reader {
     }
 
     /// New entries. First a sweep without BLOCK, each stream asked for the
-    /// slots still free (skipped when the last blocking read found nothing:
+    /// room still free (skipped when the last blocking read found nothing:
     /// an idle worker sends one command per BLOCK); then one BLOCK on every
-    /// stream, COUNT 1 each. With fewer free slots than streams, that read
-    /// can return more entries than slots: the extra ones stay pending for
-    /// this consumer and are taken back as soon as a slot frees.
-    fn read_new(&mut self, conn: &mut Conn, free: &mut Vec<Slot>) -> RedisResult<()> {
+    /// stream, COUNT 1 each. With room for fewer entries than streams, that
+    /// read can return more entries than there is room for: the extra ones
+    /// stay pending for this consumer and are taken back as soon as room
+    /// frees.
+    fn read_new(&mut self, conn: &mut Conn, free: &mut Vec<Room>) -> RedisResult<()> {
         let st = self.state.clone();
         let streams = self.streams.clone();
         if !self.idle {
