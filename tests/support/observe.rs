@@ -234,3 +234,15 @@ pub fn info_field(conn: &mut redis::Connection, section: &str, field: &str) -> O
             .map(|v| v.trim().to_owned())
     })
 }
+
+/// Wait until some client of `conn`'s server is blocked in a command (a
+/// worker's reader in its `XREADGROUP … BLOCK`, when it is the only one):
+/// what is enqueued next comes to it alone.
+pub fn wait_blocked_reader(conn: &mut redis::Connection, timeout: Duration) {
+    wait_until("a reader blocked in XREADGROUP", timeout, || {
+        let n: u64 = info_field(conn, "clients", "blocked_clients")?
+            .parse()
+            .ok()?;
+        (n >= 1).then_some(())
+    });
+}

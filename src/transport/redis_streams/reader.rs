@@ -38,7 +38,7 @@
 use super::entry::{self, RawEntry};
 use super::inflight::Room;
 use super::intake::Intake;
-use super::scripts::TAKE_BACK_OWN;
+use super::scripts::{Scripts, TAKE_BACK_OWN};
 use super::StreamsState;
 use crate::backoff::Outage;
 use crate::observe::{alive, metrics::METRICS};
@@ -60,6 +60,9 @@ pub struct Reader {
     part: &'static str,
     intake: Intake,
     conn: Option<Conn>,
+    /// The batch script's SHA on `conn` (a single Redis only), for the
+    /// checked start of a job read alone (`Intake::take_quiet`).
+    scripts: Option<Scripts>,
     outage: Outage,
     /// What is read: the base streams, then the tag streams.
     streams: Arc<[Arc<str>]>,
@@ -96,6 +99,7 @@ impl Reader {
             state,
             intake,
             conn: None,
+            scripts: None,
             outage: Outage::new("reader", "Redis", Duration::from_secs(30)),
             own: None,
             reclaim_cursor: vec!["0-0".into(); n],
@@ -185,7 +189,12 @@ impl Reader {
     fn step(&mut self, free: &mut Vec<Room>) -> RedisResult<()> {
         if self.conn.is_none() {
             self.refresh_streams(None)?;
-            self.conn = Some(self.open()?);
+            let mut conn = self.open()?;
+            self.scripts = match conn.is_cluster() {
+                true => None,
+                false => Some(Scripts::load(&mut conn)?),
+            };
+            self.conn = Some(conn);
             if std::mem::replace(&mut self.connected_before, true) {
                 METRICS.redis_reconnected();
             }
@@ -522,15 +531,23 @@ impl Reader {
         let all: Vec<&Arc<str>> = streams.iter().collect();
         let reply = xreadgroup(conn, &st, 1, Some(block), &all)?;
         self.idle = reply.iter().all(|(_, raws)| raws.is_empty());
+        let lone = reply.iter().map(|(_, raws)| raws.len()).sum::<usize>() == 1;
+        let scripts = self.scripts.as_ref().filter(|_| lone);
+        let mut result = Ok(());
         for (name, raws) in reply {
             if let Some(stream) = streams.iter().find(|s| ***s == *name) {
                 let fresh = raws.into_iter().map(|r| (r, 1)).collect();
-                if self.intake.take(conn, stream, fresh, free).left_pending > 0 {
-                    self.own = Some(vec![Some("-".into()); streams.len()]);
+                match self.intake.take_quiet(conn, scripts, stream, fresh, free) {
+                    Ok(taken) if taken.left_pending == 0 => {}
+                    Ok(_) => self.own = Some(vec![Some("-".into()); streams.len()]),
+                    Err(e) => {
+                        self.own = Some(vec![Some("-".into()); streams.len()]);
+                        result = Err(e);
+                    }
                 }
             }
         }
-        Ok(())
+        result
     }
 }
 

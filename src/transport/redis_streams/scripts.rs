@@ -38,6 +38,11 @@ use redis::{Cmd, RedisResult};
 ///   `processing` status and the `start` event (the events stream gets its
 ///   running ttl once, at the end of the call, unless an outcome of the
 ///   job in the same call set the final one);
+/// - `C` stream, entry id, status key, events key, channel, cancel key,
+///   `claimed` event, `start` event: a job read alone, started only if its
+///   cancel key does not exist (reply 2 when it does, nothing written):
+///   the `claimed` event, then what `S` writes, in one round trip with the
+///   pre-start cancel check;
 /// - `F` stream, entry id, status key, status ('' = none), error ('' =
 ///   none), dead-letter stream, events key, channel, terminal event ('' =
 ///   none), n, then n dead-letter field/value texts (n = 0: not
@@ -77,6 +82,17 @@ local function start(i)
   redis.call('PUBLISH', ARGV[i + 4], ARGV[i + 5])
   return 1
 end
+local function checked_start(i)
+  if not pending(ARGV[i], ARGV[i + 1]) then return 0 end
+  if redis.call('EXISTS', ARGV[i + 5]) == 1 then return 2 end
+  append(ARGV[i + 3], ARGV[i + 6])
+  redis.call('PUBLISH', ARGV[i + 4], ARGV[i + 6])
+  status(ARGV[i + 2], 'processing', '')
+  append(ARGV[i + 3], ARGV[i + 7])
+  if ev_maxlen ~= '0' then ttl_due[ARGV[i + 3]] = run_ttl end
+  redis.call('PUBLISH', ARGV[i + 4], ARGV[i + 7])
+  return 1
+end
 local function finish(i, n)
   if not pending(ARGV[i], ARGV[i + 1]) then return 0 end
   if n > 0 then
@@ -112,6 +128,14 @@ while i <= #ARGV do
       r = -1
     end
     i = i + 7
+  elseif op == 'C' then
+    if held then
+      local ok, e = pcall(checked_start, i + 1)
+      if ok then r = e else r = fail(e) end
+    else
+      r = -1
+    end
+    i = i + 9
   elseif op == 'F' then
     local n = tonumber(ARGV[i + 10])
     if held then
@@ -257,6 +281,21 @@ impl Batch<'_> {
             .arg(events_key(e))
             .arg(channel(e))
             .arg(json);
+    }
+
+    /// `claimed`, `processing` status and `start` of `e`, unless its job's
+    /// cancel key exists (see `C` in [`BATCH`]).
+    pub fn checked_start(&mut self, e: &Entry, cancel_key: &str, claimed: &str, start: &str) {
+        self.cmd
+            .arg("C")
+            .arg(&*e.stream)
+            .arg(&e.id)
+            .arg(status_key(e.job_id.as_deref().unwrap_or_default()))
+            .arg(events_key(e))
+            .arg(channel(e))
+            .arg(cancel_key)
+            .arg(claimed)
+            .arg(start);
     }
 
     /// The terminal write of `e`: status, dead letter (when `dead_letter`
