@@ -2,7 +2,8 @@
 # Benchmarks of a release build of `citadel work` against a local redis-server
 # (not part of the tests). Prints: idle RSS, burn-down of 100 000 pre-enqueued
 # echo jobs (full contract: events, status, ack), enqueue→start latency of
-# 2 000 jobs enqueued at 500/s, and llm_inference streaming: 256 jobs of
+# 2 000 jobs enqueued at 500/s (and, in the same run, of a floor consumer
+# that only reads and publishes `start`), and llm_inference streaming: 256 jobs of
 # 1 000 tokens each from a fake vLLM, engine write → chunk event latency and
 # agent CPU, once as fast as the engine can and once paced at 100 tokens/s
 # per stream (BENCH_LLM_TOKEN_US=10000); model_download of a 1 GiB file from a
