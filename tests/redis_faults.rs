@@ -659,6 +659,51 @@ fn sigterm_while_redis_hangs_exits_within_the_grace() {
     wait_drained(&mut c, QUEUE, GROUP, Duration::from_secs(5));
 }
 
+/// A reader stuck in a read whose reply never comes holds handler slots
+/// while it waits for work; they are no jobs, so SIGTERM with no job
+/// running does not wait out the grace for them (it did: until the read
+/// timed out, then "cancelling 4 unfinished jobs").
+#[test]
+fn sigterm_while_the_reader_hangs_with_no_job_running_exits_at_once() {
+    let redis = RedisServer::start();
+    let proxy = StallProxy::start(redis.port());
+    let url = proxy.url();
+    let mut w = Citadel::spawn(
+        &[
+            "work",
+            "--redis-url",
+            &url,
+            "--node-name",
+            "node-idle-hang",
+            "--shutdown-grace",
+            "30s",
+            "--redis-timeout",
+            "20s",
+            "--block",
+            "1s",
+        ],
+        &[],
+    );
+    w.wait_working();
+    proxy.hold_replies_after("XREADGROUP", Duration::from_secs(120));
+    wait_until("the reader's read to hang", Duration::from_secs(10), || {
+        proxy.was_triggered().then_some(())
+    });
+    let t0 = std::time::Instant::now();
+    w.sigterm();
+    let exited = w.wait_exit(Duration::from_secs(40));
+    let took = t0.elapsed();
+    assert!(exited.is_some(), "still running after SIGTERM: {}", w.log());
+    assert!(
+        took < Duration::from_secs(5),
+        "exited {took:?} after SIGTERM, with no job running: {}",
+        w.log()
+    );
+    let log = w.log();
+    assert!(log.contains("for 0 running jobs"), "{log}");
+    assert!(!log.contains("unfinished jobs"), "{log}");
+}
+
 /// Found by the chaos harness (tests/chaos.rs: a duplicate run whose holder
 /// was alive): a restarted worker took back "its own" pending entries with
 /// XPENDING, then XCLAIM min-idle 0; an entry another worker reclaimed in

@@ -60,13 +60,13 @@ pub fn run(
         Some(msg) => log::error!("{msg}; stopping"),
         None => log::info!(
             "signal received: no new jobs are taken; waiting up to {grace:?} for {} running jobs",
-            slots.in_use()
+            slots.jobs()
         ),
     }
 
     let hard = deadline + SETTLE_AFTER_GRACE;
     let mut forced = false;
-    while !slots.wait_idle(deadline.min(Instant::now() + Duration::from_millis(50))) {
+    while !slots.wait_no_jobs(deadline.min(Instant::now() + Duration::from_millis(50))) {
         if signals.try_recv().is_ok() || Instant::now() >= deadline {
             forced = true;
             break;
@@ -75,20 +75,20 @@ pub fn run(
     if forced {
         log::warn!(
             "stopping now: cancelling {} unfinished jobs; they are left to be delivered again",
-            slots.in_use()
+            slots.jobs()
         );
         transport.abandon();
         let handlers_by = Instant::now() + SETTLE_AFTER_GRACE / 2;
-        if !slots.wait_idle(handlers_by.min(hard)) {
+        if !slots.wait_no_jobs(handlers_by.min(hard)) {
             log::warn!("some handlers did not stop in time; exiting anyway");
         }
     }
     transport.finish(hard.max(Instant::now() + Duration::from_millis(200)));
-    if !forced {
-        for h in handlers {
-            let _ = h.join();
-        }
-    }
+    // The handler threads are not joined: with no job left they only wait
+    // for a task channel that a reader still stuck in Redis keeps open (it
+    // takes nothing after the stop), and with jobs abandoned they are
+    // cancelled and left.
+    drop(handlers);
     log::info!("stopped");
     match failure {
         Some(msg) => Err(Exit(2, msg)),

@@ -21,15 +21,34 @@ pub trait Report: Send {
 }
 
 pub struct Task {
-    pub job: Job,
-    pub token: Arc<CancelToken>,
-    pub report: Box<dyn Report>,
+    job: Job,
+    token: Arc<CancelToken>,
+    report: Box<dyn Report>,
     /// The handler thread this job was given; free again once the job's
-    /// outcome is handed to its report.
-    pub slot: Slot,
+    /// outcome is handed to its report. It counts as a running job from
+    /// the moment the task is made (`Task::new`), queued or running.
+    slot: Slot,
     /// When the job was enqueued (Unix ms: a stream entry id's time), for
     /// the pickup latency metric; `None` when the transport cannot tell.
-    pub enqueued_ms: Option<u64>,
+    enqueued_ms: Option<u64>,
+}
+
+impl Task {
+    pub fn new(
+        job: Job,
+        token: Arc<CancelToken>,
+        report: Box<dyn Report>,
+        slot: Slot,
+        enqueued_ms: Option<u64>,
+    ) -> Task {
+        Task {
+            job,
+            token,
+            report,
+            slot: slot.into_job(),
+            enqueued_ms,
+        }
+    }
 }
 
 pub fn start(n: usize, tasks: Receiver<Task>, exec: Arc<Executor>) -> Vec<JoinHandle<()>> {

@@ -3,7 +3,10 @@
 //! idle handler threads, the exact backpressure of ARCHITECTURE.md), hands
 //! each to the pool with its job, and the pool gives it back when the handler
 //! returns. A slot is a value that frees itself on drop, so no code path can
-//! forget to release one or release one twice.
+//! forget to release one or release one twice. A slot handed on with a job
+//! ([`Slot::into_job`], done by `Task::new`) counts as a running job until
+//! it comes back: that is what a shutdown waits for, not the slots a reader
+//! holds while it waits for work.
 //!
 //! The same type counts any other capacity that must be taken before a job
 //! is: the Redis transport keeps one for the places in its consumer's
@@ -16,19 +19,41 @@ use std::time::{Duration, Instant};
 
 pub struct Slots {
     capacity: usize,
-    free: Mutex<usize>,
+    counts: Mutex<Counts>,
     changed: Condvar,
 }
 
-/// One handler thread's worth of capacity; given back when dropped. `None`
-/// only once [`Slots::give_back`] gave it back.
+struct Counts {
+    free: usize,
+    /// Slots out with a job.
+    jobs: usize,
+}
+
+/// One handler thread's worth of capacity; given back when dropped.
 #[must_use]
-pub struct Slot(Option<Arc<Slots>>);
+pub struct Slot {
+    /// `None` only once [`Slots::give_back`] gave it back.
+    owner: Option<Arc<Slots>>,
+    job: bool,
+}
+
+impl Slot {
+    /// This slot now carries a job, running or about to run.
+    pub fn into_job(mut self) -> Slot {
+        if let Some(s) = &self.owner {
+            if !self.job {
+                lock(&s.counts).jobs += 1;
+            }
+        }
+        self.job = true;
+        self
+    }
+}
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        if let Some(s) = self.0.take() {
-            s.put(1);
+        if let Some(s) = self.owner.take() {
+            s.put(1, usize::from(self.job));
         }
     }
 }
@@ -37,7 +62,10 @@ impl Slots {
     pub fn new(capacity: usize) -> Arc<Self> {
         Arc::new(Slots {
             capacity,
-            free: Mutex::new(capacity),
+            counts: Mutex::new(Counts {
+                free: capacity,
+                jobs: 0,
+            }),
             changed: Condvar::new(),
         })
     }
@@ -46,8 +74,14 @@ impl Slots {
         self.capacity
     }
 
+    #[cfg(test)]
     pub fn in_use(&self) -> usize {
-        self.capacity - *lock(&self.free)
+        self.capacity - lock(&self.counts).free
+    }
+
+    /// Slots out with a job now.
+    pub fn jobs(&self) -> usize {
+        lock(&self.counts).jobs
     }
 
     /// Take every free slot, but no more than `most`, waiting up to
@@ -56,49 +90,58 @@ impl Slots {
         if most == 0 {
             return Vec::new();
         }
-        let free = lock(&self.free);
-        let (mut free, _) = self
+        let counts = lock(&self.counts);
+        let (mut counts, _) = self
             .changed
-            .wait_timeout_while(free, timeout, |f| *f == 0)
+            .wait_timeout_while(counts, timeout, |c| c.free == 0)
             .unwrap_or_else(|e| e.into_inner());
-        let n = (*free).min(most);
-        *free -= n;
-        drop(free);
-        (0..n).map(|_| Slot(Some(self.clone()))).collect()
+        let n = counts.free.min(most);
+        counts.free -= n;
+        drop(counts);
+        (0..n)
+            .map(|_| Slot {
+                owner: Some(self.clone()),
+                job: false,
+            })
+            .collect()
     }
 
     /// Give back several slots of this set with one wake-up, so that a
     /// waiter takes them all at once rather than the first one alone.
     pub fn give_back(&self, slots: impl IntoIterator<Item = Slot>) {
-        let n = slots
-            .into_iter()
-            .filter_map(|mut s| s.0.take())
-            .inspect(|owner| debug_assert!(std::ptr::eq(&**owner, self)))
-            .count();
+        let (mut n, mut jobs) = (0, 0);
+        for mut slot in slots {
+            if let Some(owner) = slot.owner.take() {
+                debug_assert!(std::ptr::eq(&*owner, self));
+                n += 1;
+                jobs += usize::from(slot.job);
+            }
+        }
         if n > 0 {
-            self.put(n);
+            self.put(n, jobs);
         }
     }
 
-    fn put(&self, n: usize) {
-        let mut free = lock(&self.free);
-        *free = (*free + n).min(self.capacity);
-        drop(free);
+    fn put(&self, n: usize, jobs: usize) {
+        let mut counts = lock(&self.counts);
+        counts.free = (counts.free + n).min(self.capacity);
+        counts.jobs = counts.jobs.saturating_sub(jobs);
+        drop(counts);
         self.changed.notify_all();
     }
 
-    /// Wait until every slot is free (every handler idle); false if
-    /// `deadline` came first.
-    pub fn wait_idle(&self, deadline: Instant) -> bool {
-        let mut free = lock(&self.free);
-        while *free < self.capacity {
+    /// Wait until no slot carries a job (slots a transport holds while it
+    /// waits for work do not count); false if `deadline` came first.
+    pub fn wait_no_jobs(&self, deadline: Instant) -> bool {
+        let mut counts = lock(&self.counts);
+        while counts.jobs > 0 {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 return false;
             }
-            free = self
+            counts = self
                 .changed
-                .wait_timeout(free, left)
+                .wait_timeout(counts, left)
                 .unwrap_or_else(|e| e.into_inner())
                 .0;
         }
@@ -109,7 +152,7 @@ impl Slots {
     pub fn wake(&self) {
         // Taking the lock orders this after a waiter's check of its
         // condition, so the notification cannot fall between check and wait.
-        drop(lock(&self.free));
+        drop(lock(&self.counts));
         self.changed.notify_all();
     }
 }
@@ -179,11 +222,22 @@ mod tests {
     }
 
     #[test]
-    fn wait_idle_waits_for_every_slot() {
-        let s = Slots::new(2);
-        let held = s.take(Duration::ZERO, ANY);
-        assert!(!s.wait_idle(Instant::now() + Duration::from_millis(5)));
-        drop(held);
-        assert!(s.wait_idle(Instant::now()));
+    fn wait_no_jobs_waits_for_slots_with_jobs_only() {
+        let s = Slots::new(3);
+        let mut held = s.take(Duration::ZERO, ANY);
+        let waiting = held.pop().unwrap(); // a reader's, waiting for work
+        let job = held.pop().unwrap().into_job();
+        let other = held.pop().unwrap().into_job();
+        assert_eq!(s.jobs(), 2);
+        assert!(!s.wait_no_jobs(Instant::now() + Duration::from_millis(5)));
+        drop(job);
+        s.give_back([other]);
+        assert_eq!(s.jobs(), 0);
+        assert!(
+            s.wait_no_jobs(Instant::now()),
+            "the reader's slot is no job"
+        );
+        drop(waiting);
+        assert_eq!(s.in_use(), 0);
     }
 }

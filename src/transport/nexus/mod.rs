@@ -385,14 +385,8 @@ fn dispatch(s: &Arc<NexusState>, tasks: &Sender<Task>, job: Job, slot: Slot) {
         dropped: 0,
     });
     if tasks
-        .send(Task {
-            job,
-            token,
-            report,
-            slot,
-            // Nexus hands out no enqueue time.
-            enqueued_ms: None,
-        })
+        // Nexus hands out no enqueue time.
+        .send(Task::new(job, token, report, slot, None))
         .is_err()
     {
         log::error!("handler pool is gone; a Nexus job was not run");

@@ -276,18 +276,15 @@ impl Intake {
     /// `start`, when they are its thread's to queue.
     fn send(&self, job: Job, e: Arc<Entry>, slot: Slot, first: Option<[Msg; 2]>) {
         let id = job.id.clone();
-        let task = Task {
-            job,
-            token: e.token.clone(),
-            enqueued_ms: e.id.split('-').next().and_then(|ms| ms.parse().ok()),
-            report: Box::new(RedisReport {
-                state: self.state.clone(),
-                entry: e,
-                index: 0,
-                first,
-            }),
-            slot,
-        };
+        let token = e.token.clone();
+        let enqueued_ms = e.id.split('-').next().and_then(|ms| ms.parse().ok());
+        let report = Box::new(RedisReport {
+            state: self.state.clone(),
+            entry: e,
+            index: 0,
+            first,
+        });
+        let task = Task::new(job, token, report, slot, enqueued_ms);
         if self.tasks.send(task).is_err() {
             log::error!("handler pool is gone; job {id} stays pending");
         }
