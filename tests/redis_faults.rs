@@ -617,37 +617,14 @@ fn sigterm_while_redis_hangs_exits_within_the_grace() {
     let proxy = StallProxy::start(redis.port());
     let mut c = redis.conn();
     let url = proxy.url();
-    let mut w = Citadel::spawn(
-        &[
-            "work",
-            "--redis-url",
-            &url,
-            "--node-name",
-            "node-hang",
-            "--shutdown-grace",
-            "1s",
-            "--redis-timeout",
-            "10s",
-            "--block",
-            "1s",
-        ],
-        &[],
-    );
+    let mut w = worker_via(&url, "node-hang", "1s", "10s");
     proxy.hold_replies_after("\"type\":\"end\"", Duration::from_secs(60));
     xadd_job(&mut c, QUEUE, "hang-1", "echo", r#"{"sleep_ms":300}"#);
     w.wait_for_log("job hang-1 (echo) completed", Duration::from_secs(10));
     wait_until("the settle batch to hang", Duration::from_secs(10), || {
         proxy.was_triggered().then_some(())
     });
-    let t0 = std::time::Instant::now();
-    w.sigterm();
-    let exited = w.wait_exit(Duration::from_secs(10));
-    let took = t0.elapsed();
-    assert!(
-        exited.is_some(),
-        "still running 10 s after SIGTERM: {}",
-        w.log()
-    );
+    let took = sigterm_exit_time(&mut w, Duration::from_secs(10));
     assert!(
         took < Duration::from_secs(3),
         "exited {took:?} after SIGTERM: {}",
@@ -659,6 +636,41 @@ fn sigterm_while_redis_hangs_exits_within_the_grace() {
     wait_drained(&mut c, QUEUE, GROUP, Duration::from_secs(5));
 }
 
+/// A worker on the Redis behind the stall proxy at `url`, with
+/// `--shutdown-grace grace` and `--redis-timeout timeout`.
+fn worker_via(url: &str, node: &str, grace: &str, timeout: &str) -> Citadel {
+    Citadel::spawn(
+        &[
+            "work",
+            "--redis-url",
+            url,
+            "--node-name",
+            node,
+            "--shutdown-grace",
+            grace,
+            "--redis-timeout",
+            timeout,
+            "--block",
+            "1s",
+        ],
+        &[],
+    )
+}
+
+/// SIGTERM `w`; how long it took to exit (it must within `limit`).
+fn sigterm_exit_time(w: &mut Citadel, limit: Duration) -> Duration {
+    let t0 = std::time::Instant::now();
+    w.sigterm();
+    let exited = w.wait_exit(limit);
+    let took = t0.elapsed();
+    assert!(
+        exited.is_some(),
+        "still running {limit:?} after SIGTERM: {}",
+        w.log()
+    );
+    took
+}
+
 /// A reader stuck in a read whose reply never comes holds handler slots
 /// while it waits for work; they are no jobs, so SIGTERM with no job
 /// running does not wait out the grace for them (it did: until the read
@@ -668,32 +680,13 @@ fn sigterm_while_the_reader_hangs_with_no_job_running_exits_at_once() {
     let redis = RedisServer::start();
     let proxy = StallProxy::start(redis.port());
     let url = proxy.url();
-    let mut w = Citadel::spawn(
-        &[
-            "work",
-            "--redis-url",
-            &url,
-            "--node-name",
-            "node-idle-hang",
-            "--shutdown-grace",
-            "30s",
-            "--redis-timeout",
-            "20s",
-            "--block",
-            "1s",
-        ],
-        &[],
-    );
+    let mut w = worker_via(&url, "node-idle-hang", "30s", "20s");
     w.wait_working();
     proxy.hold_replies_after("XREADGROUP", Duration::from_secs(120));
     wait_until("the reader's read to hang", Duration::from_secs(10), || {
         proxy.was_triggered().then_some(())
     });
-    let t0 = std::time::Instant::now();
-    w.sigterm();
-    let exited = w.wait_exit(Duration::from_secs(40));
-    let took = t0.elapsed();
-    assert!(exited.is_some(), "still running after SIGTERM: {}", w.log());
+    let took = sigterm_exit_time(&mut w, Duration::from_secs(40));
     assert!(
         took < Duration::from_secs(5),
         "exited {took:?} after SIGTERM, with no job running: {}",

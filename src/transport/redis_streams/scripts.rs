@@ -116,34 +116,25 @@ local function finish(i, n)
   end
   return 1
 end
+local function guarded(f, ...)
+  if not held then return -1 end
+  local ok, e = pcall(f, ...)
+  if ok then return e end
+  return fail(e)
+end
 local out = {}
 local i = 10
 while i <= #ARGV do
   local op, r = ARGV[i], nil
   if op == 'S' then
-    if held then
-      local ok, e = pcall(start, i + 1)
-      if ok then r = e else r = fail(e) end
-    else
-      r = -1
-    end
+    r = guarded(start, i + 1)
     i = i + 7
   elseif op == 'C' then
-    if held then
-      local ok, e = pcall(checked_start, i + 1)
-      if ok then r = e else r = fail(e) end
-    else
-      r = -1
-    end
+    r = guarded(checked_start, i + 1)
     i = i + 9
   elseif op == 'F' then
     local n = tonumber(ARGV[i + 10])
-    if held then
-      local ok, e = pcall(finish, i + 1, n)
-      if ok then r = e else r = fail(e) end
-    else
-      r = -1
-    end
+    r = guarded(finish, i + 1, n)
     i = i + 11 + n
   else
     return redis.error_reply('citadel batch: unknown operation ' .. tostring(op))
