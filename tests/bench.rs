@@ -401,7 +401,7 @@ fn bench_burn_down() {
 fn bench_pickup_latency() {
     let count = 2000;
     let redis = fast_redis();
-    let _w = Citadel::work(
+    let w = Citadel::work(
         &redis,
         &[
             "--queue",
@@ -417,7 +417,19 @@ fn bench_pickup_latency() {
     wait_until("the worker's group", Duration::from_secs(10), || {
         group_exists(&mut c, "jobs:v1:lat")
     });
+    let before = cpu_by_thread(w.pid());
     let ours = pickup(&redis, "jobs:v1:lat", count);
+    let after = cpu_by_thread(w.pid());
+    // The agent's CPU per job, by thread (its own work on top of the floor).
+    let per_job: Vec<String> = after
+        .iter()
+        .map(|(name, s)| {
+            let was = before.iter().find(|(n, _)| n == name).map_or(0.0, |b| b.1);
+            (name, (s - was) * 1e6 / count as f64)
+        })
+        .filter(|(_, us)| *us >= 0.5)
+        .map(|(name, us)| format!("{name} {us:.1}"))
+        .collect();
     // The floor on this machine, in the same run: a consumer that does
     // nothing but a blocking read and one PUBLISH of `start` per job (no
     // cancel check, no status, no events stream, no ack), on its own
@@ -462,9 +474,11 @@ fn bench_pickup_latency() {
     };
     println!(
         "pickup (XADD sent → start event received), {count} jobs at 500/s: citadel {} \
-         (targets p50 ≤ 0.3 ms, p99 ≤ 0.6 ms); floor (blocking read + PUBLISH, same run): {}",
+         (targets p50 ≤ 0.3 ms, p99 ≤ 0.6 ms); floor (blocking read + PUBLISH, same run): {}; \
+         agent CPU µs per job by thread: {}",
         line(ours),
-        line(floor)
+        line(floor),
+        per_job.join(", ")
     );
 }
 
