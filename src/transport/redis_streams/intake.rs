@@ -52,6 +52,15 @@ pub struct Taken {
     pub kinds: Vec<String>,
 }
 
+impl Taken {
+    /// Count `e` as held.
+    fn hold(&mut self, e: &Entry) {
+        self.held += 1;
+        self.kinds
+            .push(e.kind.clone().unwrap_or_else(|| "unknown".into()));
+    }
+}
+
 impl Intake {
     /// Hand on `raws` of `stream`, each with Redis's delivery count. None
     /// of them may be in flight here already (the reader filters them out
@@ -114,24 +123,24 @@ impl Intake {
         let [claimed, start] = first_events(st, &e);
         let mut call = scripts.batch(st);
         call.checked_start(&e, &cancel_key(&job.id), &claimed, &start);
-        let reply = call.into_cmd().query::<Vec<redis::Value>>(conn);
+        let reply = match call.into_cmd().query::<Vec<redis::Value>>(conn) {
+            Ok(reply) => reply,
+            Err(why) => {
+                st.inflight.remove(&e.stream, &e.id);
+                return Err(why);
+            }
+        };
         let mut taken = Taken::default();
-        match reply.as_deref() {
-            Ok([redis::Value::Int(1)]) => {
-                taken.held = 1;
-                taken
-                    .kinds
-                    .push(e.kind.clone().unwrap_or_else(|| "unknown".into()));
+        match reply.as_slice() {
+            [redis::Value::Int(1)] => {
+                taken.hold(&e);
                 self.send(job, e, handler, None);
             }
-            Ok([redis::Value::Int(2)]) => {
-                taken.held = 1;
-                taken
-                    .kinds
-                    .push(e.kind.clone().unwrap_or_else(|| "unknown".into()));
+            [redis::Value::Int(2)] => {
+                taken.hold(&e);
                 self.settle_cancelled(e);
             }
-            Ok([redis::Value::Int(0)]) => {
+            [redis::Value::Int(0)] => {
                 // Acknowledged or reclaimed by another worker since the read.
                 log::info!(
                     "entry {} of {} is no longer this consumer's; not starting it",
@@ -140,29 +149,23 @@ impl Intake {
                 );
                 st.inflight.remove(&e.stream, &e.id);
             }
-            Ok([redis::Value::Int(-1)]) => {
+            [redis::Value::Int(-1)] => {
                 // The consumer name is not ours: take it again, then this
                 // entry back.
                 st.inflight.remove(&e.stream, &e.id);
                 st.lock_lost.store(true, Ordering::SeqCst);
                 taken.left_pending = 1;
             }
-            Ok(other) => {
+            other => {
                 st.inflight.remove(&e.stream, &e.id);
-                taken.left_pending = 1;
-                let why = match other {
+                return Err(match other {
                     [redis::Value::ServerError(e)] => redis::RedisError::from(e.clone()),
                     other => redis::RedisError::from((
                         redis::ErrorKind::Parse,
                         "unexpected reply to a checked start",
                         format!("{other:?}"),
                     )),
-                };
-                return Err(why);
-            }
-            Err(_) => {
-                st.inflight.remove(&e.stream, &e.id);
-                return reply.map(|_| taken);
+                });
             }
         }
         Ok(taken)
@@ -216,10 +219,7 @@ impl Intake {
                 continue;
             };
             st.inflight.insert(e.clone(), place);
-            taken.held += 1;
-            taken
-                .kinds
-                .push(e.kind.clone().unwrap_or_else(|| "unknown".into()));
+            taken.hold(&e);
             match verdict {
                 Verdict::Gone => st.queue.push(Msg::Gone(e)),
                 Verdict::Reject(reason, error) => {

@@ -537,13 +537,15 @@ impl Reader {
         for (name, raws) in reply {
             if let Some(stream) = streams.iter().find(|s| ***s == *name) {
                 let fresh = raws.into_iter().map(|r| (r, 1)).collect();
-                match self.intake.take_quiet(conn, scripts, stream, fresh, free) {
-                    Ok(taken) if taken.left_pending == 0 => {}
-                    Ok(_) => self.own = Some(vec![Some("-".into()); streams.len()]),
+                let left = match self.intake.take_quiet(conn, scripts, stream, fresh, free) {
+                    Ok(taken) => taken.left_pending > 0,
                     Err(e) => {
-                        self.own = Some(vec![Some("-".into()); streams.len()]);
                         result = Err(e);
+                        true
                     }
+                };
+                if left {
+                    self.own = Some(vec![Some("-".into()); streams.len()]);
                 }
             }
         }

@@ -74,24 +74,25 @@ local function status(key, value, err)
   end
   redis.call('EXPIRE', key, status_ttl)
 end
+-- The processing status and the start event (args from i: status key,
+-- events key, channel, event).
+local function started(i, event)
+  status(ARGV[i], 'processing', '')
+  append(ARGV[i + 1], event)
+  if ev_maxlen ~= '0' then ttl_due[ARGV[i + 1]] = run_ttl end
+  redis.call('PUBLISH', ARGV[i + 2], event)
+  return 1
+end
 local function start(i)
   if not pending(ARGV[i], ARGV[i + 1]) then return 0 end
-  status(ARGV[i + 2], 'processing', '')
-  append(ARGV[i + 3], ARGV[i + 5])
-  if ev_maxlen ~= '0' then ttl_due[ARGV[i + 3]] = run_ttl end
-  redis.call('PUBLISH', ARGV[i + 4], ARGV[i + 5])
-  return 1
+  return started(i + 2, ARGV[i + 5])
 end
 local function checked_start(i)
   if not pending(ARGV[i], ARGV[i + 1]) then return 0 end
   if redis.call('EXISTS', ARGV[i + 5]) == 1 then return 2 end
   append(ARGV[i + 3], ARGV[i + 6])
   redis.call('PUBLISH', ARGV[i + 4], ARGV[i + 6])
-  status(ARGV[i + 2], 'processing', '')
-  append(ARGV[i + 3], ARGV[i + 7])
-  if ev_maxlen ~= '0' then ttl_due[ARGV[i + 3]] = run_ttl end
-  redis.call('PUBLISH', ARGV[i + 4], ARGV[i + 7])
-  return 1
+  return started(i + 2, ARGV[i + 7])
 end
 local function finish(i, n)
   if not pending(ARGV[i], ARGV[i + 1]) then return 0 end
@@ -264,29 +265,28 @@ impl Batch<'_> {
 
     /// `processing` status and the `start` event of `e`.
     pub fn start(&mut self, e: &Entry, json: &str) {
-        self.cmd
-            .arg("S")
-            .arg(&*e.stream)
-            .arg(&e.id)
-            .arg(status_key(e.job_id.as_deref().unwrap_or_default()))
-            .arg(events_key(e))
-            .arg(channel(e))
-            .arg(json);
+        self.starting("S", e).arg(json);
     }
 
     /// `claimed`, `processing` status and `start` of `e`, unless its job's
     /// cancel key exists (see `C` in [`BATCH`]).
     pub fn checked_start(&mut self, e: &Entry, cancel_key: &str, claimed: &str, start: &str) {
+        self.starting("C", e)
+            .arg(cancel_key)
+            .arg(claimed)
+            .arg(start);
+    }
+
+    /// The first arguments of `S` and `C`: stream, entry id, status key,
+    /// events key, channel.
+    fn starting(&mut self, op: &str, e: &Entry) -> &mut Cmd {
         self.cmd
-            .arg("C")
+            .arg(op)
             .arg(&*e.stream)
             .arg(&e.id)
             .arg(status_key(e.job_id.as_deref().unwrap_or_default()))
             .arg(events_key(e))
             .arg(channel(e))
-            .arg(cancel_key)
-            .arg(claimed)
-            .arg(start);
     }
 
     /// The terminal write of `e`: status, dead letter (when `dead_letter`
