@@ -11,7 +11,7 @@ use std::time::Duration;
 use support::fake_nexus::FakeNexus;
 use support::observe::{
     command_calls, events_of, info_field, is_terminal, kinds_of, pending_rows, status,
-    sync_subscriber, wait_drained, wait_status,
+    sync_subscriber, wait_blocked_reader, wait_drained, wait_status,
 };
 use support::stall_proxy::StallProxy;
 use support::{
@@ -513,6 +513,42 @@ fn an_idle_worker_is_cheap_and_still_starts_node_jobs_at_once() {
     sub.wait_for("node-job", "end", Duration::from_secs(10));
     xadd_job(&mut c, QUEUE, "queue-job", "echo", r#"{"x":2}"#);
     sub.wait_for("queue-job", "end", Duration::from_secs(10));
+}
+
+/// Jobs that come one at a time (a quiet queue) cost the reader one read
+/// each: the blocking read that brings a job, not also a sweep of every
+/// stream after it (a stream that gave less than asked was drained).
+#[test]
+fn jobs_that_come_one_at_a_time_cost_one_read_each() {
+    let redis = RedisServer::start();
+    let mut c = redis.conn();
+    let sub = Subscriber::new(&redis, EVENTS);
+    let w = worker(
+        &redis,
+        "node-quiet",
+        &["--concurrency", "4", "--block", "20s"],
+    );
+    w.wait_working();
+    wait_blocked_reader(&mut c, Duration::from_secs(10));
+    redis::cmd("CONFIG")
+        .arg("RESETSTAT")
+        .query::<()>(&mut c)
+        .expect("CONFIG RESETSTAT");
+    let n = 10;
+    for i in 0..n {
+        wait_blocked_reader(&mut c, Duration::from_secs(10));
+        let job = format!("quiet-{i}");
+        xadd_job(&mut c, QUEUE, &job, "echo", r#"{"x":1}"#);
+        sub.wait_for(&job, "end", Duration::from_secs(10));
+    }
+    wait_blocked_reader(&mut c, Duration::from_secs(10));
+    let calls = command_calls(&mut c);
+    let reads = calls.get("xreadgroup").copied().unwrap_or(0);
+    // One per job, and one more should the reclaim timer end a BLOCK.
+    assert!(
+        (n..=n + 1).contains(&reads),
+        "{n} jobs one at a time took {reads} XREADGROUPs: {calls:?}"
+    );
 }
 
 /// The consumer group is deleted under a running worker: it creates it

@@ -15,8 +15,8 @@
 //!    (XAUTOCLAIM, its cursor kept across rounds so every entry of a long
 //!    pending list is reached), the first time one period after each
 //!    (re)connect, so that live workers renew first after an outage;
-//! 4. reads new entries: a sweep of every stream, then one BLOCK on all of
-//!    them.
+//! 4. reads new entries: a sweep of the streams that may hold more than
+//!    their last read returned, then one BLOCK on all of them.
 //!
 //! The streams are the queues, the node's own stream and the tag streams of
 //! the device config (`jobs:v1:tag:{tag}`). The reader looks at the live
@@ -74,8 +74,11 @@ pub struct Reader {
     /// Per stream, the XAUTOCLAIM cursor.
     reclaim_cursor: Vec<String>,
     next_reclaim: Instant,
-    /// The last blocking read found nothing: the next read blocks at once.
-    idle: bool,
+    /// Per stream, whether its last read returned all it asked for (so it
+    /// may hold more): only those are swept before the next BLOCK. A stream
+    /// that returned less was drained then; the BLOCK returns at once with
+    /// whatever came since.
+    more: Vec<bool>,
     /// Whether this process ever held its consumer name.
     started: bool,
     lock_warned: bool,
@@ -104,7 +107,7 @@ impl Reader {
             own: None,
             reclaim_cursor: vec!["0-0".into(); n],
             next_reclaim: Instant::now(),
-            idle: false,
+            more: vec![true; n],
             started: false,
             lock_warned: false,
             connected_before: false,
@@ -266,6 +269,11 @@ impl Reader {
         }
         let old = std::mem::replace(&mut self.streams, list.into());
         let at = |s: &Arc<str>| old.iter().position(|o| o == s);
+        self.more = self
+            .streams
+            .iter()
+            .map(|s| at(s).map_or(true, |i| self.more[i]))
+            .collect();
         self.reclaim_cursor = self
             .streams
             .iter()
@@ -493,30 +501,35 @@ impl Reader {
         Ok(())
     }
 
-    /// New entries. First a sweep without BLOCK, each stream asked for the
-    /// room still free (skipped when the last blocking read found nothing:
-    /// an idle worker sends one command per BLOCK); then one BLOCK on every
-    /// stream, COUNT 1 each. With room for fewer entries than streams, that
-    /// read can return more entries than there is room for: the extra ones
-    /// stay pending for this consumer and are taken back as soon as room
-    /// frees.
+    /// New entries. First a sweep without BLOCK of the streams that may
+    /// hold more (see `more`), each asked for the room still free; then one
+    /// BLOCK on every stream, each asked for its share of the room (at least
+    /// one). An idle worker, or one whose jobs come one at a time, so sends
+    /// one read per entry or per BLOCK. With room for fewer entries than
+    /// streams, that read can return more entries than there is room for:
+    /// the extra ones stay pending for this consumer and are taken back as
+    /// soon as room frees.
     fn read_new(&mut self, conn: &mut Conn, free: &mut Vec<Room>) -> RedisResult<()> {
         let st = self.state.clone();
         let streams = self.streams.clone();
-        if !self.idle {
-            let before = free.len();
-            for stream in streams.iter() {
-                if free.is_empty() {
-                    return Ok(());
-                }
-                for (_, raws) in xreadgroup(conn, &st, free.len(), None, &[stream])? {
-                    let fresh = raws.into_iter().map(|r| (r, 1)).collect();
-                    self.intake.take(conn, stream, fresh, free);
-                }
+        let before = free.len();
+        for (i, stream) in streams.iter().enumerate() {
+            if !self.more[i] {
+                continue;
             }
-            if free.len() < before || st.stopping() {
+            if free.is_empty() {
                 return Ok(());
             }
+            let asked = free.len();
+            let reply = xreadgroup(conn, &st, asked, None, &[stream])?;
+            self.more[i] = reply.iter().any(|(_, raws)| raws.len() >= asked);
+            for (_, raws) in reply {
+                let fresh = raws.into_iter().map(|r| (r, 1)).collect();
+                self.intake.take(conn, stream, fresh, free);
+            }
+        }
+        if free.len() < before || st.stopping() {
+            return Ok(());
         }
         let until_reclaim = self.next_reclaim.saturating_duration_since(Instant::now());
         let block = st
@@ -529,8 +542,16 @@ impl Reader {
             free.truncate(streams.len());
         }
         let all: Vec<&Arc<str>> = streams.iter().collect();
-        let reply = xreadgroup(conn, &st, 1, Some(block), &all)?;
-        self.idle = reply.iter().all(|(_, raws)| raws.is_empty());
+        let share = (free.len() / streams.len().max(1)).max(1);
+        let reply = xreadgroup(conn, &st, share, Some(block), &all)?;
+        // A stream that gave all it was asked may hold more, unless that
+        // was one entry: a job alone is what a quiet queue brings, and
+        // should more have come, the next BLOCK returns them at once.
+        for (i, stream) in streams.iter().enumerate() {
+            self.more[i] = reply
+                .iter()
+                .any(|(name, raws)| **stream == **name && raws.len() >= share.max(2));
+        }
         let lone = reply.iter().map(|(_, raws)| raws.len()).sum::<usize>() == 1;
         let scripts = self.scripts.as_ref().filter(|_| lone);
         let mut result = Ok(());
