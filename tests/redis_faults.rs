@@ -383,10 +383,13 @@ fn a_settle_reply_lost_after_redis_ran_it_writes_each_outcome_once() {
     // batch pass before it (the pattern is in outcomes only).
     proxy.hold_replies_after("\"type\":\"error\"", Duration::from_secs(2));
     let jobs = enqueue_mixed(&mut c, "stall", 10, 1000);
-    assert_each_ended_once(&redis, &sub, &jobs);
+    // Redis ran the held batch, so its statuses and events are there before
+    // the worker gives up on the reply: wait until it has, and has sent the
+    // batch again, before counting what each job got.
+    w.wait_for_log("settle: Redis unreachable", Duration::from_secs(30));
+    w.wait_for_log("settle: Redis connection restored", Duration::from_secs(30));
     assert!(proxy.was_triggered());
-    // The batch was sent again and found nothing left to do.
-    assert!(w.log().contains("settle: Redis unreachable"), "{}", w.log());
+    assert_each_ended_once(&redis, &sub, &jobs);
 }
 
 /// A job that runs through five Redis restarts is delivered once: taking
