@@ -212,23 +212,36 @@ return out
 ";
 
 /// The scripts' SHA1s on the connected server (loaded at connect, loaded
-/// again after NOSCRIPT); on a cluster, on every node.
+/// again after NOSCRIPT); on a cluster, on every node. [`GUARD`] and
+/// [`ACK`] only on a cluster, the only place they are used.
 pub struct Scripts {
     batch: String,
-    pub guard: String,
-    pub ack: String,
+    cluster: Option<[String; 2]>,
 }
 
 impl Scripts {
     pub fn load(conn: &mut Conn) -> RedisResult<Scripts> {
+        let cluster = conn.is_cluster();
         let mut load = |text: &str| -> RedisResult<String> {
             redis::cmd("SCRIPT").arg("LOAD").arg(text).query(conn)
         };
         Ok(Scripts {
             batch: load(BATCH)?,
-            guard: load(GUARD)?,
-            ack: load(ACK)?,
+            cluster: match cluster {
+                true => Some([load(GUARD)?, load(ACK)?]),
+                false => None,
+            },
         })
+    }
+
+    /// [`GUARD`]'s SHA1 (loaded on a cluster only).
+    pub fn guard(&self) -> &str {
+        &self.cluster.as_ref().expect("GUARD is loaded on a cluster")[0]
+    }
+
+    /// [`ACK`]'s SHA1 (loaded on a cluster only).
+    pub fn ack(&self) -> &str {
+        &self.cluster.as_ref().expect("ACK is loaded on a cluster")[1]
     }
 
     /// An empty call of the batch script.

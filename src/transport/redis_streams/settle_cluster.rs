@@ -92,7 +92,10 @@ fn call(
         .iter()
         .map(|(lock_key, group)| {
             let mut guard = redis::cmd("EVALSHA");
-            guard.arg(&scripts.guard).arg(1 + group.len()).arg(lock_key);
+            guard
+                .arg(scripts.guard())
+                .arg(1 + group.len())
+                .arg(lock_key);
             for &n in group {
                 guard.arg(&*items[n].1.stream);
             }
@@ -174,7 +177,7 @@ fn call(
         .iter()
         .map(|(lock_key, group)| {
             let mut ack = redis::cmd("EVALSHA");
-            ack.arg(&scripts.ack)
+            ack.arg(scripts.ack())
                 .arg(1 + 2 * group.len())
                 .arg(*lock_key);
             for &n in group {
