@@ -10,8 +10,8 @@ use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 use support::fake_nexus::FakeNexus;
 use support::observe::{
-    command_calls, events_of, info_field, is_terminal, kinds_of, pending_rows, status,
-    sync_subscriber, wait_blocked_reader, wait_drained, wait_status,
+    command_calls, events_of, info_field, is_terminal, kinds_of, pending_rows, reset_command_calls,
+    status, sync_subscriber, wait_blocked_reader, wait_drained, wait_status,
 };
 use support::stall_proxy::StallProxy;
 use support::{
@@ -494,10 +494,7 @@ fn an_idle_worker_is_cheap_and_still_starts_node_jobs_at_once() {
             >= 1)
             .then_some(())
     });
-    redis::cmd("CONFIG")
-        .arg("RESETSTAT")
-        .query::<()>(&mut c)
-        .expect("CONFIG RESETSTAT");
+    reset_command_calls(&mut c);
     // A measurement window, not a synchronisation: count what 10 s cost.
     std::thread::sleep(Duration::from_secs(10));
     let calls = command_calls(&mut c);
@@ -533,10 +530,7 @@ fn jobs_that_come_one_at_a_time_cost_one_read_each() {
     );
     w.wait_working();
     wait_blocked_reader(&mut c, Duration::from_secs(10));
-    redis::cmd("CONFIG")
-        .arg("RESETSTAT")
-        .query::<()>(&mut c)
-        .expect("CONFIG RESETSTAT");
+    reset_command_calls(&mut c);
     let n = 10;
     for i in 0..n {
         wait_blocked_reader(&mut c, Duration::from_secs(10));

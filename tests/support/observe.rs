@@ -205,6 +205,14 @@ pub fn assert_logged_once(log: &str, needle: &str) {
     );
 }
 
+/// `CONFIG RESETSTAT`: [`command_calls`] counts from now.
+pub fn reset_command_calls(conn: &mut redis::Connection) {
+    redis::cmd("CONFIG")
+        .arg("RESETSTAT")
+        .query::<()>(conn)
+        .expect("CONFIG RESETSTAT");
+}
+
 /// Calls per command since the last `CONFIG RESETSTAT`, from `INFO
 /// commandstats` (`cmdstat_xreadgroup:calls=3,…` → "xreadgroup" → 3).
 pub fn command_calls(conn: &mut redis::Connection) -> HashMap<String, u64> {

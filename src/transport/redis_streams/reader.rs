@@ -522,7 +522,7 @@ impl Reader {
             }
             let asked = free.len();
             let reply = xreadgroup(conn, &st, asked, None, &[stream])?;
-            self.more[i] = reply.iter().any(|(_, raws)| raws.len() >= asked);
+            self.more[i] = gave_all(&reply, stream, asked);
             for (_, raws) in reply {
                 let fresh = raws.into_iter().map(|r| (r, 1)).collect();
                 self.intake.take(conn, stream, fresh, free);
@@ -548,9 +548,7 @@ impl Reader {
         // was one entry: a job alone is what a quiet queue brings, and
         // should more have come, the next BLOCK returns them at once.
         for (i, stream) in streams.iter().enumerate() {
-            self.more[i] = reply
-                .iter()
-                .any(|(name, raws)| **stream == **name && raws.len() >= share.max(2));
+            self.more[i] = gave_all(&reply, stream, share.max(2));
         }
         let lone = reply.iter().map(|(_, raws)| raws.len()).sum::<usize>() == 1;
         let scripts = self.scripts.as_ref().filter(|_| lone);
@@ -630,6 +628,13 @@ pub fn run_per_slot(intake: Intake) {
     for (_, r) in readers {
         let _ = r.join();
     }
+}
+
+/// Whether a read's `reply` brought `stream` at least `asked` entries.
+fn gave_all(reply: &[(String, Vec<RawEntry>)], stream: &str, asked: usize) -> bool {
+    reply
+        .iter()
+        .any(|(name, raws)| name == stream && raws.len() >= asked)
 }
 
 /// `XGROUP CREATE stream group 0 MKSTREAM`; an existing group is fine.
