@@ -4,8 +4,9 @@
 //   node bullmq_burn.js enqueue PORT JOBS       # pre-enqueue JOBS no-op jobs
 //   node bullmq_burn.js work PORT JOBS CONC     # one Worker, concurrency CONC
 //
-// `work` prints one line, `bullmq: N jobs in S s`, timed from the Worker's
-// creation to its N-th `completed` event, and exits. Default job options:
+// `work` prints one line, `bullmq: N jobs in S s, cpu C s`, timed from the
+// Worker's creation to its N-th `completed` event (C: this process's user +
+// system CPU over the same time), and exits. Default job options:
 // completed jobs are kept (as citadel keeps a status hash per job).
 'use strict';
 const { Queue, Worker } = require('bullmq');
@@ -30,6 +31,7 @@ async function enqueue() {
 async function work() {
   let done = 0;
   const t0 = process.hrtime.bigint();
+  const cpu0 = process.cpuUsage();
   await new Promise((resolve, reject) => {
     const worker = new Worker(name, async () => ({ n: 1 }), {
       connection,
@@ -40,7 +42,9 @@ async function work() {
       done += 1;
       if (done === jobs) {
         const secs = Number(process.hrtime.bigint() - t0) / 1e9;
-        console.log(`bullmq: ${jobs} jobs in ${secs.toFixed(3)} s`);
+        const used = process.cpuUsage(cpu0);
+        const cpu = (used.user + used.system) / 1e6;
+        console.log(`bullmq: ${jobs} jobs in ${secs.toFixed(3)} s, cpu ${cpu.toFixed(3)} s`);
         worker.close().then(resolve, reject);
       }
     });

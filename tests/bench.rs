@@ -153,9 +153,12 @@ struct Burn {
     commands_per_job: f64,
     /// Commands per job by name, most first (citadel's only).
     by_command: Vec<(String, f64)>,
-    /// The agent's CPU per job in µs, its peak RSS in MiB and its context
-    /// switches per job (citadel's only).
-    agent: Option<(f64, f64, f64)>,
+    /// The consumer's own CPU per job in µs (citadel's agent, or BullMQ's
+    /// node process): with Redis's, what a job costs the machine.
+    worker_us_per_job: f64,
+    /// The agent's peak RSS in MiB and its context switches per job
+    /// (citadel's only).
+    agent: Option<(f64, f64)>,
 }
 
 /// Redis's CPU seconds so far (user + system) and its calls per command
@@ -258,11 +261,8 @@ fn citadel_burn(total: usize, concurrency: &str) -> Burn {
         redis_us_per_job,
         commands_per_job,
         by_command,
-        agent: Some((
-            cpu * 1e6 / total as f64,
-            peak as f64 / 1024.0,
-            switches as f64 / total as f64,
-        )),
+        worker_us_per_job: cpu * 1e6 / total as f64,
+        agent: Some((peak as f64 / 1024.0, switches as f64 / total as f64)),
     }
 }
 
@@ -292,17 +292,23 @@ fn bullmq_burn(total: usize, concurrency: &str) -> Burn {
     let before = redis_usage(&mut c);
     let out = node(&["work", &port, &n, concurrency]);
     let (redis_us_per_job, commands_per_job, by_command) = redis_cost(&mut c, &before, total);
-    let secs: f64 = out
-        .split_whitespace()
-        .rev()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("unexpected BullMQ peer output: {out}"));
+    // `bullmq: N jobs in S s, cpu C s`
+    let words: Vec<&str> = out.split_whitespace().collect();
+    let number = |after: &str| -> f64 {
+        words
+            .iter()
+            .position(|w| *w == after)
+            .and_then(|i| words.get(i + 1))
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| panic!("unexpected BullMQ peer output: {out}"))
+    };
+    let (secs, cpu) = (number("in"), number("cpu"));
     Burn {
         jobs_per_s: total as f64 / secs,
         redis_us_per_job,
         commands_per_job,
         by_command,
+        worker_us_per_job: cpu * 1e6 / total as f64,
         agent: None,
     }
 }
@@ -346,31 +352,40 @@ fn bench_burn_down() {
         for (i, (name, run)) in systems.iter().enumerate() {
             let b = run();
             println!(
-                "burn-down round {round}: {name}: {:.0} jobs/s, Redis {:.1} µs/job, {:.2} commands/job{}",
+                "burn-down round {round}: {name}: {:.0} jobs/s, Redis {:.1} µs/job, {:.2} commands/job, \
+                 worker {:.1} µs/job (with Redis's {:.1}){}",
                 b.jobs_per_s,
                 b.redis_us_per_job,
                 b.commands_per_job,
-                b.agent.map_or(String::new(), |(us, mib, cs)| format!(
-                    ", agent {us:.1} µs/job, {cs:.2} context switches/job, peak RSS {mib:.1} MiB"
+                b.worker_us_per_job,
+                b.worker_us_per_job + b.redis_us_per_job,
+                b.agent.map_or(String::new(), |(mib, cs)| format!(
+                    ", {cs:.2} context switches/job, peak RSS {mib:.1} MiB"
                 ))
             );
             runs[i].push(b);
         }
     }
-    let bull = peers.then(|| spread(runs.last().unwrap().iter().map(|b| b.jobs_per_s).collect()).0);
-    let bull_us = peers.then(|| {
-        spread(
-            runs.last()
-                .unwrap()
-                .iter()
-                .map(|b| b.redis_us_per_job)
-                .collect(),
+    // Medians of each system's rounds: jobs/s, Redis µs/job, and what a
+    // job cost the machine (the consumer's CPU and Redis's).
+    let medians = |rs: &[Burn]| {
+        (
+            spread(rs.iter().map(|b| b.jobs_per_s).collect()).0,
+            spread(rs.iter().map(|b| b.redis_us_per_job).collect()).0,
+            spread(
+                rs.iter()
+                    .map(|b| b.worker_us_per_job + b.redis_us_per_job)
+                    .collect(),
+            )
+            .0,
         )
-        .0
-    });
+    };
+    let bull = peers.then(|| medians(runs.last().unwrap()));
     for ((name, _), rs) in systems.iter().zip(&runs) {
         let (j, jlo, jhi) = spread(rs.iter().map(|b| b.jobs_per_s).collect());
         let (u, ulo, uhi) = spread(rs.iter().map(|b| b.redis_us_per_job).collect());
+        let (w, wlo, whi) = spread(rs.iter().map(|b| b.worker_us_per_job).collect());
+        let (_, _, machine) = medians(rs);
         let last = rs.last().unwrap();
         let by: Vec<String> = last
             .by_command
@@ -378,17 +393,20 @@ fn bench_burn_down() {
             .take(12)
             .map(|(c, n)| format!("{c} {n:.2}"))
             .collect();
-        let vs = match (bull, bull_us, name.starts_with("citadel")) {
-            (Some(b), Some(bu), true) => format!(
-                "; {:.2}× BullMQ's jobs/s (target ≥ 2×), {:.2}× its Redis µs/job",
-                j / b,
-                u / bu
+        let vs = match (bull, name.starts_with("citadel")) {
+            (Some((bj, bu, bm)), true) => format!(
+                "; {:.2}× BullMQ's jobs/s (target ≥ 2×), {:.2}× its Redis µs/job, \
+                 {:.2}× its CPU per job (worker + Redis)",
+                j / bj,
+                u / bu,
+                machine / bm
             ),
             _ => String::new(),
         };
         println!(
             "burn-down {total} jobs, {name}: {j:.0} jobs/s ({jlo:.0}–{jhi:.0}), \
-             Redis {u:.1} µs/job ({ulo:.1}–{uhi:.1}; target ≤ 5), {:.2} commands/job \
+             Redis {u:.1} µs/job ({ulo:.1}–{uhi:.1}; target ≤ 5), worker {w:.1} µs/job \
+             ({wlo:.1}–{whi:.1}), worker + Redis {machine:.1} µs/job, {:.2} commands/job \
              [{}]{vs}",
             last.commands_per_job,
             by.join(", ")
