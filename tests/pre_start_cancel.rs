@@ -1,5 +1,6 @@
 //! The pre-start cancel check of a batch of entries read together: one
-//! `EXISTS` of all their cancel keys, and only when some exist one per key.
+//! `EXISTS` of all their cancel keys, and only when some exist one per key
+//! (on a single Redis inside the sweep's read script, the same round trip).
 //! Among jobs read in one batch exactly the cancelled ones never start.
 //! A job that a blocked read brings alone is checked by the batch script
 //! that writes its `claimed` and `start`: the same rule, one round trip.

@@ -822,3 +822,51 @@ fn taking_back_own_entries_leaves_one_another_worker_reclaimed_meanwhile() {
         .unwrap_or_else(|| panic!("{id} not pending: {rows:?}"));
     assert_eq!(row.consumer, "node-b", "{rows:?}");
 }
+
+/// Redis's script cache is flushed under a running worker (`SCRIPT
+/// FLUSH`, as an operator may, or a restart): the reader's checked read and
+/// checked start and the settle thread's batch script meet NOSCRIPT, load
+/// their scripts again, and every job still ends exactly once, its dead
+/// letters included.
+#[test]
+fn a_flushed_script_cache_loses_and_repeats_no_job() {
+    let redis = RedisServer::start();
+    let mut c = redis.conn();
+    let sub = Subscriber::new(&redis, EVENTS);
+    let w = worker(&redis, "node-flush", &["--concurrency", "8"]);
+    w.wait_working();
+    let mut jobs = Vec::new();
+    for round in 0..3 {
+        wait_blocked_reader(&mut c, Duration::from_secs(10));
+        redis::cmd("SCRIPT").arg("FLUSH").exec(&mut c).unwrap();
+        // Twelve in one transaction: the blocked read brings its share
+        // (four), and the sweep after it (a checked read) the rest.
+        let mut pipe = redis::pipe();
+        pipe.atomic();
+        for i in 0..12 {
+            let (job, payload) = match i % 3 {
+                0 => (format!("flush{round}-bad-{i}"), r#"{"fail":"permanent"}"#),
+                _ => (format!("flush{round}-good-{i}"), r#"{"n":1}"#),
+            };
+            pipe.cmd("XADD")
+                .arg(QUEUE)
+                .arg("*")
+                .arg("jobId")
+                .arg(&job)
+                .arg("type")
+                .arg("echo")
+                .arg("payload")
+                .arg(payload)
+                .ignore();
+            jobs.push(job);
+        }
+        pipe.exec(&mut c).unwrap();
+        wait_ended_on_worker(&w, jobs.len());
+    }
+    assert_each_ended_once(&redis, &sub, &jobs);
+    assert!(
+        w.log().contains("its script cache was flushed"),
+        "the reader never met NOSCRIPT, so the flush tested nothing: {}",
+        w.log()
+    );
+}

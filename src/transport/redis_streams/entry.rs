@@ -181,6 +181,39 @@ pub fn parse_entries(v: Value) -> Result<Vec<RawEntry>, String> {
         .collect()
 }
 
+/// The reply of the reader's checked read (`scripts::CHECKED_READ`): the
+/// entries, then per entry whether its job's cancel key exists. One flag
+/// per entry, or it is not this script's reply.
+pub fn parse_checked_read(v: Value) -> Result<(Vec<RawEntry>, Vec<bool>), String> {
+    let unexpected = |v: &dyn std::fmt::Debug| format!("unexpected checked-read reply: {v:?}");
+    let Value::Array(mut parts) = v else {
+        return Err(unexpected(&v));
+    };
+    if parts.len() != 2 {
+        return Err(unexpected(&parts));
+    }
+    let flags = match parts.pop() {
+        Some(Value::Array(flags)) => flags,
+        other => return Err(unexpected(&other)),
+    };
+    let raws = parse_entries(parts.pop().unwrap_or(Value::Nil))?;
+    let cancelled = flags
+        .into_iter()
+        .map(|f| match f {
+            Value::Int(n) => Ok(n == 1),
+            other => Err(unexpected(&other)),
+        })
+        .collect::<Result<Vec<bool>, String>>()?;
+    if cancelled.len() != raws.len() {
+        return Err(format!(
+            "checked read returned {} entries and {} cancel flags",
+            raws.len(),
+            cancelled.len()
+        ));
+    }
+    Ok((raws, cancelled))
+}
+
 fn parse_fields(kv: Vec<Value>) -> Result<Vec<(String, Vec<u8>)>, String> {
     let mut out = Vec::with_capacity(kv.len() / 2);
     let mut it = kv.into_iter();
@@ -223,6 +256,53 @@ mod tests {
             ),
         };
         Entry::new("jobs:v1:q".into(), raw, 1)
+    }
+
+    #[test]
+    fn checked_read_reply_pairs_each_entry_with_its_flag() {
+        let e =
+            |id: &str| Value::Array(vec![bulk(id), Value::Array(vec![bulk("jobId"), bulk(id)])]);
+        let reply = Value::Array(vec![
+            Value::Array(vec![e("1-0"), e("2-0")]),
+            Value::Array(vec![Value::Int(0), Value::Int(1)]),
+        ]);
+        let (raws, cancelled) = parse_checked_read(reply).unwrap();
+        assert_eq!(
+            raws.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(),
+            ["1-0", "2-0"]
+        );
+        assert_eq!(cancelled, [false, true]);
+        let empty = Value::Array(vec![Value::Array(vec![]), Value::Array(vec![])]);
+        assert_eq!(parse_checked_read(empty).unwrap(), (vec![], vec![]));
+    }
+
+    #[test]
+    fn a_garbled_checked_read_reply_is_an_error_not_a_partial_batch() {
+        let e = Value::Array(vec![
+            bulk("1-0"),
+            Value::Array(vec![bulk("jobId"), bulk("j")]),
+        ]);
+        for bad in [
+            Value::Nil,
+            Value::Int(3),
+            Value::Array(vec![Value::Array(vec![e.clone()])]),
+            // One flag short: an entry would be taken with no cancel check.
+            Value::Array(vec![
+                Value::Array(vec![e.clone(), e.clone()]),
+                Value::Array(vec![Value::Int(0)]),
+            ]),
+            Value::Array(vec![
+                Value::Array(vec![e.clone()]),
+                Value::Array(vec![bulk("yes")]),
+            ]),
+            Value::Array(vec![Value::Array(vec![e.clone()]), Value::Int(0)]),
+            Value::Array(vec![Value::Int(7), Value::Array(vec![])]),
+        ] {
+            assert!(
+                parse_checked_read(bad.clone()).is_err(),
+                "{bad:?} was taken"
+            );
+        }
     }
 
     #[test]

@@ -84,6 +84,25 @@ impl Intake {
         self.place(batch, cancelled, room)
     }
 
+    /// New entries of `stream` that a checked read brought (see
+    /// `scripts::CHECKED_READ`), each with whether its job's cancel key
+    /// existed when it was read: as [`Intake::take`], the cancel check
+    /// already done in the read's round trip.
+    pub fn take_checked(
+        &self,
+        stream: &Arc<str>,
+        raws: Vec<RawEntry>,
+        cancelled: Vec<bool>,
+        room: &mut Vec<Room>,
+    ) -> Taken {
+        if self.state.stopping() {
+            return Taken::default();
+        }
+        let batch = self.classify(stream, raws.into_iter().map(|r| (r, 1)).collect());
+        // A flag counts for a job that runs only (`place`).
+        self.place(batch, cancelled, room)
+    }
+
     /// What a blocking read brought: as [`Intake::take`], except that a job
     /// that came alone (a quiet queue, where what counts is how soon a
     /// backend sees `start`) is started by one call of the batch script

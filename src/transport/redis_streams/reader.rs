@@ -16,7 +16,9 @@
 //!    pending list is reached), the first time one period after each
 //!    (re)connect, so that live workers renew first after an outage;
 //! 4. reads new entries: a sweep of the streams that may hold more than
-//!    their last read returned, then one BLOCK on all of them.
+//!    their last read returned (on a single Redis each a checked read: the
+//!    read and the entries' cancel check in one script call), then one
+//!    BLOCK on all of them.
 //!
 //! The streams are the queues, the node's own stream and the tag streams of
 //! the device config (`jobs:v1:tag:{tag}`). The reader looks at the live
@@ -60,8 +62,9 @@ pub struct Reader {
     part: &'static str,
     intake: Intake,
     conn: Option<Conn>,
-    /// The batch script's SHA on `conn` (a single Redis only), for the
-    /// checked start of a job read alone (`Intake::take_quiet`).
+    /// The reader's scripts on `conn` (a single Redis only): the batch
+    /// script, for the checked start of a job read alone
+    /// (`Intake::take_quiet`), and the checked read of a sweep.
     scripts: Option<Scripts>,
     outage: Outage,
     /// What is read: the base streams, then the tag streams.
@@ -181,7 +184,15 @@ impl Reader {
                 self.conn = None;
                 Duration::from_millis(100)
             }
-            Fault::NoScript | Fault::Refused => {
+            Fault::NoScript => {
+                log::warn!(
+                    "Redis no longer has this worker's scripts (its script cache was flushed: \
+                     SCRIPT FLUSH, or a restart); loading them again"
+                );
+                self.conn = None;
+                Duration::from_millis(200)
+            }
+            Fault::Refused => {
                 log::warn!("reading jobs failed: {e}");
                 self.conn = None;
                 Duration::from_millis(200)
@@ -195,7 +206,7 @@ impl Reader {
             let mut conn = self.open()?;
             self.scripts = match conn.is_cluster() {
                 true => None,
-                false => Some(Scripts::load(&mut conn)?),
+                false => Some(Scripts::load_for_reader(&mut conn)?),
             };
             self.conn = Some(conn);
             if std::mem::replace(&mut self.connected_before, true) {
@@ -521,6 +532,14 @@ impl Reader {
                 return Ok(());
             }
             let asked = free.len();
+            if let Some(scripts) = &self.scripts {
+                // The pre-start cancel check in the read's round trip.
+                let reply = scripts.checked_read(&st, stream, asked).query(conn)?;
+                let (raws, cancelled) = entry::parse_checked_read(reply).map_err(parse_error)?;
+                self.more[i] = raws.len() >= asked;
+                self.intake.take_checked(stream, raws, cancelled, free);
+                continue;
+            }
             let reply = xreadgroup(conn, &st, asked, None, &[stream])?;
             self.more[i] = gave_all(&reply, stream, asked);
             for (_, raws) in reply {

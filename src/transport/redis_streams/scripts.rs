@@ -146,6 +146,48 @@ for key, ttl in pairs(ttl_due) do pcall(redis.call, 'EXPIRE', key, ttl) end
 return out
 ";
 
+/// A sweep read (no BLOCK) with the pre-start cancel check in the same
+/// round trip, on a single Redis: `XREADGROUP … COUNT n STREAMS stream >`,
+/// then, as `intake::cancelled_before_start` does in two round trips, one
+/// `EXISTS` of the cancel keys of every entry read (almost always 0), and
+/// only when some exist one per key. An entry's job id is its first
+/// `jobId` field (as `Entry::new` reads it); an entry without one is not
+/// cancelled. Declared `allow-oom` like the plain read it replaces: reading
+/// adds only pending entries, and whether to read while outcomes wait is
+/// the reader's call. Not on a cluster: a job's cancel key lives in
+/// another slot than its stream.
+/// KEYS: stream. ARGV: group, consumer, count, the cancel keys' prefix.
+/// Reply: the entries (as in XRANGE), then one 0/1 per entry.
+pub const CHECKED_READ: &str = r"#!lua flags=allow-oom
+local r = redis.call('XREADGROUP', 'GROUP', ARGV[1], ARGV[2], 'COUNT', ARGV[3], 'STREAMS', KEYS[1], '>')
+if not r then return {{}, {}} end
+local entries, keys, cancelled = r[1][2], {}, {}
+for i, e in ipairs(entries) do
+  local f = e[2]
+  cancelled[i] = 0
+  for j = 1, #f - 1, 2 do
+    if f[j] == 'jobId' then
+      if f[j + 1] ~= '' then keys[i] = ARGV[4] .. f[j + 1] end
+      break
+    end
+  end
+end
+local some, batch = false, {}
+for i = 1, #entries do
+  if keys[i] then batch[#batch + 1] = keys[i] end
+  if #batch == 256 or (i == #entries and #batch > 0) then
+    some = some or redis.call('EXISTS', unpack(batch)) > 0
+    batch = {}
+  end
+end
+if some then
+  for i = 1, #entries do
+    if keys[i] then cancelled[i] = redis.call('EXISTS', keys[i]) end
+  end
+end
+return {entries, cancelled}
+";
+
 /// On a cluster: whether this process holds its consumer name (the claim's
 /// key of these streams' slot) and each entry is still pending for this
 /// consumer. Writes nothing, so it also runs on a Redis at `maxmemory`.
@@ -213,25 +255,52 @@ return out
 
 /// The scripts' SHA1s on the connected server (loaded at connect, loaded
 /// again after NOSCRIPT); on a cluster, on every node. [`GUARD`] and
-/// [`ACK`] only on a cluster, the only place they are used.
+/// [`ACK`] only on a cluster, the only place they are used;
+/// [`CHECKED_READ`] only for the reader of a single Redis.
 pub struct Scripts {
     batch: String,
     cluster: Option<[String; 2]>,
+    read: Option<String>,
 }
 
 impl Scripts {
+    /// The settle thread's: the batch script, and on a cluster its parts.
     pub fn load(conn: &mut Conn) -> RedisResult<Scripts> {
-        let cluster = conn.is_cluster();
-        let mut load = |text: &str| -> RedisResult<String> {
-            redis::cmd("SCRIPT").arg("LOAD").arg(text).query(conn)
-        };
         Ok(Scripts {
-            batch: load(BATCH)?,
-            cluster: match cluster {
-                true => Some([load(GUARD)?, load(ACK)?]),
+            batch: load(conn, BATCH)?,
+            cluster: match conn.is_cluster() {
+                true => Some([load(conn, GUARD)?, load(conn, ACK)?]),
                 false => None,
             },
+            read: None,
         })
+    }
+
+    /// The reader's, on a single Redis: the batch script (for the checked
+    /// start of a job read alone) and [`CHECKED_READ`].
+    pub fn load_for_reader(conn: &mut Conn) -> RedisResult<Scripts> {
+        Ok(Scripts {
+            batch: load(conn, BATCH)?,
+            cluster: None,
+            read: Some(load(conn, CHECKED_READ)?),
+        })
+    }
+
+    /// A call of [`CHECKED_READ`] (loaded for the reader only).
+    pub fn checked_read(&self, st: &StreamsState, stream: &str, count: usize) -> Cmd {
+        let sha = self
+            .read
+            .as_ref()
+            .expect("CHECKED_READ is loaded for the reader");
+        let mut cmd = redis::cmd("EVALSHA");
+        cmd.arg(sha)
+            .arg(1)
+            .arg(stream)
+            .arg(&st.settings.group)
+            .arg(&st.consumer)
+            .arg(count)
+            .arg(super::settler::CANCEL_PREFIX);
+        cmd
     }
 
     /// [`GUARD`]'s SHA1 (loaded on a cluster only).
@@ -335,6 +404,10 @@ impl Batch<'_> {
     pub fn into_cmd(self) -> Cmd {
         self.cmd
     }
+}
+
+fn load(conn: &mut Conn, text: &str) -> RedisResult<String> {
+    redis::cmd("SCRIPT").arg("LOAD").arg(text).query(conn)
 }
 
 fn channel(e: &Entry) -> String {

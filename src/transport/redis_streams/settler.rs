@@ -822,8 +822,11 @@ fn add_outcome(batch: &mut Batch, st: &StreamsState, e: &Entry, outcome: Option<
     batch.finish(e, end.status, end.error, end.event, end.dead_letter);
 }
 
+/// What a job's cancel key starts with (the job id follows).
+pub const CANCEL_PREFIX: &str = "job:cancelled:";
+
 pub fn cancel_key(job_id: &str) -> String {
-    format!("job:cancelled:{job_id}")
+    format!("{CANCEL_PREFIX}{job_id}")
 }
 
 /// An event of `e`'s job as its JSON text, timestamped now.
