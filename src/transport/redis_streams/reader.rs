@@ -1,7 +1,7 @@
 //! The reader thread: what to read, and when. The only code that takes
 //! entries from Redis. It takes no more entries than it has room for: free
-//! handler slots, and free places in the consumer's pending list (as many as
-//! handlers, see `inflight`); it reads nothing while outcomes wait for Redis
+//! handler slots, and free places in the consumer's pending list (two per
+//! handler, see `inflight`); it reads nothing while outcomes wait for Redis
 //! (settle blocked).
 //! In order of priority each step:
 //! 1. takes the consumer name (refusing to start, exit 2, when a live
