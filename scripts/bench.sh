@@ -14,10 +14,12 @@
 #   scripts/bench.sh                    # everything
 #   BENCH_JOBS=20000 scripts/bench.sh   # a shorter burn-down
 #
-# The burn-down runs citadel at --concurrency 8 and 64 and BullMQ (the npm
-# package pinned in bench/package-lock.json, installed here with `npm ci`
-# when missing; needs node and npm; BENCH_PEERS=0 skips it) on their own
-# redis-servers, 3 interleaved rounds (BENCH_ROUNDS), medians with min–max.
+# The burn-down runs citadel at --concurrency 8 and 64, at 64 once more with
+# --events-stream=false (what the replayable events stream costs), and
+# BullMQ (the npm package pinned in bench/package-lock.json, installed here
+# with `npm ci` when missing; needs node and npm; BENCH_PEERS=0 skips it),
+# each on its own redis-server, 3 interleaved rounds (BENCH_ROUNDS), medians
+# with min–max; with each, the Redis memory a finished job leaves behind.
 #
 # Exits 1, naming them, when any benchmark fails or does not run.
 set -euo pipefail

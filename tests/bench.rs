@@ -159,6 +159,19 @@ struct Burn {
     /// The agent's peak RSS in MiB and its context switches per job
     /// (citadel's only).
     agent: Option<(f64, f64)>,
+    /// What a finished job leaves in Redis's memory, in bytes (INFO
+    /// memory's `used_memory`, after against before, per job): citadel's
+    /// status hash and events stream, BullMQ's completed job.
+    redis_bytes_per_job: f64,
+}
+
+/// Redis's `used_memory` (bytes).
+fn used_memory(c: &mut redis::Connection) -> f64 {
+    let info: String = redis::cmd("INFO").arg("memory").query(c).unwrap();
+    info.lines()
+        .find_map(|l| l.strip_prefix("used_memory:"))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("INFO memory has used_memory")
 }
 
 /// Redis's CPU seconds so far (user + system) and its calls per command
@@ -211,31 +224,31 @@ fn redis_cost(
 }
 
 /// `total` echo jobs pre-enqueued, then burnt down by one `citadel work`
-/// with the full contract (events, status hash, ack).
-fn citadel_burn(total: usize, concurrency: &str) -> Burn {
+/// with the full contract (events, status hash, ack), and `extra` flags.
+fn citadel_burn(total: usize, concurrency: &str, extra: &[&str]) -> Burn {
     let redis = fast_redis();
     let mut c = redis.conn();
     let stream = "jobs:v1:bench";
     fill(&mut c, stream, "b", total);
     let before = redis_usage(&mut c);
+    let memory = used_memory(&mut c);
     let t0 = Instant::now();
-    let w = Citadel::work(
-        &redis,
-        &[
-            "--queue",
-            stream,
-            "--node-name",
-            "bench",
-            "--concurrency",
-            concurrency,
-        ],
-        QUIET,
-    );
+    let mut args = vec![
+        "--queue",
+        stream,
+        "--node-name",
+        "bench",
+        "--concurrency",
+        concurrency,
+    ];
+    args.extend_from_slice(extra);
+    let w = Citadel::work(&redis, &args, QUIET);
     wait_until("the burn-down", Duration::from_secs(600), || {
         group_done(&mut c, stream, total).then_some(())
     });
     let secs = t0.elapsed().as_secs_f64();
     let (redis_us_per_job, commands_per_job, by_command) = redis_cost(&mut c, &before, total);
+    let redis_bytes_per_job = (used_memory(&mut c) - memory) / total as f64;
     let cpu = cpu_seconds(w.pid());
     let peak = proc_status(w.pid(), "VmHWM:");
     let switches = context_switches(w.pid());
@@ -263,6 +276,7 @@ fn citadel_burn(total: usize, concurrency: &str) -> Burn {
         by_command,
         worker_us_per_job: cpu * 1e6 / total as f64,
         agent: Some((peak as f64 / 1024.0, switches as f64 / total as f64)),
+        redis_bytes_per_job,
     }
 }
 
@@ -290,8 +304,10 @@ fn bullmq_burn(total: usize, concurrency: &str) -> Burn {
     let n = total.to_string();
     node(&["enqueue", &port, &n]);
     let before = redis_usage(&mut c);
+    let memory = used_memory(&mut c);
     let out = node(&["work", &port, &n, concurrency]);
     let (redis_us_per_job, commands_per_job, by_command) = redis_cost(&mut c, &before, total);
+    let redis_bytes_per_job = (used_memory(&mut c) - memory) / total as f64;
     // `bullmq: N jobs in S s, cpu C s`
     let words: Vec<&str> = out.split_whitespace().collect();
     let number = |after: &str| -> f64 {
@@ -310,6 +326,7 @@ fn bullmq_burn(total: usize, concurrency: &str) -> Burn {
         by_command,
         worker_us_per_job: cpu * 1e6 / total as f64,
         agent: None,
+        redis_bytes_per_job,
     }
 }
 
@@ -320,10 +337,12 @@ fn spread(mut v: Vec<f64>) -> (f64, f64, f64) {
 }
 
 /// Burn-down of `BENCH_JOBS` [100 000] pre-enqueued no-op echo jobs by
-/// citadel at each of `BENCH_CONCURRENCY` [8,64] and by BullMQ at
-/// `BENCH_BULLMQ_CONCURRENCY` [50] (`BENCH_PEERS=0`: citadel only), each on
-/// its own redis-server, `BENCH_ROUNDS` [3] interleaved rounds; prints
-/// medians with min–max, and citadel's ratio to BullMQ.
+/// citadel at each of `BENCH_CONCURRENCY` [8,64], then at the last of them
+/// without the replayable events stream (`--events-stream=false`: what
+/// PROTOCOL §7 costs), and by BullMQ at `BENCH_BULLMQ_CONCURRENCY` [50]
+/// (`BENCH_PEERS=0`: citadel only), each on its own redis-server,
+/// `BENCH_ROUNDS` [3] interleaved rounds; prints medians with min–max, and
+/// citadel's ratio to BullMQ.
 #[test]
 #[ignore]
 fn bench_burn_down() {
@@ -332,11 +351,20 @@ fn bench_burn_down() {
     let rounds: usize = env("BENCH_ROUNDS", "3").parse().unwrap();
     let bull_conc = env("BENCH_BULLMQ_CONCURRENCY", "50");
     let mut systems: Vec<(String, Box<dyn Fn() -> Burn>)> = Vec::new();
-    for conc in env("BENCH_CONCURRENCY", "8,64").split(',') {
-        let conc = conc.trim().to_owned();
+    let concurrencies: Vec<String> = env("BENCH_CONCURRENCY", "8,64")
+        .split(',')
+        .map(|c| c.trim().to_owned())
+        .collect();
+    for conc in concurrencies.iter().cloned() {
         systems.push((
             format!("citadel --concurrency {conc}"),
-            Box::new(move || citadel_burn(total, &conc)),
+            Box::new(move || citadel_burn(total, &conc, &[])),
+        ));
+    }
+    if let Some(conc) = concurrencies.last().cloned() {
+        systems.push((
+            format!("citadel --concurrency {conc} --events-stream=false"),
+            Box::new(move || citadel_burn(total, &conc, &["--events-stream=false"])),
         ));
     }
     let peers = env("BENCH_PEERS", "1") != "0";
@@ -353,10 +381,11 @@ fn bench_burn_down() {
             let b = run();
             println!(
                 "burn-down round {round}: {name}: {:.0} jobs/s, Redis {:.1} µs/job, {:.2} commands/job, \
-                 worker {:.1} µs/job (with Redis's {:.1}){}",
+                 {:.0} bytes/job left in Redis, worker {:.1} µs/job (with Redis's {:.1}){}",
                 b.jobs_per_s,
                 b.redis_us_per_job,
                 b.commands_per_job,
+                b.redis_bytes_per_job,
                 b.worker_us_per_job,
                 b.worker_us_per_job + b.redis_us_per_job,
                 b.agent.map_or(String::new(), |(mib, cs)| format!(
@@ -385,6 +414,7 @@ fn bench_burn_down() {
         let (j, jlo, jhi) = spread(rs.iter().map(|b| b.jobs_per_s).collect());
         let (u, ulo, uhi) = spread(rs.iter().map(|b| b.redis_us_per_job).collect());
         let (w, wlo, whi) = spread(rs.iter().map(|b| b.worker_us_per_job).collect());
+        let (m, _, _) = spread(rs.iter().map(|b| b.redis_bytes_per_job).collect());
         let (_, _, machine) = medians(rs);
         let last = rs.last().unwrap();
         let by: Vec<String> = last
@@ -406,8 +436,8 @@ fn bench_burn_down() {
         println!(
             "burn-down {total} jobs, {name}: {j:.0} jobs/s ({jlo:.0}–{jhi:.0}), \
              Redis {u:.1} µs/job ({ulo:.1}–{uhi:.1}; target ≤ 5), worker {w:.1} µs/job \
-             ({wlo:.1}–{whi:.1}), worker + Redis {machine:.1} µs/job, {:.2} commands/job \
-             [{}]{vs}",
+             ({wlo:.1}–{whi:.1}), worker + Redis {machine:.1} µs/job, {m:.0} bytes/job left \
+             in Redis, {:.2} commands/job [{}]{vs}",
             last.commands_per_job,
             by.join(", ")
         );
