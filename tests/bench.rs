@@ -355,7 +355,8 @@ fn bench_burn_down() {
         .split(',')
         .map(|c| c.trim().to_owned())
         .collect();
-    for conc in concurrencies.iter().cloned() {
+    for conc in &concurrencies {
+        let conc = conc.clone();
         systems.push((
             format!("citadel --concurrency {conc}"),
             Box::new(move || citadel_burn(total, &conc, &[])),

@@ -15,10 +15,9 @@ use crate::redis_conn;
 use crate::sync::lock;
 use crate::worker::exec::Executor;
 use crate::worker::lifecycle::Transport;
-use crate::worker::pool::Task;
+use crate::worker::pool::TaskSender;
 use crate::worker::slots::Slots;
 use crate::worker::stop::StopFlag;
-use crossbeam_channel::Sender;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -26,7 +25,7 @@ use std::time::{Duration, Instant};
 struct Parts {
     settings: Settings,
     exec: Arc<Executor>,
-    tasks: Sender<Task>,
+    tasks: TaskSender,
     slots: Arc<Slots>,
     nexus: NexusPolling,
     redis: Option<RedisStreams>,
@@ -44,7 +43,7 @@ impl Adaptive {
         settings: Settings,
         nexus_url: &str,
         exec: Arc<Executor>,
-        tasks: Sender<Task>,
+        tasks: TaskSender,
         slots: Arc<Slots>,
     ) -> Result<Self, String> {
         let nexus = NexusPolling::start(

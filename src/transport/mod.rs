@@ -8,9 +8,8 @@ pub mod redis_streams;
 use crate::config::{Mode, Settings};
 use crate::worker::exec::Executor;
 use crate::worker::lifecycle::Transport;
-use crate::worker::pool::Task;
+use crate::worker::pool::TaskSender;
 use crate::worker::slots::Slots;
-use crossbeam_channel::Sender;
 use std::sync::Arc;
 
 /// Settings a mode cannot run without, checked before anything starts.
@@ -40,7 +39,7 @@ pub fn first_mode(settings: &Settings) -> &'static str {
 pub fn start(
     settings: &Settings,
     exec: Arc<Executor>,
-    tasks: Sender<Task>,
+    tasks: TaskSender,
     slots: Arc<Slots>,
 ) -> Result<Box<dyn Transport>, String> {
     let s = settings.clone();

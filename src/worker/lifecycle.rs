@@ -7,7 +7,7 @@
 //! after the grace, whatever its transport's far end does.
 
 use super::exec::Executor;
-use super::pool::{self, Task};
+use super::pool::{self, TaskSender};
 use super::slots::Slots;
 use crate::admin::Exit;
 use crate::sync::lock;
@@ -35,7 +35,7 @@ pub fn run(
     grace: Duration,
     exec: Arc<Executor>,
     signals: Receiver<()>,
-    start: impl FnOnce(Sender<Task>, Arc<Slots>) -> Result<Box<dyn Transport>, String>,
+    start: impl FnOnce(TaskSender, Arc<Slots>) -> Result<Box<dyn Transport>, String>,
 ) -> Result<(), Exit> {
     log::info!(
         "citadel {} starting {concurrency} handler threads",
@@ -45,7 +45,7 @@ pub fn run(
     *lock(&FATAL) = Some(fatal_tx);
     let slots = Slots::new(concurrency);
     crate::observe::metrics::METRICS.set_capacity(concurrency);
-    let (task_tx, task_rx) = crossbeam_channel::bounded(concurrency);
+    let (task_tx, task_rx) = pool::channel();
     let handlers = pool::start(concurrency, task_rx, exec);
     let mut transport = start(task_tx, slots.clone()).map_err(|e| Exit(1, e))?;
 

@@ -1,14 +1,15 @@
-//! The fixed pool of handler threads. Each takes a [`Task`] from one channel,
-//! runs it through the [`Executor`] and tells the task's [`Report`] what
-//! happened, then gives back the task's [`Slot`]. A panicking handler is
-//! caught in the executor, so a thread outlives every job.
+//! The fixed pool of handler threads. Each takes a [`Task`] from one
+//! hand-off queue (`handoff`), runs it through the [`Executor`] and tells
+//! the task's [`Report`] what happened, then gives back the task's
+//! [`Slot`]. A panicking handler is caught in the executor, so a thread
+//! outlives every job.
 
 use super::cancel::CancelToken;
 use super::exec::{Executor, Outcome};
+use super::handoff;
 use super::slots::Slot;
 use crate::job::Job;
 use crate::observe::metrics::METRICS;
-use crossbeam_channel::Receiver;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -51,7 +52,14 @@ impl Task {
     }
 }
 
-pub fn start(n: usize, tasks: Receiver<Task>, exec: Arc<Executor>) -> Vec<JoinHandle<()>> {
+/// What a transport hands tasks to; cloned for each thread that does.
+pub type TaskSender = handoff::Sender<Task>;
+
+pub fn channel() -> (TaskSender, handoff::Receiver<Task>) {
+    handoff::channel()
+}
+
+pub fn start(n: usize, tasks: handoff::Receiver<Task>, exec: Arc<Executor>) -> Vec<JoinHandle<()>> {
     (0..n)
         .map(|i| {
             let tasks = tasks.clone();
@@ -59,7 +67,7 @@ pub fn start(n: usize, tasks: Receiver<Task>, exec: Arc<Executor>) -> Vec<JoinHa
             std::thread::Builder::new()
                 .name(format!("handler-{i}"))
                 .spawn(move || {
-                    for task in tasks {
+                    while let Some(task) = tasks.recv() {
                         run_task(&exec, task);
                     }
                 })

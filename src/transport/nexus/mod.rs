@@ -25,11 +25,11 @@ use crate::sync::lock;
 use crate::worker::cancel::{CancelReason, CancelToken};
 use crate::worker::exec::{Executor, Outcome};
 use crate::worker::lifecycle::Transport;
-use crate::worker::pool::{Report as PoolReport, Task};
+use crate::worker::pool::{Report as PoolReport, Task, TaskSender};
 use crate::worker::slots::{Slot, Slots};
 use crate::worker::stop::Doorbell;
 use client::{parse_job, NexusClient, NexusError};
-use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+use crossbeam_channel::{Receiver, RecvTimeoutError};
 use reporter::Reporter;
 use spool::{Report, Spool};
 use std::collections::HashMap;
@@ -75,7 +75,7 @@ impl NexusPolling {
         settings: Settings,
         url: &str,
         exec: Arc<Executor>,
-        tasks: Sender<Task>,
+        tasks: TaskSender,
         slots: Arc<Slots>,
     ) -> Result<Self, String> {
         let (spool, left_over) = Spool::open(&settings.state_dir)?;
@@ -214,7 +214,7 @@ fn has_room(s: &NexusState) -> bool {
     s.reporter.len() + lock(&s.running).len() < s.settings.nexus_spool_max
 }
 
-fn poll(s: &Arc<NexusState>, tasks: &Sender<Task>) {
+fn poll(s: &Arc<NexusState>, tasks: &TaskSender) {
     log::info!(
         "polling Nexus at {} every {:?}",
         s.settings.nexus_url.as_deref().unwrap_or("?"),
@@ -339,7 +339,7 @@ fn poll(s: &Arc<NexusState>, tasks: &Sender<Task>) {
 }
 
 /// A job Nexus handed out: run it on one of `free`, or report why not.
-fn take(s: &Arc<NexusState>, tasks: &Sender<Task>, job: Job, free: &mut Vec<Slot>) {
+fn take(s: &Arc<NexusState>, tasks: &TaskSender, job: Job, free: &mut Vec<Slot>) {
     if s.exec.registry.find(&job.kind).is_none() {
         let why = s.exec.registry.unknown_type(&job.kind);
         return reject(s, &job.id, &why);
@@ -375,7 +375,7 @@ fn reject(s: &NexusState, id: &str, why: &str) {
     });
 }
 
-fn dispatch(s: &Arc<NexusState>, tasks: &Sender<Task>, job: Job, slot: Slot) {
+fn dispatch(s: &Arc<NexusState>, tasks: &TaskSender, job: Job, slot: Slot) {
     let token = Arc::new(CancelToken::new());
     lock(&s.running).insert(job.id.clone(), token.clone());
     let report = Box::new(NexusReport {

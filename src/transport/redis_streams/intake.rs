@@ -15,9 +15,8 @@ use crate::job::Job;
 use crate::observe::metrics::METRICS;
 use crate::redis_conn::Conn;
 use crate::worker::exec::{Executor, Outcome};
-use crate::worker::pool::{Report, Task};
+use crate::worker::pool::{Report, Task, TaskSender};
 use crate::worker::slots::Slot;
-use crossbeam_channel::Sender;
 use redis::RedisResult;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -26,7 +25,7 @@ use std::sync::Arc;
 pub struct Intake {
     pub state: Arc<StreamsState>,
     pub exec: Arc<Executor>,
-    pub tasks: Sender<Task>,
+    pub tasks: TaskSender,
 }
 
 /// A job about to run: its entry, the slot it took, and its `claimed` and

@@ -26,11 +26,10 @@ use crate::worker::cancel::CancelReason;
 use crate::worker::counters::Counters;
 use crate::worker::exec::Executor;
 use crate::worker::lifecycle::Transport;
-use crate::worker::pool::Task;
+use crate::worker::pool::TaskSender;
 use crate::worker::queue::SettleQueue;
 use crate::worker::slots::Slots;
 use crate::worker::stop::StopFlag;
-use crossbeam_channel::Sender;
 use inflight::InFlight;
 use settler::Msg;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -115,7 +114,7 @@ impl StreamsState {
 pub struct RedisStreams {
     shared: Arc<StreamsState>,
     exec: Arc<Executor>,
-    tasks: Sender<Task>,
+    tasks: TaskSender,
     reader: Option<JoinHandle<()>>,
     settler: Option<JoinHandle<()>>,
 }
@@ -124,7 +123,7 @@ impl RedisStreams {
     pub fn start(
         settings: Settings,
         exec: Arc<Executor>,
-        tasks: Sender<Task>,
+        tasks: TaskSender,
         slots: Arc<Slots>,
     ) -> Self {
         let cluster = settings.on_cluster();
