@@ -119,14 +119,14 @@ fn bench_idle_rss() {
     let (cpu0, before) = (ns_cpu(w.pid()), redis_usage(&mut c));
     let t0 = Instant::now();
     std::thread::sleep(Duration::from_secs(secs));
-    let (_, calls) = redis_usage(&mut c);
+    let calls = redis_usage(&mut c).calls;
     let window = t0.elapsed().as_secs_f64();
     let cpu = ns_cpu(w.pid()) - cpu0;
     let mut sent: Vec<(String, u64)> = calls
         .into_iter()
         .filter(|(name, _)| name != "info")
         .map(|(name, n)| {
-            let was = before.1.get(&name).copied().unwrap_or(0);
+            let was = before.calls.get(&name).copied().unwrap_or(0);
             (name, n - was)
         })
         .filter(|(_, n)| *n > 0)
@@ -145,51 +145,47 @@ fn bench_idle_rss() {
     );
 }
 
-/// What one burn-down cost: wall time, and the CPU and commands of its own
-/// redis-server (INFO cpu and commandstats, read before and after).
+/// What one burn-down cost: wall time, the consumer's CPU, and what its
+/// own redis-server spent (INFO read before and after).
 struct Burn {
     jobs_per_s: f64,
-    redis_us_per_job: f64,
-    commands_per_job: f64,
-    /// Commands per job by name, most first (citadel's only).
-    by_command: Vec<(String, f64)>,
+    redis: RedisCost,
     /// The consumer's own CPU per job in µs (citadel's agent, or BullMQ's
     /// node process): with Redis's, what a job costs the machine.
     worker_us_per_job: f64,
     /// The agent's peak RSS in MiB and its context switches per job
     /// (citadel's only).
     agent: Option<(f64, f64)>,
-    /// What a finished job leaves in Redis's memory, in bytes (INFO
-    /// memory's `used_memory`, after against before, per job): citadel's
-    /// status hash and events stream, BullMQ's completed job.
-    redis_bytes_per_job: f64,
 }
 
-/// Redis's `used_memory` (bytes).
-fn used_memory(c: &mut redis::Connection) -> f64 {
-    let info: String = redis::cmd("INFO").arg("memory").query(c).unwrap();
-    info.lines()
-        .find_map(|l| l.strip_prefix("used_memory:"))
-        .and_then(|v| v.trim().parse().ok())
-        .expect("INFO memory has used_memory")
+/// What Redis has used so far, from one `INFO`.
+struct Usage {
+    /// CPU seconds (user + system).
+    cpu: f64,
+    /// Calls per command (those run inside scripts included).
+    calls: HashMap<String, u64>,
+    /// `used_memory`, bytes.
+    memory: f64,
 }
 
-/// Redis's CPU seconds so far (user + system) and its calls per command
-/// (those run inside scripts included).
-fn redis_usage(c: &mut redis::Connection) -> (f64, HashMap<String, u64>) {
+fn redis_usage(c: &mut redis::Connection) -> Usage {
     let info: String = redis::cmd("INFO")
         .arg("cpu")
         .arg("commandstats")
+        .arg("memory")
         .query(c)
         .unwrap();
     let mut cpu = 0.0;
     let mut calls = HashMap::new();
+    let mut memory = None;
     for line in info.lines() {
         if let Some(v) = line
             .strip_prefix("used_cpu_user:")
             .or_else(|| line.strip_prefix("used_cpu_sys:"))
         {
             cpu += v.trim().parse::<f64>().unwrap_or(0.0);
+        } else if let Some(v) = line.strip_prefix("used_memory:") {
+            memory = v.trim().parse().ok();
         } else if let Some(rest) = line.strip_prefix("cmdstat_") {
             let (name, stats) = rest.split_once(':').unwrap_or((rest, ""));
             let n = stats
@@ -200,27 +196,42 @@ fn redis_usage(c: &mut redis::Connection) -> (f64, HashMap<String, u64>) {
             calls.insert(name.to_owned(), n);
         }
     }
-    (cpu, calls)
+    let memory = memory.expect("INFO memory has used_memory");
+    Usage { cpu, calls, memory }
 }
 
-fn redis_cost(
-    c: &mut redis::Connection,
-    before: &(f64, HashMap<String, u64>),
-    total: usize,
-) -> (f64, f64, Vec<(String, f64)>) {
-    let (cpu, calls) = redis_usage(c);
-    let mut by: Vec<(String, f64)> = calls
+/// What `total` jobs cost Redis since `before`, per job.
+struct RedisCost {
+    /// CPU, µs.
+    us: f64,
+    commands: f64,
+    /// Commands by name, most first.
+    by_command: Vec<(String, f64)>,
+    /// What a finished job left in Redis's memory, bytes (`used_memory`):
+    /// citadel's status hash and events stream, BullMQ's completed job.
+    bytes: f64,
+}
+
+fn redis_cost(c: &mut redis::Connection, before: &Usage, total: usize) -> RedisCost {
+    let now = redis_usage(c);
+    let per_job = |x: f64| x / total as f64;
+    let mut by: Vec<(String, f64)> = now
+        .calls
         .iter()
         .filter(|(name, _)| name.as_str() != "info")
         .map(|(name, n)| {
-            let was = before.1.get(name).copied().unwrap_or(0);
-            (name.clone(), (n - was) as f64 / total as f64)
+            let was = before.calls.get(name).copied().unwrap_or(0);
+            (name.clone(), per_job((n - was) as f64))
         })
         .filter(|(_, n)| *n > 0.0)
         .collect();
     by.sort_by(|a, b| b.1.total_cmp(&a.1));
-    let commands = by.iter().map(|(_, n)| n).sum();
-    ((cpu - before.0) * 1e6 / total as f64, commands, by)
+    RedisCost {
+        us: per_job((now.cpu - before.cpu) * 1e6),
+        commands: by.iter().map(|(_, n)| n).sum(),
+        by_command: by,
+        bytes: per_job(now.memory - before.memory),
+    }
 }
 
 /// `total` echo jobs pre-enqueued, then burnt down by one `citadel work`
@@ -231,7 +242,6 @@ fn citadel_burn(total: usize, concurrency: &str, extra: &[&str]) -> Burn {
     let stream = "jobs:v1:bench";
     fill(&mut c, stream, "b", total);
     let before = redis_usage(&mut c);
-    let memory = used_memory(&mut c);
     let t0 = Instant::now();
     let mut args = vec![
         "--queue",
@@ -247,8 +257,7 @@ fn citadel_burn(total: usize, concurrency: &str, extra: &[&str]) -> Burn {
         group_done(&mut c, stream, total).then_some(())
     });
     let secs = t0.elapsed().as_secs_f64();
-    let (redis_us_per_job, commands_per_job, by_command) = redis_cost(&mut c, &before, total);
-    let redis_bytes_per_job = (used_memory(&mut c) - memory) / total as f64;
+    let cost = redis_cost(&mut c, &before, total);
     let cpu = cpu_seconds(w.pid());
     let peak = proc_status(w.pid(), "VmHWM:");
     let switches = context_switches(w.pid());
@@ -271,12 +280,9 @@ fn citadel_burn(total: usize, concurrency: &str, extra: &[&str]) -> Burn {
     );
     Burn {
         jobs_per_s: total as f64 / secs,
-        redis_us_per_job,
-        commands_per_job,
-        by_command,
+        redis: cost,
         worker_us_per_job: cpu * 1e6 / total as f64,
         agent: Some((peak as f64 / 1024.0, switches as f64 / total as f64)),
-        redis_bytes_per_job,
     }
 }
 
@@ -304,10 +310,8 @@ fn bullmq_burn(total: usize, concurrency: &str) -> Burn {
     let n = total.to_string();
     node(&["enqueue", &port, &n]);
     let before = redis_usage(&mut c);
-    let memory = used_memory(&mut c);
     let out = node(&["work", &port, &n, concurrency]);
-    let (redis_us_per_job, commands_per_job, by_command) = redis_cost(&mut c, &before, total);
-    let redis_bytes_per_job = (used_memory(&mut c) - memory) / total as f64;
+    let cost = redis_cost(&mut c, &before, total);
     // `bullmq: N jobs in S s, cpu C s`
     let words: Vec<&str> = out.split_whitespace().collect();
     let number = |after: &str| -> f64 {
@@ -321,12 +325,9 @@ fn bullmq_burn(total: usize, concurrency: &str) -> Burn {
     let (secs, cpu) = (number("in"), number("cpu"));
     Burn {
         jobs_per_s: total as f64 / secs,
-        redis_us_per_job,
-        commands_per_job,
-        by_command,
+        redis: cost,
         worker_us_per_job: cpu * 1e6 / total as f64,
         agent: None,
-        redis_bytes_per_job,
     }
 }
 
@@ -384,11 +385,11 @@ fn bench_burn_down() {
                 "burn-down round {round}: {name}: {:.0} jobs/s, Redis {:.1} µs/job, {:.2} commands/job, \
                  {:.0} bytes/job left in Redis, worker {:.1} µs/job (with Redis's {:.1}){}",
                 b.jobs_per_s,
-                b.redis_us_per_job,
-                b.commands_per_job,
-                b.redis_bytes_per_job,
+                b.redis.us,
+                b.redis.commands,
+                b.redis.bytes,
                 b.worker_us_per_job,
-                b.worker_us_per_job + b.redis_us_per_job,
+                b.worker_us_per_job + b.redis.us,
                 b.agent.map_or(String::new(), |(mib, cs)| format!(
                     ", {cs:.2} context switches/job, peak RSS {mib:.1} MiB"
                 ))
@@ -401,10 +402,10 @@ fn bench_burn_down() {
     let medians = |rs: &[Burn]| {
         (
             spread(rs.iter().map(|b| b.jobs_per_s).collect()).0,
-            spread(rs.iter().map(|b| b.redis_us_per_job).collect()).0,
+            spread(rs.iter().map(|b| b.redis.us).collect()).0,
             spread(
                 rs.iter()
-                    .map(|b| b.worker_us_per_job + b.redis_us_per_job)
+                    .map(|b| b.worker_us_per_job + b.redis.us)
                     .collect(),
             )
             .0,
@@ -413,12 +414,13 @@ fn bench_burn_down() {
     let bull = peers.then(|| medians(runs.last().unwrap()));
     for ((name, _), rs) in systems.iter().zip(&runs) {
         let (j, jlo, jhi) = spread(rs.iter().map(|b| b.jobs_per_s).collect());
-        let (u, ulo, uhi) = spread(rs.iter().map(|b| b.redis_us_per_job).collect());
+        let (u, ulo, uhi) = spread(rs.iter().map(|b| b.redis.us).collect());
         let (w, wlo, whi) = spread(rs.iter().map(|b| b.worker_us_per_job).collect());
-        let (m, _, _) = spread(rs.iter().map(|b| b.redis_bytes_per_job).collect());
+        let (m, _, _) = spread(rs.iter().map(|b| b.redis.bytes).collect());
         let (_, _, machine) = medians(rs);
         let last = rs.last().unwrap();
         let by: Vec<String> = last
+            .redis
             .by_command
             .iter()
             .take(12)
@@ -439,7 +441,7 @@ fn bench_burn_down() {
              Redis {u:.1} µs/job ({ulo:.1}–{uhi:.1}; target ≤ 5), worker {w:.1} µs/job \
              ({wlo:.1}–{whi:.1}), worker + Redis {machine:.1} µs/job, {m:.0} bytes/job left \
              in Redis, {:.2} commands/job [{}]{vs}",
-            last.commands_per_job,
+            last.redis.commands,
             by.join(", ")
         );
     }
