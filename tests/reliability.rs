@@ -97,10 +97,10 @@ fn xadd_full_job(
     )
 }
 
-#[test]
 /// Exact backpressure: never more jobs running than handlers, and never
 /// more pending entries than two per handler (one running, one finished
 /// whose outcome is on its way to Redis).
+#[test]
 fn never_runs_more_jobs_than_handlers_nor_holds_more_than_two_entries_each() {
     let redis = RedisServer::start();
     let mut c = redis.conn();

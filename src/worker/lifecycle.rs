@@ -45,7 +45,7 @@ pub fn run(
     *lock(&FATAL) = Some(fatal_tx);
     let slots = Slots::new(concurrency);
     crate::observe::metrics::METRICS.set_capacity(concurrency);
-    let (task_tx, task_rx) = pool::channel();
+    let (task_tx, task_rx) = super::handoff::channel();
     let handlers = pool::start(concurrency, task_rx, exec);
     let mut transport = start(task_tx, slots.clone()).map_err(|e| Exit(1, e))?;
 

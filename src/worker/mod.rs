@@ -1,6 +1,6 @@
 //! The transport-independent engine: cancel tokens, deadlines, the handler
-//! pool and the hand-off of tasks to it, running a job to its outcome, the settle queue, and the counters
-//! of what was run.
+//! pool and the hand-off of tasks to it, running a job to its outcome, the
+//! settle queue, and the counters of what was run.
 
 pub mod cancel;
 pub mod counters;

@@ -55,10 +55,6 @@ impl Task {
 /// What a transport hands tasks to; cloned for each thread that does.
 pub type TaskSender = handoff::Sender<Task>;
 
-pub fn channel() -> (TaskSender, handoff::Receiver<Task>) {
-    handoff::channel()
-}
-
 pub fn start(n: usize, tasks: handoff::Receiver<Task>, exec: Arc<Executor>) -> Vec<JoinHandle<()>> {
     (0..n)
         .map(|i| {
